@@ -1,0 +1,119 @@
+"""``python -m client``: call, describe and explore services from a shell.
+
+    python -m client call demo add 1 2          # arguments are Python literals
+    python -m client describe demo
+    python -m client shell demo                 # interactive, with conn and root bound
+
+Exit status: 0 on success, 1 when the call or connection failed, 2 for usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import code
+import os
+import pprint
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rpyc_host.errors import ConfigError
+
+from . import DEFAULT_TIMEOUT, ConnectError, connect, describe
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _literal(text: str) -> Any:
+    """A Python literal, or the text itself when it is not one (``echo hello`` works)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("service", help="service name from the config file (e.g. demo)")
+    parser.add_argument("--config", help="config file (default: $RPYC_HOST_CONFIG or config.yaml)")
+    parser.add_argument("--host", help="connect here instead of the configured host")
+    parser.add_argument("--port", type=int, help="connect here instead of the configured port")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds for connecting and per call (default: %(default)s)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m client",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    call = sub.add_parser("call", help="call an exposed method and print the result")
+    _add_target(call)
+    call.add_argument("method")
+    call.add_argument("args", nargs="*", help="arguments, as Python literals (1, 'a', (1, 2), None)")
+    _add_target(sub.add_parser("describe", help="list a service's methods and signatures"))
+    _add_target(sub.add_parser("shell", help="interactive console with conn and root bound"))
+    return parser
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    return connect(args.service, host=args.host, port=args.port, config=args.config, timeout=args.timeout)
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        method = getattr(conn.root, args.method)
+        result = method(*[_literal(a) for a in args.args])
+        print(result if isinstance(result, str) else pprint.pformat(result))
+    return EXIT_OK
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        info = describe(conn)
+    print(info["service"])
+    for name, meta in info["methods"].items():
+        doc = f"  - {meta['doc']}" if meta["doc"] else ""
+        print(f"  {name}{meta['signature']}{doc}")
+    return EXIT_OK
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    with _connect(args) as conn:
+        banner = f"Connected to {args.service!r}. Names: conn, root (try root.describe()). Ctrl-D to leave."
+        code.interact(banner=banner, local={"conn": conn, "root": conn.root}, exitmsg="")
+    return EXIT_OK
+
+
+COMMANDS = {"call": cmd_call, "describe": cmd_describe, "shell": cmd_shell}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConnectError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:
+        print(f"Error: {args.service}: {remote_message(exc)}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def remote_message(exc: BaseException) -> str:
+    """``Type: message`` without the remote-traceback block rpyc appends to remote errors."""
+    text = str(exc).split("\n\n========= Remote Traceback")[0].strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+if __name__ == "__main__":
+    os._exit(main())

@@ -1,0 +1,303 @@
+"""The host's configuration: one YAML file validated into frozen dataclasses.
+
+Usage::
+
+    config = load_config("config.yaml")
+    for service in config.services:
+        print(service.name, service.host, service.port, service.type)
+
+Defaults live here and nowhere else. ``${VAR}`` and ``${VAR:-default}`` in string values are
+taken from the environment before validation; a value that is exactly one ``${...}`` is parsed
+as YAML afterwards, so ``port: ${DEMO_PORT:-18861}`` is an integer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import schema
+from .errors import ConfigError
+
+SERVER_TYPES = ("forking", "threaded", "threadpool")
+LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")
+DEFAULT_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ServerSection:
+    """``server:``: defaults for every service."""
+
+    type: str = field(default="threaded", metadata={"check": schema.one_of(SERVER_TYPES)})
+    host: str = DEFAULT_HOST
+    pool_size: int = field(default=16, metadata={"check": schema.at_least(1)})
+    backlog: int = field(default=128, metadata={"check": schema.at_least(1)})
+    # zlib on every frame over 3 kB caps bulk transfers at ~29 MB/s (RPYC-NOTES.md): off by default.
+    compression: bool = False
+    grace_period: float = field(default=10.0, metadata={"check": schema.at_least(0)})
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    """``services.<name>:``; unset server settings fall back to ``server:``."""
+
+    class_path: str = field(metadata={"key": "class"})
+    port: int = field(metadata={"check": schema.port_check})
+    type: str | None = field(default=None, metadata={"check": schema.one_of(SERVER_TYPES)})
+    host: str | None = None
+    pool_size: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    backlog: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    compression: bool | None = None
+    enabled: bool = True
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClassicSection:
+    """``debug.classic:``: rpyc's classic (remote code execution) console, for debugging only."""
+
+    enabled: bool = False
+    host: str = DEFAULT_HOST
+    port: int = field(default=18812, metadata={"check": schema.port_check})
+
+
+@dataclass(frozen=True)
+class DebugSection:
+    classic: ClassicSection = field(default_factory=ClassicSection)
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    level: str = field(default="INFO", metadata={"check": lambda v: _level_check(v)})
+
+
+def _level_check(value: str) -> str | None:
+    return schema.one_of(LOG_LEVELS)(value.upper())
+
+
+@dataclass(frozen=True)
+class FileSections:
+    """The whole file as written, before per-service values are resolved."""
+
+    server: ServerSection = field(default_factory=ServerSection)
+    services: dict[str, ServiceSection] = field(default_factory=dict)
+    debug: DebugSection = field(default_factory=DebugSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """One service with every server setting resolved."""
+
+    name: str
+    class_path: str
+    host: str
+    port: int
+    type: str
+    pool_size: int
+    backlog: int
+    compression: bool
+    options: Mapping[str, Any]
+
+    @property
+    def key_path(self) -> str:
+        return f"services.{self.name}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated configuration the host runs from."""
+
+    source: str
+    services: tuple[ServiceConfig, ...]
+    classic: ClassicSection
+    log_level: str
+    grace_period: float
+
+    def service(self, name: str) -> ServiceConfig:
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        names = [s.name for s in self.services]
+        raise ConfigError(
+            f"no service named {name!r}{schema.did_you_mean(name, names)}; "
+            f"configured: {', '.join(names) or '(none)'}",
+            source=self.source,
+        )
+
+    def to_dict(self, mask_secrets: bool = True) -> dict[str, Any]:
+        """A plain-data view for ``--check``, with secret-looking values masked."""
+        data = {
+            "source": self.source,
+            "grace_period": self.grace_period,
+            "logging": {"level": self.log_level},
+            "debug": {"classic": dataclasses.asdict(self.classic)},
+            "services": {
+                s.name: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"} for s in self.services
+            },
+        }
+        return _mask(data) if mask_secrets else data
+
+
+_SECRET_WORDS = ("password", "secret", "token", "passphrase")
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@]+:)[^@]+@", re.IGNORECASE)
+
+
+def _mask(value: Any, key: str = "") -> Any:
+    if isinstance(value, Mapping):
+        return {k: _mask(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask(v, key) for v in value]
+    if isinstance(value, str):
+        if any(word in key.lower() for word in _SECRET_WORDS):
+            return "***"
+        return _URL_PASSWORD.sub(r"\g<scheme>***@", value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def expand_env(value: Any, path: str = "", environ: Mapping[str, str] | None = None) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree."""
+    env = os.environ if environ is None else environ
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group("name"), match.group("default")
+        if name in env:
+            return env[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"environment variable {name!r} is not set (set it, or write ${{{name}:-default}})",
+            path=path,
+        )
+
+    result = _ENV_REF.sub(substitute, value)
+    if _ENV_REF.fullmatch(value):
+        # A whole-value reference takes the type YAML gives the text: ports stay integers.
+        try:
+            parsed = yaml.safe_load(result) if result.strip() else result
+        except yaml.YAMLError:
+            return result
+        return parsed if isinstance(parsed, str | int | float | bool) else result
+    return result
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, expand and validate a configuration file.
+
+    Raises:
+        ConfigError: for a missing file, bad YAML or any invalid setting; the message names
+            the file and key path.
+    """
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            "file not found (pass --config with the path of a YAML file)", source=source
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file: {exc.strerror}", source=source) from None
+    return parse_config(text, source)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate configuration text; see :func:`load_config`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}YAML syntax error: {problem}", source=source) from None
+    try:
+        raw = expand_env(raw if raw is not None else {})
+        sections = schema.build(FileSections, raw, "")
+        return _resolve(sections, source)
+    except ConfigError as exc:
+        raise exc.located(source) from None
+
+
+def _resolve(sections: FileSections, source: str) -> Config:
+    defaults = sections.server
+    services = []
+    for name, svc in sections.services.items():
+        if not svc.enabled:
+            continue
+        services.append(
+            ServiceConfig(
+                name=name,
+                class_path=svc.class_path,
+                host=svc.host if svc.host is not None else defaults.host,
+                port=svc.port,
+                type=svc.type or defaults.type,
+                pool_size=svc.pool_size or defaults.pool_size,
+                backlog=svc.backlog or defaults.backlog,
+                compression=defaults.compression if svc.compression is None else svc.compression,
+                options=dict(svc.options),
+            )
+        )
+    classic = sections.debug.classic
+    _check_ports(services, classic)
+    if classic.enabled and not is_loopback(classic.host):
+        raise ConfigError(
+            f"{classic.host!r} is not a loopback address; the classic console runs any code a "
+            "client sends, so it only listens on 127.0.0.1, ::1 or localhost",
+            path="debug.classic.host",
+        )
+    return Config(
+        source=source,
+        services=tuple(services),
+        classic=classic,
+        log_level=sections.logging.level.upper(),
+        grace_period=defaults.grace_period,
+    )
+
+
+def _check_ports(services: list[ServiceConfig], classic: ClassicSection) -> None:
+    taken: dict[int, str] = {}
+    if classic.enabled and classic.port:
+        taken[classic.port] = "debug.classic.port"
+    for svc in services:
+        if not svc.port:
+            continue
+        if svc.port in taken:
+            raise ConfigError(
+                f"{svc.port} is already used by {taken[svc.port]}; give each service "
+                "its own port (or 0 for any free port)",
+                path=f"{svc.key_path}.port",
+            )
+        taken[svc.port] = f"{svc.key_path}.port"
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` (a name or address) resolves only to loopback addresses."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)

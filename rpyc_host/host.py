@@ -1,0 +1,204 @@
+"""The host: builds every configured service's server, runs them, stops them gracefully.
+
+Usage::
+
+    host = Host(load_config("config.yaml"))
+    host.start()          # binds every listener or raises; nothing is left running on failure
+    ...
+    host.stop()           # stop accepting, let calls finish (grace period), disconnect
+
+``run()`` does ``start()``, waits for SIGINT/SIGTERM and then ``stop()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import rpyc
+
+from . import classic
+from .config import Config, ServiceConfig
+from .errors import ConfigError, StartupError
+from .exposure import import_class, instantiate, prepare_class
+from .servers import SERVER_TYPES, HostServerMixin
+
+log = logging.getLogger("rpyc_host")
+
+
+@dataclass
+class Hosted:
+    """One running service: its config, the configured instance and its server."""
+
+    config: ServiceConfig
+    service: rpyc.Service
+    server: HostServerMixin
+    thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.server.host, self.server.port
+
+
+def build_services(config: Config) -> list[tuple[ServiceConfig, rpyc.Service]]:
+    """Import and instantiate every service; ConfigError for a bad class or rejected options."""
+    built: list[tuple[ServiceConfig, rpyc.Service]] = []
+    try:
+        for svc in config.services:
+            cls = prepare_class(import_class(svc.class_path, f"{svc.key_path}.class"))
+            built.append((svc, instantiate(cls, svc.options, f"{svc.key_path}.options")))
+    except ConfigError as exc:
+        close_services(s for _, s in built)
+        raise exc.located(config.source) from None
+    return built
+
+
+def close_services(services: Any) -> None:
+    """Call the optional ``close()`` of each configured service instance."""
+    for service in services:
+        closer = getattr(service, "close", None)
+        if callable(closer):
+            try:
+                closer()
+            except Exception:
+                log.exception("closing %s failed", type(service).__name__)
+
+
+class Host:
+    """Runs the configured services; see the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.hosted: list[Hosted] = []
+        self.classic: classic.ClassicConsole | None = None
+        self._stopped = threading.Event()
+        self._stop_requested = threading.Event()
+        self._stop_lock = threading.Lock()
+
+    def start(self) -> None:
+        """Build and bind every service, then start accepting.
+
+        Raises:
+            ConfigError: a class cannot be imported or rejects its options.
+            StartupError: a listener cannot bind; everything already built is closed.
+        """
+        built = build_services(self.config)
+        try:
+            for svc, service in built:
+                self.hosted.append(Hosted(svc, service, self._bind(svc, service)))
+            if self.config.classic.enabled:
+                self.classic = classic.ClassicConsole(self.config.classic.host, self.config.classic.port)
+        except BaseException:
+            for hosted in self.hosted:
+                hosted.server.close()
+            close_services(s for _, s in built)
+            self.hosted.clear()
+            raise
+        for hosted in self.hosted:
+            hosted.server._listen()
+            hosted.thread = threading.Thread(
+                target=hosted.server.start, name=f"{hosted.config.name}-accept", daemon=True
+            )
+            hosted.thread.start()
+            host, port = hosted.address
+            log.info(
+                "serving %s (%s) on %s:%d [%s]",
+                hosted.config.name,
+                hosted.config.class_path,
+                host,
+                port,
+                hosted.config.type,
+            )
+        if self.classic is not None:
+            self.classic.start()
+        log.info("host ready: %d service(s)", len(self.hosted))
+
+    def _bind(self, svc: ServiceConfig, service: rpyc.Service) -> HostServerMixin:
+        kwargs: dict[str, Any] = {
+            "name": svc.name,
+            "hostname": svc.host,
+            "port": svc.port,
+            "backlog": svc.backlog,
+            "compression": svc.compression,
+            "ipv6": ":" in svc.host,
+            "logger": logging.getLogger(f"rpyc_host.{svc.name}"),
+        }
+        if svc.type == "threadpool":
+            kwargs["pool_size"] = svc.pool_size
+        if svc.type == "forking":
+            kwargs["grace_period"] = self.config.grace_period
+        try:
+            return SERVER_TYPES[svc.type](service, **kwargs)  # type: ignore[call-arg]
+        except OSError as exc:
+            raise StartupError(
+                f"{svc.key_path}: cannot listen on {svc.host}:{svc.port}: {exc.strerror or exc}"
+            ) from None
+
+    def address(self, name: str) -> tuple[str, int]:
+        """The bound (host, port) of a service, with the real port when configured as 0."""
+        for hosted in self.hosted:
+            if hosted.config.name == name:
+                return hosted.address
+        raise KeyError(name)
+
+    def stop(self, grace: float | None = None) -> bool:
+        """Stop gracefully: stop accepting, wait up to ``grace`` seconds for calls in flight,
+        then disconnect everyone (running ``on_disconnect``). True if nothing was cut short."""
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return True
+            grace = self.config.grace_period if grace is None else grace
+            started = time.monotonic()
+            if self.classic is not None:
+                self.classic.close()
+            for hosted in self.hosted:
+                hosted.server.stop_accepting()
+            clean = True
+            for hosted in self.hosted:
+                left = max(0.0, grace - (time.monotonic() - started))
+                if not hosted.server.drain(left):
+                    clean = False
+                    log.warning(
+                        "%s: calls still running after the %.1f s grace period; disconnecting them",
+                        hosted.config.name,
+                        grace,
+                    )
+            for hosted in self.hosted:
+                hosted.server.close()
+            for hosted in self.hosted:
+                hosted.server.wait_closed(5.0)
+                if hosted.thread is not None:
+                    hosted.thread.join(timeout=5.0)
+            close_services(h.service for h in self.hosted)
+            self._stopped.set()
+            log.info("host stopped in %.2f s", time.monotonic() - started)
+            return clean
+
+    def request_stop(self) -> None:
+        """Ask ``run()`` to stop (safe from signal handlers and other threads)."""
+        self._stop_requested.set()
+
+    def run(self) -> int:
+        """Start, serve until SIGINT or SIGTERM, stop gracefully; returns the exit status."""
+        self.start()
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stop_requested.wait(0.5):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.stop()
+        return 0
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info(
+            "received %s: stopping (grace period %.1f s)",
+            signal.Signals(signum).name,
+            self.config.grace_period,
+        )
+        self._stop_requested.set()

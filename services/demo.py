@@ -1,0 +1,126 @@
+"""The demo service: the seed articles' RPyC example, done properly.
+
+Shows the pieces a real service uses: plain-value methods, per-connection state set in
+``on_connect``, a server-to-client callback, and a live object the client drives by reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import rpyc
+
+log = logging.getLogger("services.demo")
+
+
+@rpyc.service
+class Counter:
+    """A live object kept on the server; the client holds a reference (NetRef) to it."""
+
+    def __init__(self, start: int = 0) -> None:
+        self._value = start
+        self._lock = threading.Lock()
+
+    @rpyc.exposed
+    def increment(self, by: int = 1) -> int:
+        """Add ``by`` and return the new value."""
+        with self._lock:
+            self._value += int(by)
+            return self._value
+
+    @rpyc.exposed
+    def value(self) -> int:
+        """The current value."""
+        return self._value
+
+
+@rpyc.service
+class DemoService(rpyc.Service):
+    """Echo, arithmetic, per-connection session facts, callbacks and live objects."""
+
+    def __init__(self, greeting: str = "pong", max_countdown: int = 10_000) -> None:
+        if max_countdown < 0:
+            raise ValueError(f"max_countdown must be >= 0, got {max_countdown!r}")
+        self.greeting = greeting
+        self.max_countdown = max_countdown
+        self._calls = 0
+
+    def on_connect(self, conn: Any) -> None:
+        self._connid = str(conn._config.get("connid"))
+        endpoints = conn._config.get("endpoints") or (None, ("?", 0))
+        self._peer = f"{endpoints[1][0]}:{endpoints[1][1]}"
+        self._connected_at = time.time()
+        self._calls = 0
+        log.info("[%s] connected from %s", self._connid, self._peer)
+
+    def on_disconnect(self, conn: Any) -> None:
+        log.info(
+            "[%s] disconnected from %s after %.3f s, %d calls",
+            self._connid,
+            self._peer,
+            time.time() - self._connected_at,
+            self._calls,
+        )
+
+    def _count(self) -> None:
+        self._calls += 1
+
+    @rpyc.exposed
+    def echo(self, text: str) -> str:
+        """Return ``text`` unchanged."""
+        self._count()
+        if not isinstance(text, str):
+            raise TypeError(f"echo(text): text must be a str, got {type(text).__name__}")
+        return text
+
+    @rpyc.exposed
+    def add(self, a: Any, b: Any) -> Any:
+        """Return ``a + b`` for two numbers."""
+        self._count()
+        for name, value in (("a", a), ("b", b)):
+            if isinstance(value, bool) or not isinstance(value, int | float | complex):
+                raise TypeError(f"add(a, b): {name} must be a number, got {type(value).__name__}")
+        return a + b
+
+    @rpyc.exposed
+    def ping(self) -> str:
+        """Return ``"pong"`` (or the configured greeting)."""
+        self._count()
+        return self.greeting
+
+    @rpyc.exposed
+    def session(self) -> tuple[tuple[str, Any], ...]:
+        """Facts about this connection: id, peer, connected-at time, calls made on it."""
+        self._count()
+        return (
+            ("connection_id", self._connid),
+            ("peer", self._peer),
+            ("connected_at", self._connected_at),
+            ("calls", self._calls),
+        )
+
+    @rpyc.exposed
+    def countdown(self, n: int, callback: Callable[[int], Any]) -> int:
+        """Call the client's ``callback(i)`` for i = n, n-1, ..., 1; return how many calls."""
+        self._count()
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.max_countdown:
+            raise ValueError(
+                f"countdown(n, callback): n must be an int from 0 to {self.max_countdown}, got {n!r}"
+            )
+        if not callable(callback):
+            raise TypeError("countdown(n, callback): callback must be callable")
+        for i in range(n, 0, -1):
+            callback(i)
+        return n
+
+    @rpyc.exposed
+    def new_counter(self, start: int = 0) -> Counter:
+        """A live counter on the server; call ``increment(by)`` and ``value()`` on it."""
+        self._count()
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"new_counter(start): start must be an int, got {type(start).__name__}")
+        return Counter(start)
