@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import ast
 import code
+import importlib
 import os
+import pkgutil
 import pprint
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import client as client_pkg
 from rpyc_host.errors import ConfigError
 
 from . import DEFAULT_TIMEOUT, ConnectError, connect, describe
@@ -33,7 +36,7 @@ def _literal(text: str) -> Any:
         return text
 
 
-def _add_target(parser: argparse.ArgumentParser) -> None:
+def add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("service", help="service name from the config file (e.g. demo)")
     parser.add_argument("--config", help="config file (default: $RPYC_HOST_CONFIG or config.yaml)")
     parser.add_argument("--host", help="connect here instead of the configured host")
@@ -54,20 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = sub.add_parser("call", help="call an exposed method and print the result")
-    _add_target(call)
+    add_target(call)
     call.add_argument("method")
     call.add_argument("args", nargs="*", help="arguments, as Python literals (1, 'a', (1, 2), None)")
-    _add_target(sub.add_parser("describe", help="list a service's methods and signatures"))
-    _add_target(sub.add_parser("shell", help="interactive console with conn and root bound"))
+    call.set_defaults(func=cmd_call)
+    describe_cmd = sub.add_parser("describe", help="list a service's methods and signatures")
+    add_target(describe_cmd)
+    describe_cmd.set_defaults(func=cmd_describe)
+    shell = sub.add_parser("shell", help="interactive console with conn and root bound")
+    add_target(shell)
+    shell.set_defaults(func=cmd_shell)
+    # Service-specific command groups live in client/cmd_<name>.py, each with register(sub).
+    for info in sorted(pkgutil.iter_modules(client_pkg.__path__), key=lambda i: i.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"client.{info.name}").register(sub)
     return parser
 
 
-def _connect(args: argparse.Namespace) -> Any:
+def connect_from_args(args: argparse.Namespace) -> Any:
     return connect(args.service, host=args.host, port=args.port, config=args.config, timeout=args.timeout)
 
 
 def cmd_call(args: argparse.Namespace) -> int:
-    with _connect(args) as conn:
+    with connect_from_args(args) as conn:
         method = getattr(conn.root, args.method)
         result = method(*[_literal(a) for a in args.args])
         print(result if isinstance(result, str) else pprint.pformat(result))
@@ -75,7 +87,7 @@ def cmd_call(args: argparse.Namespace) -> int:
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    with _connect(args) as conn:
+    with connect_from_args(args) as conn:
         info = describe(conn)
     print(info["service"])
     for name, meta in info["methods"].items():
@@ -85,19 +97,16 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    with _connect(args) as conn:
+    with connect_from_args(args) as conn:
         banner = f"Connected to {args.service!r}. Names: conn, root (try root.describe()). Ctrl-D to leave."
         code.interact(banner=banner, local={"conn": conn, "root": conn.root}, exitmsg="")
     return EXIT_OK
 
 
-COMMANDS = {"call": cmd_call, "describe": cmd_describe, "shell": cmd_shell}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        return int(args.func(args))
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -105,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
-        print(f"Error: {args.service}: {remote_message(exc)}", file=sys.stderr)
+        print(f"Error: {getattr(args, 'service', args.command)}: {remote_message(exc)}", file=sys.stderr)
         return EXIT_FAILED
 
 
