@@ -1,0 +1,284 @@
+"""The SQLite backend: ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+Durability: the database runs in WAL mode with ``synchronous=FULL``. A transaction is
+committed only after its WAL frames are written *and fsync()ed*, so a batch whose receipt was
+returned survives a crash of the server process (SIGKILL) and of the machine (power loss),
+as far as the disk honours fsync. ``?synchronous=normal`` in the URL trades that last part
+away: in WAL mode NORMAL still survives a process crash and never corrupts the database, but
+the most recent commits may roll back after a power loss. Measured on the project's 2-core
+machine FULL cost no measurable throughput at 1,000-record batches, so it is the default.
+
+Concurrency: writers take turns. Threads of one process queue on a lock; processes (the
+``forking`` server) queue on SQLite's own lock with ``BEGIN IMMEDIATE`` and a busy timeout
+(``?busy_timeout=30`` seconds by default), so a writer waits instead of failing. A writer that
+still cannot get the lock gets :class:`StoreBusy`, a retryable error, never a lost write.
+Readers never block writers (WAL).
+
+Fork safety: SQLite connections must not cross ``fork()``. Connections are opened lazily, one
+per thread, and remembered per process id; a forked child opens its own and never touches
+(or closes) the ones it inherited.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
+
+from . import BatchWrite, Stats, StoreBusy, StoreError
+
+SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
+QUERY_KEYS = ("busy_timeout", "synchronous")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS topics (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    records INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq INTEGER PRIMARY KEY,
+    batch_id TEXT NOT NULL UNIQUE,
+    topic_id INTEGER NOT NULL REFERENCES topics(id),
+    records INTEGER NOT NULL,
+    created REAL NOT NULL,
+    receipt TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    topic_id INTEGER NOT NULL,
+    batch INTEGER NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_by_topic ON records (topic_id, id);
+CREATE TABLE IF NOT EXISTS totals (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    records INTEGER NOT NULL, batches INTEGER NOT NULL, rejects INTEGER NOT NULL,
+    dropped INTEGER NOT NULL, duplicates INTEGER NOT NULL, bytes INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0, 0, 0, 0);
+"""
+
+INSERT_RECORD = "INSERT INTO records (topic_id, batch, data) VALUES (?, ?, ?)"
+
+
+class _PerProcess:
+    """Connections and the writer lock of one process (a forked child makes its own)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.local = threading.local()
+        self.write_lock = threading.Lock()
+        self.connections: list[sqlite3.Connection] = []
+        self.connections_lock = threading.Lock()
+
+
+class SQLiteStore:
+    """A :class:`~rpyc_host.storage.Store` in one SQLite file (see the module docstring)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], synchronous: str = "full", busy_timeout: float = 30.0
+    ) -> None:
+        if synchronous.lower() not in SYNCHRONOUS:
+            raise ValueError(f"synchronous={synchronous!r} is not one of {', '.join(sorted(SYNCHRONOUS))}")
+        if not busy_timeout > 0:
+            raise ValueError(f"busy_timeout={busy_timeout!r} must be a number of seconds > 0")
+        self.path = Path(path)
+        self.synchronous = SYNCHRONOUS[synchronous.lower()]
+        self.busy_timeout = float(busy_timeout)
+        self.url = f"sqlite:///{self.path}"
+        self._proc = _PerProcess()
+        self._topic_ids: dict[str, int] = {}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = self._open()
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+                conn.executescript(SCHEMA)
+            finally:
+                # Closed again before any fork: each process opens its own (module docstring).
+                conn.close()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``?synchronous=normal&busy_timeout=5``."""
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise ValueError(
+                f"database {url!r}: a SQLite URL has no host; use 'sqlite:///relative/path.db' or "
+                f"'sqlite:////absolute/path.db'"
+            )
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if not path or path == ":memory:":
+            raise ValueError(
+                f"database {url!r}: needs a file path (an in-memory database is not durable), "
+                f"e.g. 'sqlite:///var/ingest.db'"
+            )
+        options: dict[str, str] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key not in QUERY_KEYS:
+                raise ValueError(f"database {url!r}: unknown option {key!r}; known: {', '.join(QUERY_KEYS)}")
+            options[key] = value
+        try:
+            timeout = float(options.get("busy_timeout", "30"))
+        except ValueError:
+            raise ValueError(
+                f"database {url!r}: busy_timeout must be seconds, got {options['busy_timeout']!r}"
+            ) from None
+        return cls(path, synchronous=options.get("synchronous", "full"), busy_timeout=timeout)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
+        conn = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=self.busy_timeout
+        )
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return conn
+
+    def _here(self) -> _PerProcess:
+        proc = self._proc
+        if proc.pid != os.getpid():  # a forked child: leave the parent's connections alone
+            proc = self._proc = _PerProcess()
+        return proc
+
+    def _conn(self) -> sqlite3.Connection:
+        proc = self._here()
+        conn: sqlite3.Connection | None = getattr(proc.local, "conn", None)
+        if conn is None:
+            try:
+                conn = self._open()
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from None
+            proc.local.conn = conn
+            with proc.connections_lock:
+                proc.connections.append(conn)
+        return conn
+
+    def close(self) -> None:
+        proc = self._proc
+        if proc.pid != os.getpid():
+            return
+        with proc.connections_lock:
+            conns, proc.connections = proc.connections, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        proc.local = threading.local()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _begin(self, conn: sqlite3.Connection) -> None:
+        started = time.monotonic()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreBusy(
+                    f"database {str(self.path)!r} stayed locked by another writer for "
+                    f"{time.monotonic() - started:.1f} s; nothing was stored, retry with the same batch id"
+                ) from None
+            raise StoreError(f"database {str(self.path)!r}: cannot start a write: {exc}") from None
+
+    def write(self, batch: BatchWrite) -> str | None:
+        conn = self._conn()
+        with self._here().write_lock:
+            self._begin(conn)
+            try:
+                stored, topic_id = self._write_in_transaction(conn, batch)
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(
+                        f"database {str(self.path)!r}: write failed, nothing stored: {exc}"
+                    ) from None
+                raise
+            if topic_id is not None:  # committed: safe to remember
+                self._topic_ids[batch.topic] = topic_id
+        return stored
+
+    def _write_in_transaction(
+        self, conn: sqlite3.Connection, batch: BatchWrite
+    ) -> tuple[str | None, int | None]:
+        """``(stored receipt, None)`` for a known batch id, else ``(None, topic id)``."""
+        row = conn.execute("SELECT receipt FROM batches WHERE batch_id = ?", (batch.batch_id,)).fetchone()
+        if row is not None:
+            conn.execute("UPDATE totals SET duplicates = duplicates + 1")
+            return str(row[0]), None
+        topic_id = self._topic_id(conn, batch.topic)
+        seq = conn.execute(
+            "INSERT INTO batches (batch_id, topic_id, records, created, receipt) VALUES (?, ?, ?, ?, ?)",
+            (batch.batch_id, topic_id, len(batch.rows), time.time(), batch.receipt),
+        ).lastrowid
+        conn.executemany(INSERT_RECORD, [(topic_id, seq, data) for data in batch.rows])
+        conn.execute("UPDATE topics SET records = records + ? WHERE id = ?", (len(batch.rows), topic_id))
+        conn.execute(
+            "UPDATE totals SET records = records + ?, batches = batches + 1, rejects = rejects + ?, "
+            "dropped = dropped + ?, bytes = bytes + ?",
+            (len(batch.rows), batch.rejected, batch.dropped, batch.nbytes),
+        )
+        return None, topic_id
+
+    def _topic_id(self, conn: sqlite3.Connection, topic: str) -> int:
+        # Only ids of committed topics are cached (write() adds them after COMMIT).
+        cached = self._topic_ids.get(topic)
+        if cached is None:
+            conn.execute("INSERT OR IGNORE INTO topics (name) VALUES (?)", (topic,))
+            cached = int(conn.execute("SELECT id FROM topics WHERE name = ?", (topic,)).fetchone()[0])
+        return cached
+
+    def duplicate(self, batch_id: str) -> str | None:
+        conn = self._conn()
+        row = conn.execute("SELECT receipt FROM batches WHERE batch_id = ?", (batch_id,)).fetchone()
+        if row is None:
+            return None
+        with self._here().write_lock:
+            self._begin(conn)
+            try:
+                conn.execute("UPDATE totals SET duplicates = duplicates + 1")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        return str(row[0])
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _read(self, sql: str, args: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+        try:
+            return self._conn().execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {str(self.path)!r}: read failed: {exc}") from None
+
+    def count(self, topic: str | None = None) -> int:
+        if topic is None:
+            rows = self._read("SELECT records FROM totals")
+        else:
+            rows = self._read("SELECT records FROM topics WHERE name = ?", (topic,))
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+    def topics(self) -> tuple[str, ...]:
+        return tuple(str(r[0]) for r in self._read("SELECT name FROM topics WHERE records > 0 ORDER BY name"))
+
+    def query(self, topic: str, after_id: int, limit: int) -> tuple[tuple[int, str], ...]:
+        rows = self._read(
+            "SELECT r.id, r.data FROM records r JOIN topics t ON t.id = r.topic_id "
+            "WHERE t.name = ? AND r.id > ? ORDER BY r.id LIMIT ?",
+            (topic, after_id, limit),
+        )
+        return tuple((int(i), str(d)) for i, d in rows)  # type: ignore[call-overload]
+
+    def stats(self) -> Stats:
+        rows = self._read("SELECT records, batches, rejects, dropped, duplicates, bytes FROM totals")
+        return Stats(*(int(v) for v in rows[0]))  # type: ignore[call-overload]
