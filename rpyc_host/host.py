@@ -157,6 +157,7 @@ class Host:
                 self.classic.close()
             for hosted in self.hosted:
                 hosted.server.stop_accepting()
+            log.info("stopped accepting connections; waiting up to %.1f s for calls in flight", grace)
             clean = True
             for hosted in self.hosted:
                 left = max(0.0, grace - (time.monotonic() - started))
@@ -170,7 +171,8 @@ class Host:
             for hosted in self.hosted:
                 hosted.server.close()
             for hosted in self.hosted:
-                hosted.server.wait_closed(5.0)
+                if not hosted.server.wait_closed(0.5 if not clean else 5.0):
+                    hosted.server.force_close()
                 if hosted.thread is not None:
                     hosted.thread.join(timeout=5.0)
             close_services(h.service for h in self.hosted)

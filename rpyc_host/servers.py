@@ -77,9 +77,12 @@ class HostServerMixin:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _build_connection(self, sock: socket.socket) -> HostConnection:
+    def _new_connid(self) -> str:
+        return f"{self.name}-{next(_CONN_IDS)}"
+
+    def _build_connection(self, sock: socket.socket, connid: str | None = None) -> HostConnection:
         peer = _peer(sock)
-        connid = f"{self.name}-{next(_CONN_IDS)}"
+        connid = connid or self._new_connid()
         config = dict(
             self.protocol_config,
             connid=connid,
@@ -153,6 +156,21 @@ class HostServerMixin:
                     return True
             time.sleep(0.01)
         return False
+
+    def force_close(self) -> None:
+        """Close connections whose calls outlived the grace period, so on_disconnect still runs."""
+        with self._conn_lock:
+            stuck = list(self.connections)
+        for conn in stuck:
+            _close_quietly(conn, self.logger)
+            self._forget(conn)
+
+
+def _close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
+    try:
+        conn.close()
+    except Exception:
+        logger.debug("closing %s failed", conn._config.get("connid"), exc_info=True)
 
 
 def _peer(sock: socket.socket) -> Any:
@@ -269,7 +287,20 @@ class HostThreadPoolServer(HostServerMixin, Server):
         self._forget(conn)
 
     def close(self) -> None:
-        Server.close(self)  # shuts every client socket down: workers see EOF and drop them
+        # rpyc's Server.close() closes client fds, which silently drops them from the epoll set:
+        # shut them down first so a worker sees EOF, drops the connection and runs its hooks.
+        self.active = False
+        for _, sock in list(self._by_fd.values()):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while self._by_fd and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for fd, (conn, sock) in list(self._by_fd.items()):  # a worker is stuck: cut it loose
+            self._drop(fd, conn, sock)
+        Server.close(self)
         for worker in self._workers:
             worker.join(timeout=5)
         self._epoll.close()
@@ -295,6 +326,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         self._children_lock = threading.Lock()
 
     def _accept_method(self, sock: socket.socket) -> None:
+        connid = self._new_connid()  # numbered in the parent, so ids stay unique across children
         pid = os.fork()
         if pid == 0:  # child
             status = 0
@@ -304,7 +336,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
                         server.close_in_child()
                 self.listener.close()
                 self.clients = {sock}
-                self._serve_in_child(sock)
+                self._serve_in_child(sock, connid)
             except BaseException:
                 self.logger.exception("connection process failed")
                 status = 1
@@ -317,12 +349,18 @@ class HostForkingServer(HostServerMixin, ForkingServer):
             self.children.add(pid)
         threading.Thread(target=self._reap, args=(pid,), name=f"{self.name}-reap-{pid}", daemon=True).start()
 
-    def _serve_in_child(self, sock: socket.socket) -> None:
-        conn = self._build_connection(sock)
+    def _serve_in_child(self, sock: socket.socket, connid: str) -> None:
+        conn = self._build_connection(sock, connid)
+
+        def on_alarm(signum: int, frame: Any) -> None:
+            # The call outlived the grace period: disconnect (running on_disconnect) and exit.
+            _close_quietly(conn, self.logger)
+            os._exit(1)
 
         def on_term(signum: int, frame: Any) -> None:
             # Finish the call in flight (up to the grace period), then disconnect.
-            signal.alarm(max(1, int(self.grace_period)))
+            signal.signal(signal.SIGALRM, on_alarm)
+            signal.setitimer(signal.ITIMER_REAL, max(0.05, self.grace_period))
             threading.Thread(target=self._close_when_idle, args=(sock,), daemon=True).start()
 
         signal.signal(signal.SIGTERM, on_term)

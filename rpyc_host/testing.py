@@ -115,6 +115,7 @@ class ServerProcess:
         deadline = time.monotonic() + 5
         while self.proc.stdout and not self.proc.stdout.closed and time.monotonic() < deadline:
             if self._queue.queue and self._queue.queue[-1] is None:
+                self.proc.stdout.close()
                 break
             time.sleep(0.01)
         return code

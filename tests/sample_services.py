@@ -1,0 +1,96 @@
+"""Service classes the tests host (named in test configs as ``tests.sample_services:...``)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import rpyc
+
+NOT_A_CLASS = 42
+
+
+@rpyc.service
+class HookCounterService(rpyc.Service):
+    """Counts connection hooks across all connections (state shared through __init__)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = {"connect": 0, "disconnect": 0}
+
+    def on_connect(self, conn: Any) -> None:
+        with self._lock:
+            self._counts["connect"] += 1
+
+    def on_disconnect(self, conn: Any) -> None:
+        with self._lock:
+            self._counts["disconnect"] += 1
+
+    @rpyc.exposed
+    def counts(self) -> tuple[int, int]:
+        """(connects, disconnects) seen so far."""
+        return self._counts["connect"], self._counts["disconnect"]
+
+    @rpyc.exposed
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+@rpyc.service
+class SlowService(rpyc.Service):
+    """A call that takes a while, and hooks that leave a trace in a file."""
+
+    def __init__(self, events: str = "") -> None:
+        self.events = Path(events) if events else None
+
+    def _record(self, text: str) -> None:
+        if self.events is not None:
+            with self.events.open("a") as fh:
+                fh.write(text + "\n")
+
+    def on_connect(self, conn: Any) -> None:
+        self._record("connect")
+
+    def on_disconnect(self, conn: Any) -> None:
+        self._record("disconnect")
+
+    @rpyc.exposed
+    def sleep(self, seconds: float) -> float:
+        """Sleep, then return how long."""
+        self._record("call-start")
+        time.sleep(seconds)
+        self._record("call-end")
+        return seconds
+
+    @rpyc.exposed
+    def add(self, a: int, b: int) -> int:
+        return a + b
+
+
+class Calculator:
+    """An ordinary class, not an rpyc service: the host exposes its public methods."""
+
+    def __init__(self, scale: int = 1) -> None:
+        self.scale = scale
+
+    def add(self, a: int, b: int) -> int:
+        """Add and scale."""
+        return (a + b) * self.scale
+
+    def mul(self, a: int, b: int) -> int:
+        return a * b * self.scale
+
+    def _secret(self) -> str:
+        return "hidden"
+
+
+@rpyc.service
+class PickyService(rpyc.Service):
+    """Rejects a negative level."""
+
+    def __init__(self, level: int = 1) -> None:
+        if level < 0:
+            raise ValueError(f"level must be >= 0, got {level}")
+        self.level = level
