@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from rpyc.core.protocol import Connection
@@ -33,30 +34,36 @@ SAFE_PROTOCOL: dict[str, Any] = {
 
 
 class InflightTracker:
-    """Counts requests being dispatched, so a graceful stop can wait for them to finish."""
+    """Counts requests being dispatched, so a graceful stop can wait for them to finish.
+
+    enter/exit run on every request, so they take a plain lock and nothing else; waiting
+    (only at shutdown) polls.
+    """
 
     def __init__(self) -> None:
         self._count = 0
-        self._idle = threading.Condition()
+        self._lock = threading.Lock()
 
     @property
     def count(self) -> int:
         return self._count
 
     def enter(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count += 1
 
     def exit(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count -= 1
-            if self._count == 0:
-                self._idle.notify_all()
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False if ``timeout`` passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._count == 0, timeout)
+        deadline = time.monotonic() + timeout
+        while self._count:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.005)
+        return True
 
 
 class HostConnection(Connection):

@@ -51,8 +51,20 @@ class FastSocketStream(SocketStream):
             view = view[n:]
 
     def read(self, count: int) -> bytes:
+        # Small frames usually arrive whole: one recv, no buffer juggling.
+        try:
+            first = self.sock.recv(count)
+        except (TimeoutError, InterruptedError):
+            first = b""
+        except OSError as exc:
+            self.close()
+            raise EOFError(exc) from exc
+        if len(first) == count:
+            return first
+        # Short or empty (EOF, timeout): read_into finishes the job or raises EOFError.
         buf = bytearray(count)
-        self.read_into(memoryview(buf))
+        buf[: len(first)] = first
+        self.read_into(memoryview(buf)[len(first) :])
         return bytes(buf)
 
     def writev(self, parts: list[bytes | memoryview]) -> None:
@@ -103,10 +115,13 @@ class FastChannel(Channel):
 
     def recv(self) -> bytes:
         length, compressed = _HEADER.unpack(self.stream.read(_HEADER.size))
-        buf = bytearray(length + len(_FLUSHER))
-        self.stream.read_into(memoryview(buf))
-        del buf[length:]
-        data = bytes(buf)
+        if length < _RECV_CHUNK:
+            data = self.stream.read(length + len(_FLUSHER))[:-1]
+        else:
+            buf = bytearray(length + len(_FLUSHER))
+            self.stream.read_into(memoryview(buf))
+            del buf[length:]
+            data = bytes(buf)
         return zlib.decompress(data) if compressed else data
 
 

@@ -1,0 +1,129 @@
+"""Small calls through the host, per server type, beside a bare rpyc ThreadedServer.
+
+    python benchmarks/bench_host.py              # full run (~1 minute)
+    python benchmarks/bench_host.py --quick      # a few seconds, for CI smoke
+
+Each system serves the same ``AddService.add`` from its own process on 127.0.0.1; clients use
+plain ``rpyc.connect`` with the bound method cached. Systems are measured in interleaved rounds
+and the median round is reported, so a noisy moment hits every system alike. Targets (ratios
+from this run): host ``threaded`` >= 0.95x bare calls/s; ``threadpool`` p50 <= 1.5x ``threaded``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.harness import (  # noqa: E402
+    fmt,
+    host_server,
+    machine,
+    median_of,
+    parallel_calls,
+    python_server,
+    save,
+    sequential_calls,
+    table,
+)
+
+BARE = """
+import rpyc, sys
+from rpyc.utils.server import ThreadedServer
+from benchmarks.bench_service import AddService
+server = ThreadedServer(AddService, hostname="127.0.0.1", port=0)
+server._listen()
+print("READY", server.port, flush=True)
+server.start()
+"""
+
+HOST_CONFIG = """
+server: {{type: {type}, pool_size: 16}}
+services:
+  add: {{class: benchmarks.bench_service:AddService, port: 0}}
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short run (smoke test)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    args = parser.parse_args(argv)
+    rounds = 1 if args.quick else args.rounds
+    seq_calls, seq_secs = (2_000, 2.0) if args.quick else (10_000, 5.0)
+    par_secs = 1.0 if args.quick else 3.0
+
+    systems = ["bare rpyc threaded", "host threaded", "host threadpool", "host forking"]
+    seq: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+    par: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
+    with ExitStack() as stack:
+        ports = {"bare rpyc threaded": stack.enter_context(python_server(BARE))[0]}
+        for kind in ("threaded", "threadpool", "forking"):
+            ports[f"host {kind}"] = stack.enter_context(host_server(HOST_CONFIG.format(type=kind), "add"))
+        for _ in range(rounds):
+            for name in systems:
+                seq[name].append(sequential_calls(ports[name], seq_calls, seq_secs))
+            for name in systems:
+                par[name].append(parallel_calls(ports[name], args.clients, par_secs))
+
+    s = {k: median_of(v) for k, v in seq.items()}
+    p = {k: median_of(v) for k, v in par.items()}
+    bare_s, bare_p = s["bare rpyc threaded"], p["bare rpyc threaded"]
+    rows = [
+        [
+            "system",
+            "seq p50 us",
+            "seq p99 us",
+            "seq calls/s",
+            "x bare",
+            f"{args.clients}-client calls/s",
+            "x bare",
+            f"{args.clients}-client p99 us",
+        ]
+    ]
+    for name in systems:
+        rows.append(
+            [
+                name,
+                fmt(s[name]["p50_us"]),
+                fmt(s[name]["p99_us"]),
+                fmt(s[name]["calls_per_s"]),
+                f"{s[name]['calls_per_s'] / bare_s['calls_per_s']:.2f}",
+                fmt(p[name]["calls_per_s"]),
+                f"{p[name]['calls_per_s'] / bare_p['calls_per_s']:.2f}",
+                fmt(p[name]["p99_us"]),
+            ]
+        )
+    print(table(rows))
+    threaded_ratio = s["host threaded"]["calls_per_s"] / bare_s["calls_per_s"]
+    pool_ratio = s["host threadpool"]["p50_us"] / s["host threaded"]["p50_us"]
+    checks = [
+        (
+            f"host threaded sequential calls/s = {threaded_ratio:.2f}x bare (target >= 0.95)",
+            threaded_ratio >= 0.95,
+        ),
+        (f"host threadpool p50 = {pool_ratio:.2f}x host threaded p50 (target <= 1.5)", pool_ratio <= 1.5),
+    ]
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    path = save(
+        "host",
+        {
+            "machine": machine(),
+            "rounds": rounds,
+            "sequential": s,
+            "parallel": p,
+            "checks": [{"check": t, "ok": ok} for t, ok in checks],
+        },
+    )
+    print(f"\nJSON: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Shared pieces of the benchmarks: server processes, bounded call loops, ratio tables.
+
+Every loop is bounded in count and in time; every server runs in its own process on
+127.0.0.1 and is stopped by PID when the benchmark ends.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import rpyc
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+@contextmanager
+def python_server(
+    code: str, *args: str, ready: str = "READY", timeout: float = 30
+) -> Iterator[tuple[int, str]]:
+    """Run ``python -c code args``; it must print ``READY <port>``. Yields (port, pid text)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"server exited early: {code[:60]!r}")
+            if line.startswith(ready):
+                yield int(line.split()[1]), str(proc.pid)
+                break
+        else:
+            raise RuntimeError("server not ready in time")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def host_server(config_text: str, name: str, timeout: float = 30) -> Iterator[int]:
+    """``python server.py`` with a config; yields the real port of service ``name``."""
+    from rpyc_host.testing import ServerProcess
+
+    path = RESULTS / f"bench-{os.getpid()}-{name}.yaml"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(config_text)
+    proc = ServerProcess(path, ready_timeout=timeout)
+    try:
+        proc.start()
+        yield proc.address(name)[1]
+    finally:
+        proc.stop()
+        path.unlink(missing_ok=True)
+
+
+def sequential_calls(port: int, count: int, seconds: float) -> dict[str, float]:
+    """One client, ``add`` cached: p50/p99 latency (µs) and calls/s, bounded by count and time."""
+    with rpyc.connect("127.0.0.1", port) as conn:
+        add = conn.root.add
+        for _ in range(200):  # warm-up
+            add(1, 2)
+        lat: list[float] = []
+        start = time.perf_counter()
+        deadline = start + seconds
+        while len(lat) < count and time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            add(1, 2)
+            lat.append(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - start
+    return {
+        "p50_us": percentile(lat, 50) * 1e6,
+        "p99_us": percentile(lat, 99) * 1e6,
+        "calls_per_s": len(lat) / elapsed,
+        "calls": len(lat),
+    }
+
+
+def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, out: Any) -> None:
+    with rpyc.connect("127.0.0.1", port) as conn:
+        add = conn.root.add
+        add(1, 2)
+        while time.time() < start_at:
+            time.sleep(0.001)
+        lat: list[float] = []
+        deadline = time.perf_counter() + seconds
+        while len(lat) < max_calls and time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            add(1, 2)
+            lat.append(time.perf_counter() - t0)
+    out.put((len(lat), sum(lat), sorted(lat)[:: max(1, len(lat) // 2000)]))
+
+
+def parallel_calls(port: int, clients: int, seconds: float, max_calls: int = 200_000) -> dict[str, float]:
+    """``clients`` processes calling ``add`` at once for ``seconds``: total calls/s and p99."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 1.0 + 0.1 * clients  # let every process connect first
+    procs = [
+        ctx.Process(target=_client_worker, args=(port, seconds, max_calls, start_at, out))
+        for _ in range(clients)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=seconds + 60) for _ in procs]
+    for p in procs:
+        p.join(timeout=30)
+    total = sum(r[0] for r in results)
+    samples = [s for r in results for s in r[2]]
+    return {"calls_per_s": total / seconds, "p99_us": percentile(samples, 99) * 1e6, "calls": total}
+
+
+def median_of(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "rpyc": rpyc.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def save(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def fmt(value: float, digits: int = 0) -> str:
+    return f"{value:,.{digits}f}"
+
+
+Check = Callable[[], tuple[str, bool]]
