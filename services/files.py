@@ -811,7 +811,7 @@ class FileService(rpyc.Service):
     @_op
     def cd(self, path: str = "") -> str:
         """Change this connection's current directory ("" or no argument: the root); returns it."""
-        parts = self._parts(path)
+        parts = self._parts(path) if path != "" else ()
         with self.sandbox.directory(parts):
             self._cwd = parts
         return _shown(parts)
