@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from . import schema
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 SERVER_TYPES = ("forking", "threaded", "threadpool")
 LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")
@@ -46,6 +46,76 @@ class ServerSection:
     grace_period: float = field(default=10.0, metadata={"check": schema.at_least(0)})
 
 
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    """``limits:``: resource limits for every service (each may override any of them)."""
+
+    max_connections: int = field(default=1000, metadata={"check": schema.at_least(1)})
+    max_connections_per_ip: int = field(default=200, metadata={"check": schema.at_least(1)})
+    # Seconds a connection may stay silent before it is closed; 0 turns the check off.
+    idle_timeout: float = field(default=600.0, metadata={"check": schema.at_least(0)})
+    # A frame header announcing more than this closes the connection before anything is buffered.
+    max_frame_bytes: int = field(default=64 * MIB, metadata={"check": schema.at_least(1024)})
+    # Seconds a client waits for one call (sent to clients as their sync_request_timeout) and
+    # the server waits for a callback into the client.
+    call_timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
+    # Seconds a new connection has to complete TLS and token authentication.
+    handshake_timeout: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
+
+
+@dataclass(frozen=True)
+class LimitsOverride:
+    """``services.<name>.limits:``: only the limits this service changes."""
+
+    max_connections: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    max_connections_per_ip: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    idle_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0)})
+    max_frame_bytes: int | None = field(default=None, metadata={"check": schema.at_least(1024)})
+    call_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
+    handshake_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
+
+    def apply(self, base: LimitsSection) -> LimitsSection:
+        changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.replace(base, **changes)
+
+
+@dataclass(frozen=True)
+class TLSSection:
+    """``security.tls:``: certificate and key (PEM); with ``ca``, clients must present a
+    certificate signed by it (mutual TLS)."""
+
+    cert: str
+    key: str
+    ca: str | None = None
+
+
+@dataclass(frozen=True)
+class SecuritySection:
+    """``security:``: who may connect."""
+
+    tokens: tuple[str, ...] = ()
+    token_file: str | None = None
+    tls: TLSSection | None = None
+    # Allows a non-loopback bind without tokens or TLS; logged as a warning at every start.
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    """``gateway:``: XML-RPC and JSON-RPC over HTTP for the listed services."""
+
+    enabled: bool = False
+    host: str = DEFAULT_HOST
+    port: int = field(default=8888, metadata={"check": schema.port_check})
+    services: tuple[str, ...] = ()
+    max_body_bytes: int = field(default=16 * MIB, metadata={"check": schema.at_least(1024)})
+    timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
+    backlog: int = field(default=1024, metadata={"check": schema.at_least(128)})
+
+
 @dataclass(frozen=True)
 class ServiceSection:
     """``services.<name>:``; unset server settings fall back to ``server:``."""
@@ -59,6 +129,7 @@ class ServiceSection:
     compression: bool | None = None
     enabled: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    limits: LimitsOverride = field(default_factory=LimitsOverride)
 
 
 @dataclass(frozen=True)
@@ -92,6 +163,22 @@ class FileSections:
     services: dict[str, ServiceSection] = field(default_factory=dict)
     debug: DebugSection = field(default_factory=DebugSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """Resolved security: the tokens (from the list and the token file), TLS, insecure flag."""
+
+    tokens: tuple[str, ...] = ()
+    tls: TLSSection | None = None
+    insecure: bool = False
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.tokens) or bool(self.tls and self.tls.ca)
 
 
 @dataclass(frozen=True)
@@ -107,6 +194,7 @@ class ServiceConfig:
     backlog: int
     compression: bool
     options: Mapping[str, Any]
+    limits: LimitsSection = field(default_factory=LimitsSection)
 
     @property
     def key_path(self) -> str:
@@ -122,6 +210,8 @@ class Config:
     classic: ClassicSection
     log_level: str
     grace_period: float
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
 
     def service(self, name: str) -> ServiceConfig:
         for svc in self.services:
@@ -129,7 +219,7 @@ class Config:
                 return svc
         names = [s.name for s in self.services]
         raise ConfigError(
-            f"no service named {name!r}{schema.did_you_mean(name, names)}; "
+            f"no service named {name!r}{did_you_mean(name, names)}; "
             f"configured: {', '.join(names) or '(none)'}",
             source=self.source,
         )
@@ -139,6 +229,12 @@ class Config:
         data = {
             "source": self.source,
             "grace_period": self.grace_period,
+            "security": {
+                "tokens": [f"*** ({len(t)} characters)" for t in self.security.tokens],
+                "tls": dataclasses.asdict(self.security.tls) if self.security.tls else None,
+                "insecure": self.security.insecure,
+            },
+            "gateway": dataclasses.asdict(self.gateway),
             "logging": {"level": self.log_level},
             "debug": {"classic": dataclasses.asdict(self.classic)},
             "services": {
@@ -255,29 +351,111 @@ def _resolve(sections: FileSections, source: str) -> Config:
                 backlog=svc.backlog or defaults.backlog,
                 compression=defaults.compression if svc.compression is None else svc.compression,
                 options=dict(svc.options),
+                limits=svc.limits.apply(sections.limits),
             )
         )
     classic = sections.debug.classic
-    _check_ports(services, classic)
+    _check_ports(services, classic, sections.gateway)
     if classic.enabled and not is_loopback(classic.host):
         raise ConfigError(
             f"{classic.host!r} is not a loopback address; the classic console runs any code a "
             "client sends, so it only listens on 127.0.0.1, ::1 or localhost",
             path="debug.classic.host",
         )
+    security = _resolve_security(sections.security)
+    _check_exposure(services, sections.gateway, security)
+    _check_gateway(sections.gateway, [s.name for s in services])
     return Config(
         source=source,
         services=tuple(services),
         classic=classic,
         log_level=sections.logging.level.upper(),
         grace_period=defaults.grace_period,
+        security=security,
+        gateway=sections.gateway,
     )
 
 
-def _check_ports(services: list[ServiceConfig], classic: ClassicSection) -> None:
+def _resolve_security(section: SecuritySection) -> SecurityConfig:
+    tokens = [t for t in section.tokens]
+    for i, token in enumerate(tokens):
+        if len(token) < 16:
+            raise ConfigError(
+                f"token #{i + 1} is too short ({len(token)} characters); use at least 16 "
+                "random characters, e.g. from: python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'",
+                path=f"security.tokens[{i}]",
+            )
+    if section.token_file:
+        path = section.token_file  # relative paths: from the server's working directory
+        try:
+            lines = Path(path).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read token file {section.token_file!r}: {exc.strerror}", path="security.token_file"
+            ) from None
+        file_tokens = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not file_tokens:
+            raise ConfigError(
+                f"token file {section.token_file!r} holds no tokens (one per line)",
+                path="security.token_file",
+            )
+        short = [t for t in file_tokens if len(t) < 16]
+        if short:
+            raise ConfigError(
+                f"token file {section.token_file!r} has a token shorter than 16 characters",
+                path="security.token_file",
+            )
+        tokens.extend(file_tokens)
+    tls = section.tls
+    if tls is not None:
+        resolved = {}
+        for key in ("cert", "key", "ca"):
+            value = getattr(tls, key)
+            if value is None:
+                continue
+            path = value
+            if not Path(path).is_file():
+                raise ConfigError(f"{value!r} is not a readable file", path=f"security.tls.{key}")
+            resolved[key] = path
+        tls = TLSSection(**resolved)
+    return SecurityConfig(tokens=tuple(tokens), tls=tls, insecure=section.insecure)
+
+
+def _check_exposure(services: list[ServiceConfig], gateway: GatewaySection, security: SecurityConfig) -> None:
+    if security.tokens or security.tls or security.insecure:
+        return
+    binds = [(svc.host, f"{svc.key_path}.host") for svc in services]
+    if gateway.enabled:
+        binds.append((gateway.host, "gateway.host"))
+    for host, path in binds:
+        if not is_loopback(host):
+            raise ConfigError(
+                f"{host!r} is reachable from other machines, and no security.tokens or "
+                "security.tls is configured; add one (see SECURITY.md), bind 127.0.0.1, or set "
+                "security.insecure: true to accept the risk",
+                path=path,
+            )
+
+
+def _check_gateway(gateway: GatewaySection, names: list[str]) -> None:
+    if not gateway.enabled:
+        return
+    for i, name in enumerate(gateway.services):
+        if name not in names:
+            raise ConfigError(
+                f"{name!r} is not a configured service{did_you_mean(name, names)}; "
+                f"configured: {', '.join(names) or '(none)'}",
+                path=f"gateway.services[{i}]",
+            )
+
+
+def _check_ports(services: list[ServiceConfig], classic: ClassicSection, gateway: GatewaySection) -> None:
     taken: dict[int, str] = {}
     if classic.enabled and classic.port:
         taken[classic.port] = "debug.classic.port"
+    if gateway.enabled and gateway.port:
+        taken.setdefault(gateway.port, "gateway.port")
     for svc in services:
         if not svc.port:
             continue

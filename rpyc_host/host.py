@@ -75,6 +75,7 @@ class Host:
         self.config = config
         self.hosted: list[Hosted] = []
         self.classic: classic.ClassicConsole | None = None
+        self.gateway: Any = None  # rpyc_host.gateway.Gateway when gateway.enabled
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
@@ -93,6 +94,8 @@ class Host:
             if self.config.classic.enabled:
                 self.classic = classic.ClassicConsole(self.config.classic.host, self.config.classic.port)
         except BaseException:
+            if self.classic is not None:
+                self.classic.close()
             for hosted in self.hosted:
                 hosted.server.close()
             close_services(s for _, s in built)
@@ -115,7 +118,20 @@ class Host:
             )
         if self.classic is not None:
             self.classic.start()
+        if self.config.gateway.enabled:
+            self._start_gateway()
         log.info("host ready: %d service(s)", len(self.hosted))
+
+    def _start_gateway(self) -> None:
+        from .gateway import Gateway  # imported only when enabled
+
+        try:
+            self.gateway = Gateway(self.config, self)  # binds; StartupError if it cannot
+            self.gateway.start()
+        except BaseException:
+            self.gateway = None
+            self.stop(grace=0)
+            raise
 
     def _bind(self, svc: ServiceConfig, service: rpyc.Service) -> HostServerMixin:
         kwargs: dict[str, Any] = {
@@ -155,6 +171,8 @@ class Host:
             started = time.monotonic()
             if self.classic is not None:
                 self.classic.close()
+            if self.gateway is not None:
+                self.gateway.close()
             for hosted in self.hosted:
                 hosted.server.stop_accepting()
             log.info("stopped accepting connections; waiting up to %.1f s for calls in flight", grace)
