@@ -12,6 +12,7 @@ Usage::
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import threading
@@ -123,10 +124,9 @@ class Host:
         log.info("host ready: %d service(s)", len(self.hosted))
 
     def _start_gateway(self) -> None:
-        from .gateway import Gateway  # imported only when enabled
-
+        gateway_module = importlib.import_module("rpyc_host.gateway")  # imported only when enabled
         try:
-            self.gateway = Gateway(self.config, self)  # binds; StartupError if it cannot
+            self.gateway = gateway_module.Gateway(self.config, self)  # binds; StartupError if it cannot
             self.gateway.start()
         except BaseException:
             self.gateway = None
