@@ -186,6 +186,8 @@ class Collector:
         self._submit: Any = None
         self._inflight: tuple[_Batch, Any] | None = None
         self._down_until = 0.0
+        # Spooled batches already acknowledged during a replay that was cut short.
+        self._replayed_ids: set[str] = set()
 
     def __repr__(self) -> str:
         target = f"{self.host}:{self.port}" if self.host else repr(self.service)
@@ -324,6 +326,9 @@ class Collector:
 
     def _received(self, batch: _Batch, receipt: Receipt) -> None:
         s = self.stats
+        if receipt.duplicate and batch.batch_id in self._replayed_ids:
+            s.duplicates += 1  # acknowledged by an earlier, interrupted replay: counted then
+            return
         s.batches += 1
         s.accepted += receipt.accepted
         s.dropped += receipt.dropped
@@ -405,7 +410,9 @@ class Collector:
                 continue
             self.stats.replayed += 1
             self._received(batch, receipt)
+            self._replayed_ids.add(batch.batch_id)
         self.spool.unlink()
+        self._replayed_ids.clear()
         log.info("replayed %d spooled batch(es) from %s", len(batches), self.spool)
         return True
 

@@ -21,6 +21,7 @@ Problems with the batch as a whole (wrong argument types, an empty or oversize b
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import logging
@@ -221,7 +222,7 @@ class IngestService(rpyc.Service):
             lines = list(records.split("\n"))
         if lines and not lines[-1]:
             lines.pop()  # the newline after the last record
-        if not lines:
+        if not lines or (len(lines) == 1 and not lines[0].strip()):
             raise ValueError("submit: the batch is empty; send at least one JSON record")
         if len(lines) > self.max_batch_records:
             raise ValueError(
@@ -365,7 +366,9 @@ def _store_errors() -> Iterator[None]:
     """Relay storage failures as standard exceptions a client can act on (retry the same id)."""
     try:
         yield
+    # (errno, message): rpyc rebuilds an OSError from its attributes, and one made from a bare
+    # message would reach the client as "[Errno None] None: None -> None".
     except StoreBusy as exc:
-        raise TimeoutError(str(exc)) from None
+        raise TimeoutError(errno.ETIMEDOUT, str(exc)) from None
     except StoreError as exc:
-        raise OSError(str(exc)) from None
+        raise OSError(errno.EIO, str(exc)) from None

@@ -1,0 +1,121 @@
+"""Fault test: the server is SIGKILLed twice while a collector streams numbered records, and
+restarted on the same port; every record must end up stored exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from client.ingest import Collector
+from rpyc_host.testing import ServerProcess
+
+
+def config(db: Path, port: int) -> str:
+    return f"""
+server: {{type: threaded, host: 127.0.0.1}}
+services:
+  ingest:
+    class: services.ingest:IngestService
+    port: {port}
+    options: {{database: "sqlite:///{db}"}}
+"""
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """Server processes started by the test; each is stopped (by PID) and checked to be gone."""
+    started: list[ServerProcess] = []
+    yield started
+    for proc in started:
+        proc.stop(timeout=20)
+        assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
+
+
+@pytest.mark.slow
+def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
+    cfg.write_text(config(db, 0))
+    servers.append(ServerProcess(cfg).start())
+    host, port = servers[0].address("ingest")
+    cfg.write_text(config(db, port))  # restarts bind the port the first server got
+
+    collector = Collector(
+        None,
+        host=host,
+        port=port,
+        topic="fault",
+        batch_records=500,
+        spool=tmp_path / "collector.spool",
+        timeout=5,
+        retries=3,
+        backoff=0.02,
+        down_interval=0.1,
+    )
+    restarted = threading.Event()
+    failures: list[BaseException] = []
+    kills: list[tuple[int, int]] = []  # (records acknowledged, batches spooled) at each kill
+
+    def kill_and_restart() -> None:
+        try:
+            for _ in range(2):
+                target = collector.stats.accepted + 15_000
+                wait_until(lambda t=target: collector.stats.accepted >= t, 30, "records to be stored")  # type: ignore[misc]
+                servers[-1].stop(signal.SIGKILL)
+                spooled = collector.stats.spooled
+                kills.append((collector.stats.accepted, spooled))
+                wait_until(lambda s=spooled: collector.stats.spooled > s, 30, "the collector to spool")  # type: ignore[misc]
+                servers.append(ServerProcess(cfg).start())
+                assert servers[-1].address("ingest") == (host, port)
+            restarted.set()
+        except BaseException as exc:
+            failures.append(exc)
+            restarted.set()
+
+    killer = threading.Thread(target=kill_and_restart, name="killer")
+    killer.start()
+    sent, after_restart, deadline = 0, 0, time.monotonic() + 60
+    try:
+        # Stream until both kills are done, then 10,000 more; bounded in count and time.
+        while after_restart < 10_000 and sent < 2_000_000 and time.monotonic() < deadline:
+            collector.add({"seq": sent, "pad": "p" * 40})
+            sent += 1
+            if restarted.is_set():
+                after_restart += 1
+        collector.close()
+    finally:
+        killer.join(timeout=60)
+    assert not killer.is_alive()
+    assert failures == []
+    assert len(kills) == 2 and after_restart == 10_000, (kills, sent)
+    assert collector.stats.spooled >= 2 and collector.stats.replayed >= 2
+    assert collector.stats.accepted == sent  # each record acknowledged once, duplicates or not
+    assert not (tmp_path / "collector.spool").exists()
+
+    servers[-1].stop()
+    with sqlite3.connect(db) as conn:
+        total, distinct, checksum = conn.execute(
+            "SELECT count(*), count(DISTINCT json_extract(data, '$.seq')), sum(json_extract(data, '$.seq')) "
+            "FROM records"
+        ).fetchone()
+        stats = conn.execute("SELECT records, duplicates FROM totals").fetchone()
+        sample = json.loads(conn.execute("SELECT data FROM records ORDER BY id DESC LIMIT 1").fetchone()[0])
+    assert (total, distinct, checksum) == (sent, sent, sent * (sent - 1) // 2)
+    assert stats[0] == sent
+    assert sample == {"seq": sent - 1, "pad": "p" * 40}

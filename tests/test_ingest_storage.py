@@ -1,0 +1,161 @@
+"""rpyc_host.storage: URL parsing, durability settings, lock contention and fork safety,
+on real SQLite files."""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing as mp
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import rpyc
+
+from rpyc_host.storage import BACKENDS, BatchWrite, StoreBusy, open_store
+from rpyc_host.storage.sqlite import SQLiteStore
+from rpyc_host.testing import running_host
+
+
+def batch(batch_id: str, *rows: str, topic: str = "t") -> BatchWrite:
+    return BatchWrite(topic, batch_id, rows, receipt=f"[{len(rows)}, 0, []]")
+
+
+def test_registry_maps_schemes_to_backends() -> None:
+    assert dict(BACKENDS) == {"sqlite": SQLiteStore}
+    with pytest.raises(
+        ValueError, match=r"unknown scheme 'sqlit' \(did you mean 'sqlite'\?\); known schemes: sqlite"
+    ):
+        open_store("sqlit:///x.db")
+    with pytest.raises(ValueError, match="no scheme"):
+        open_store("var/ingest.db")
+    with pytest.raises(TypeError, match="database must be a URL string"):
+        open_store(5)  # type: ignore[arg-type]
+
+
+def test_relative_and_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///var/ingest.db")
+    assert (tmp_path / "var" / "ingest.db").is_file()
+    relative.close()
+    absolute = open_store(f"sqlite:///{tmp_path / 'abs' / 'x.db'}")  # sqlite:////tmp/...
+    assert (tmp_path / "abs" / "x.db").is_file()
+    absolute.close()
+
+
+def test_wal_and_synchronous_levels(tmp_path: Path) -> None:
+    full = SQLiteStore.from_url(f"sqlite:///{tmp_path / 'full.db'}")
+    normal = SQLiteStore.from_url(f"sqlite:///{tmp_path / 'normal.db'}?synchronous=normal&busy_timeout=2")
+    try:
+        assert full._conn().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert full._conn().execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert normal._conn().execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert normal.busy_timeout == 2.0
+    finally:
+        full.close()
+        normal.close()
+    with pytest.raises(ValueError, match="synchronous='off' is not one of extra, full, normal"):
+        SQLiteStore.from_url(f"sqlite:///{tmp_path / 'x.db'}?synchronous=off")
+    with pytest.raises(ValueError, match="busy_timeout must be seconds, got 'soon'"):
+        SQLiteStore.from_url(f"sqlite:///{tmp_path / 'x.db'}?busy_timeout=soon")
+
+
+def test_a_writer_held_up_too_long_gets_a_retryable_error_and_nothing_is_lost(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    store = SQLiteStore(path, busy_timeout=0.2)
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")
+        with pytest.raises(
+            StoreBusy, match=r"stayed locked by another writer .*retry with the same batch id"
+        ):
+            store.write(batch("b1", '{"a": 1}'))
+        blocker.execute("COMMIT")
+        assert store.write(batch("b1", '{"a": 1}')) is None
+        assert store.count() == 1
+    finally:
+        blocker.close()
+        store.close()
+
+
+def test_the_service_relays_a_locked_database_as_timeout_error(tmp_path: Path) -> None:
+    path = tmp_path / "busy.db"
+    text = f"""
+services:
+  ingest:
+    class: services.ingest:IngestService
+    port: 0
+    options: {{database: "sqlite:///{path}?busy_timeout=0.2"}}
+"""
+    with running_host(text) as host, rpyc.connect(*host.address("ingest")) as conn:
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with pytest.raises(TimeoutError, match="stayed locked by another writer") as info:
+                conn.root.submit("t", b'{"a": 1}\n', "locked")
+            assert str(info.value).startswith(f"[Errno {errno.ETIMEDOUT}] database '{path}' stayed locked")
+            blocker.execute("COMMIT")
+        finally:
+            blocker.close()
+        assert conn.root.submit("t", b'{"a": 1}\n', "locked")[1:] == (1, 0, (), False)
+
+
+def _write_in_child(store: SQLiteStore) -> None:
+    # Runs in a forked child: must open its own connection, not use the parent's.
+    store.write(batch("from-child", '{"who": "child"}'))
+    store.close()
+
+
+def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
+    store = SQLiteStore(tmp_path / "fork.db")
+    try:
+        store.write(batch("parent-1", '{"who": "parent"}'))
+        parent_conn = store._conn()
+        child = mp.get_context("fork").Process(target=_write_in_child, args=(store,))
+        child.start()
+        child.join(timeout=30)
+        assert child.exitcode == 0
+        assert store._conn() is parent_conn  # untouched by the child
+        store.write(batch("parent-2", '{"who": "parent"}'))
+        assert store.count("t") == 3
+        assert [d for _, d in store.query("t", 0, 10)] == [
+            '{"who": "parent"}',
+            '{"who": "child"}',
+            '{"who": "parent"}',
+        ]
+        assert store._proc.pid == os.getpid()
+    finally:
+        store.close()
+
+
+def test_duplicates_and_totals_survive_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "again.db"
+    store = SQLiteStore(path)
+    assert (
+        store.write(BatchWrite("t", "b1", ('{"a": 1}',), "first", rejected=2, dropped=1, nbytes=30)) is None
+    )
+    store.close()
+    again = SQLiteStore(path)
+    try:
+        assert again.write(batch("b1", '{"a": 2}')) == "first"
+        assert again.duplicate("b1") == "first"
+        assert again.duplicate("unknown") is None
+        stats = again.stats()
+        assert (
+            stats.records,
+            stats.batches,
+            stats.rejects,
+            stats.dropped,
+            stats.duplicates,
+            stats.bytes,
+        ) == (
+            1,
+            1,
+            2,
+            1,
+            2,
+            30,
+        )
+        assert again.topics() == ("t",)
+    finally:
+        again.close()
