@@ -241,12 +241,14 @@ class Collector:
     # -- batches -------------------------------------------------------------------------------
 
     def _seal(self) -> None:
+        # Settle the batch in flight first: if that raises (BatchRejected, DeliveryError), the
+        # queued records stay queued instead of being lost in a batch that was never sent.
+        self._settle()
         self._seq += 1
         batch = _Batch(
             f"{self._prefix}-{self._seq}", self.topic, b"\n".join(self._lines) + b"\n", len(self._lines)
         )
         self._lines, self._size = [], 0
-        self._settle()
         # Keep order: nothing new goes out before the spool is replayed.
         down = time.monotonic() < self._down_until
         if (down or self._spooled()) and (down or not self._replay()):

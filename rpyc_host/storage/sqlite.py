@@ -43,17 +43,16 @@ CREATE TABLE IF NOT EXISTS batches (
     seq INTEGER PRIMARY KEY,
     batch_id TEXT NOT NULL UNIQUE,
     topic_id INTEGER NOT NULL REFERENCES topics(id),
-    records INTEGER NOT NULL,
+    first_id INTEGER NOT NULL,
+    last_id INTEGER NOT NULL,
     created REAL NOT NULL,
     receipt TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS batches_by_topic ON batches (topic_id, last_id);
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
-    topic_id INTEGER NOT NULL,
-    batch INTEGER NOT NULL,
     data TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS records_by_topic ON records (topic_id, id);
 CREATE TABLE IF NOT EXISTS totals (
     one INTEGER PRIMARY KEY CHECK (one = 1),
     records INTEGER NOT NULL, batches INTEGER NOT NULL, rejects INTEGER NOT NULL,
@@ -61,8 +60,10 @@ CREATE TABLE IF NOT EXISTS totals (
 );
 INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0, 0, 0, 0);
 """
+# A batch's records get consecutive ids (first_id..last_id), so the records table needs no
+# topic column and no second index: finding a topic's records goes through its batches.
 
-INSERT_RECORD = "INSERT INTO records (topic_id, batch, data) VALUES (?, ?, ?)"
+INSERT_RECORD = "INSERT INTO records (id, data) VALUES (?, ?)"
 
 
 class _PerProcess:
@@ -216,11 +217,14 @@ class SQLiteStore:
             conn.execute("UPDATE totals SET duplicates = duplicates + 1")
             return str(row[0]), None
         topic_id = self._topic_id(conn, batch.topic)
-        seq = conn.execute(
-            "INSERT INTO batches (batch_id, topic_id, records, created, receipt) VALUES (?, ?, ?, ?, ?)",
-            (batch.batch_id, topic_id, len(batch.rows), time.time(), batch.receipt),
-        ).lastrowid
-        conn.executemany(INSERT_RECORD, [(topic_id, seq, data) for data in batch.rows])
+        # Ids are given explicitly (we hold the write lock): the batch's range is known.
+        first = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM records").fetchone()[0])
+        conn.execute(
+            "INSERT INTO batches (batch_id, topic_id, first_id, last_id, created, receipt) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (batch.batch_id, topic_id, first, first + len(batch.rows) - 1, time.time(), batch.receipt),
+        )
+        conn.executemany(INSERT_RECORD, zip(range(first, first + len(batch.rows)), batch.rows, strict=True))
         conn.execute("UPDATE topics SET records = records + ? WHERE id = ?", (len(batch.rows), topic_id))
         conn.execute(
             "UPDATE totals SET records = records + ?, batches = batches + 1, rejects = rejects + ?, "
@@ -272,12 +276,24 @@ class SQLiteStore:
         return tuple(str(r[0]) for r in self._read("SELECT name FROM topics WHERE records > 0 ORDER BY name"))
 
     def query(self, topic: str, after_id: int, limit: int) -> tuple[tuple[int, str], ...]:
-        rows = self._read(
-            "SELECT r.id, r.data FROM records r JOIN topics t ON t.id = r.topic_id "
-            "WHERE t.name = ? AND r.id > ? ORDER BY r.id LIMIT ?",
-            (topic, after_id, limit),
-        )
-        return tuple((int(i), str(d)) for i, d in rows)  # type: ignore[call-overload]
+        found: list[tuple[int, str]] = []
+        try:
+            conn = self._conn()
+            batches = conn.execute(
+                "SELECT b.first_id, b.last_id FROM batches b JOIN topics t ON t.id = b.topic_id "
+                "WHERE t.name = ? AND b.last_id > ? AND b.last_id >= b.first_id ORDER BY b.last_id",
+                (topic, after_id),
+            )
+            for first, last in batches:
+                found += conn.execute(
+                    "SELECT id, data FROM records WHERE id BETWEEN ? AND ? ORDER BY id LIMIT ?",
+                    (max(first, after_id + 1), last, limit - len(found)),
+                ).fetchall()
+                if len(found) >= limit:
+                    break
+        except sqlite3.Error as exc:
+            raise StoreError(f"database {str(self.path)!r}: read failed: {exc}") from None
+        return tuple((int(i), str(d)) for i, d in found)
 
     def stats(self) -> Stats:
         rows = self._read("SELECT records, batches, rejects, dropped, duplicates, bytes FROM totals")
