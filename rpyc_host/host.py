@@ -26,7 +26,9 @@ from . import classic
 from .config import Config, ServiceConfig
 from .errors import ConfigError, StartupError
 from .exposure import import_class, instantiate, prepare_class
-from .servers import SERVER_TYPES, HostServerMixin
+from .protocol import harden_netrefs
+from .security import AuthThrottle, Gatekeeper, RefusalCounts
+from .servers import SERVER_TYPES, HostServerMixin, ServerSettings
 
 log = logging.getLogger("rpyc_host")
 
@@ -80,6 +82,8 @@ class Host:
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
+        self.refusals = RefusalCounts()
+        self.throttle = AuthThrottle()
 
     def start(self) -> None:
         """Build and bind every service, then start accepting.
@@ -88,6 +92,13 @@ class Host:
             ConfigError: a class cannot be imported or rejects its options.
             StartupError: a listener cannot bind; everything already built is closed.
         """
+        harden_netrefs()
+        security = self.config.security
+        if security.insecure:
+            log.warning(
+                "security.insecure is true: services may accept unauthenticated connections "
+                "from other machines"
+            )
         built = build_services(self.config)
         try:
             for svc, service in built:
@@ -134,21 +145,23 @@ class Host:
             raise
 
     def _bind(self, svc: ServiceConfig, service: rpyc.Service) -> HostServerMixin:
+        settings = ServerSettings(
+            name=svc.name,
+            limits=svc.limits,
+            gatekeeper=Gatekeeper(self.config.security, svc.limits, self.refusals, self.throttle, svc.name),
+            compression=svc.compression,
+            pool_size=svc.pool_size,
+            grace_period=self.config.grace_period,
+        )
         kwargs: dict[str, Any] = {
-            "name": svc.name,
             "hostname": svc.host,
             "port": svc.port,
             "backlog": svc.backlog,
-            "compression": svc.compression,
             "ipv6": ":" in svc.host,
             "logger": logging.getLogger(f"rpyc_host.{svc.name}"),
         }
-        if svc.type == "threadpool":
-            kwargs["pool_size"] = svc.pool_size
-        if svc.type == "forking":
-            kwargs["grace_period"] = self.config.grace_period
         try:
-            return SERVER_TYPES[svc.type](service, **kwargs)  # type: ignore[call-arg]
+            return SERVER_TYPES[svc.type](service, settings, **kwargs)  # type: ignore[call-arg]
         except OSError as exc:
             raise StartupError(
                 f"{svc.key_path}: cannot listen on {svc.host}:{svc.port}: {exc.strerror or exc}"

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Any
 
+from rpyc.core import brine
+from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
 
 SAFE_PROTOCOL: dict[str, Any] = {
@@ -66,6 +68,60 @@ class InflightTracker:
         return True
 
 
+# Containers a client passes by reference are copied to local values before a method sees them,
+# within these bounds; callables and other objects stay remote (callbacks, by design).
+PLAIN_CONTAINERS: dict[str, type] = {
+    "builtins.list": list,
+    "builtins.dict": dict,
+    "builtins.set": set,
+    "builtins.frozenset": frozenset,
+}
+MAX_ARG_ITEMS = 100_000
+MAX_ARG_DEPTH = 32
+
+
+def to_plain(value: Any, depth: int = 0) -> Any:
+    """Copy remote lists/dicts/sets (and tuples holding them) into local values.
+
+    Raises:
+        ValueError: nesting deeper than MAX_ARG_DEPTH or a container over MAX_ARG_ITEMS.
+        TypeError: one of this server's own objects passed back as an argument.
+    """
+    if depth > MAX_ARG_DEPTH:
+        raise ValueError(f"argument nested deeper than {MAX_ARG_DEPTH} levels")
+    if isinstance(value, BaseNetref):
+        kind = PLAIN_CONTAINERS.get(object.__getattribute__(value, "____id_pack__")[0])
+        if kind is None:
+            return value  # a callback or live object of the client's: it stays remote
+        size = len(value)
+        if size > MAX_ARG_ITEMS:
+            raise ValueError(
+                f"argument has {size} items; the limit is {MAX_ARG_ITEMS} (send one serialized payload)"
+            )
+        if kind is dict:
+            return {to_plain(k, depth + 1): to_plain(v, depth + 1) for k, v in tuple(value.items())}
+        return kind(to_plain(v, depth + 1) for v in tuple(value))
+    if type(value) is tuple:
+        if brine.dumpable(value):
+            return value
+        return tuple(to_plain(v, depth + 1) for v in value)
+    if not brine.dumpable(value):
+        raise TypeError(
+            f"an argument of type {type(value).__name__} is one of this server's own objects passed back; "
+            "pass plain values (str, bytes, numbers, tuples, lists, dicts) instead"
+        )
+    return value
+
+
+def harden_netrefs() -> None:
+    """Make pickling a remote object fail: unpickling what the peer sends would run its code."""
+
+    def refuse(self: Any, proto: Any) -> Any:
+        raise TypeError("refusing to pickle a remote object (unpickling it would run code the peer chose)")
+
+    BaseNetref.__reduce_ex__ = refuse
+
+
 class HostConnection(Connection):
     """An rpyc ``Connection`` that counts requests in flight and logs remote errors locally.
 
@@ -83,6 +139,19 @@ class HostConnection(Connection):
             super()._dispatch_request(seq, raw_args)
         finally:
             tracker.exit()
+
+    def _handle_call(self, obj: Any, args: Any, kwargs: Any = ()) -> Any:
+        plain_args = tuple(to_plain(a) for a in args)
+        plain_kwargs = {k: to_plain(v) for k, v in dict(kwargs).items()}
+        return obj(*plain_args, **plain_kwargs)
+
+    def _handle_dir(self, obj: Any) -> tuple[str, ...]:
+        """Only what a client may access: exposed names (without the prefix) and safe dunders."""
+        prefix = self._config["exposed_prefix"]
+        safe = self._config["safe_attrs"]
+        names = {n[len(prefix) :] for n in dir(obj) if n.startswith(prefix)}
+        names.update(n for n in dir(obj) if n in safe)
+        return tuple(sorted(names))
 
     def _box_exc(self, typ: type[BaseException], val: BaseException, tb: Any) -> Any:
         logger: logging.Logger | None = self._config.get("host_logger")

@@ -38,10 +38,12 @@ class FastSocketStream(SocketStream):
         while view:
             try:
                 n = sock.recv_into(view, min(len(view), _RECV_CHUNK))
-            except TimeoutError:
-                continue
             except InterruptedError:
                 continue
+            except TimeoutError:
+                # The socket's timeout is the host's stall limit: a peer that stops mid-frame is gone.
+                self.close()
+                raise EOFError("peer stalled in the middle of a frame") from None
             except OSError as exc:
                 self.close()
                 raise EOFError(exc) from exc
@@ -54,8 +56,11 @@ class FastSocketStream(SocketStream):
         # Small frames usually arrive whole: one recv, no buffer juggling.
         try:
             first = self.sock.recv(count)
-        except (TimeoutError, InterruptedError):
+        except InterruptedError:
             first = b""
+        except TimeoutError:
+            self.close()
+            raise EOFError("peer stalled in the middle of a frame") from None
         except OSError as exc:
             self.close()
             raise EOFError(exc) from exc
@@ -66,6 +71,13 @@ class FastSocketStream(SocketStream):
         buf[: len(first)] = first
         self.read_into(memoryview(buf)[len(first) :])
         return bytes(buf)
+
+    def poll(self, timeout: float | None) -> bool:
+        # A TLS socket may hold decrypted bytes the kernel no longer reports as readable.
+        pending = getattr(self.sock, "pending", None)
+        if pending is not None and pending():
+            return True
+        return bool(super().poll(timeout))
 
     def writev(self, parts: list[bytes | memoryview]) -> None:
         """Send every part in order, as few system calls as the kernel allows."""
@@ -96,10 +108,24 @@ def _is_tls(sock: socket.socket) -> bool:
     return type(sock).__name__ == "SSLSocket"
 
 
-class FastChannel(Channel):
-    """A ``Channel`` over a :class:`FastSocketStream`; compression only when enabled."""
+class FrameTooLarge(EOFError):
+    """The peer announced a frame over the limit; the connection is closed unread."""
 
-    __slots__ = ()
+
+class FastChannel(Channel):
+    """A ``Channel`` over a :class:`FastSocketStream`; compression only when enabled.
+
+    ``max_frame`` bounds what a peer can make this side buffer: a header announcing more closes
+    the connection before anything is read, and a compressed frame may not inflate past it.
+    """
+
+    __slots__ = ("max_frame",)
+
+    def __init__(
+        self, stream: FastSocketStream, compress: bool = False, max_frame: int | None = None
+    ) -> None:
+        super().__init__(stream, compress=compress)
+        self.max_frame = max_frame
 
     def send(self, data: bytes) -> None:
         compressed = 0
@@ -115,6 +141,9 @@ class FastChannel(Channel):
 
     def recv(self) -> bytes:
         length, compressed = _HEADER.unpack(self.stream.read(_HEADER.size))
+        if self.max_frame is not None and length > self.max_frame:
+            self.stream.close()
+            raise FrameTooLarge(f"peer announced a {length}-byte frame; the limit is {self.max_frame}")
         if length < _RECV_CHUNK:
             data = self.stream.read(length + len(_FLUSHER))[:-1]
         else:
@@ -122,10 +151,19 @@ class FastChannel(Channel):
             self.stream.read_into(memoryview(buf))
             del buf[length:]
             data = bytes(buf)
-        return zlib.decompress(data) if compressed else data
+        if not compressed:
+            return data
+        if self.max_frame is None:
+            return zlib.decompress(data)
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(data, self.max_frame + 1)
+        if len(out) > self.max_frame or inflater.unconsumed_tail:
+            self.stream.close()
+            raise FrameTooLarge(f"compressed frame inflates past the {self.max_frame}-byte limit")
+        return out
 
 
-def make_channel(sock: socket.socket, compress: bool = False) -> FastChannel:
+def make_channel(sock: socket.socket, compress: bool = False, max_frame: int | None = None) -> FastChannel:
     """Wrap a connected socket (plain or TLS) in a tuned channel."""
     tune_socket(sock)
-    return FastChannel(FastSocketStream(sock), compress=compress)
+    return FastChannel(FastSocketStream(sock), compress=compress, max_frame=max_frame)

@@ -211,7 +211,10 @@ def test_check_prints_resolved_config_with_secrets_masked(
     assert options == {"api_token": "***", "url": "postgresql://u:***@db/x"}
 
 
-def test_default_config_is_valid_and_serves_demo_on_18861(capsys: pytest.CaptureFixture[str]) -> None:
+def test_default_config_is_valid_and_serves_demo_on_18861(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the services create their data folders relative to the cwd
     code, out, err = run_check(PROJECT_ROOT / "config.yaml", capsys)
     assert code == 0, err
     data = yaml.safe_load(out)

@@ -212,10 +212,13 @@ def test_cli_call_and_describe(
     assert result.returncode == 2
 
 
-def test_default_config_serves_plain_rpyc_clients(start_server: Callable[..., ServerProcess]) -> None:
-    # The shipped config.yaml, with every port moved to 0 through its ${..._PORT} variables.
+def test_default_config_serves_plain_rpyc_clients(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    # The shipped config.yaml, with every port moved to 0 through its ${..._PORT} variables,
+    # run from an empty folder (its data folders are relative to the working directory).
     ports = {name: "0" for name in ("DEMO_PORT", "FILES_PORT", "INGEST_PORT")}
-    proc = start_server(PROJECT_ROOT / "config.yaml", env=ports)
+    proc = start_server(PROJECT_ROOT / "config.yaml", env=ports, cwd=tmp_path)
     host, port = proc.address("demo")
     assert host == "127.0.0.1"
     assert rpyc.connect(host, port).root.add(1, 2) == 3

@@ -1,0 +1,274 @@
+"""What every host server adds to rpyc's ``Server``.
+
+A connection goes through three stages:
+
+1. **admission** (accept thread, cheap): connection limits and throttled addresses; a refused
+   client is told why (see :mod:`rpyc_host.security`) and closed from a background thread;
+2. **handshake** (the connection's own thread, process or pool worker): TLS and token;
+3. **serving**: a per-connection copy of the service on a tuned channel, until the client
+   leaves, stays silent for ``idle_timeout``, stalls mid-frame for ``handshake_timeout``, or
+   the server stops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+import threading
+import time
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import rpyc
+
+from ..config import LimitsSection
+from ..exposure import per_connection
+from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
+from ..security import Gatekeeper, Refused
+from ..transport import make_channel, tune_socket
+
+_CONN_IDS = itertools.count(1)
+# Every live host server, so a forked child can drop the sockets it inherited from the others.
+LIVE: weakref.WeakSet[HostServerMixin] = weakref.WeakSet()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything a host server needs beyond rpyc's own constructor arguments."""
+
+    name: str
+    limits: LimitsSection
+    gatekeeper: Gatekeeper
+    compression: bool = False
+    pool_size: int = 16
+    grace_period: float = 10.0
+
+
+class HostServerMixin:
+    """Admission, handshake, tuned connections and graceful stop; see the module docstring."""
+
+    # Set by rpyc's Server.__init__.
+    service: rpyc.Service
+    listener: socket.socket
+    logger: logging.Logger
+    protocol_config: dict[str, Any]
+    clients: set[socket.socket]
+    active: bool
+    host: str
+    port: int
+
+    if TYPE_CHECKING:  # provided by rpyc's Server, which every host server also derives from
+
+        def _listen(self) -> None: ...
+        def accept(self) -> None: ...
+        def close(self) -> None: ...
+
+    def _host_setup(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.limits = settings.limits
+        self.gatekeeper = settings.gatekeeper
+        self.tracker = InflightTracker()
+        self.connections: set[HostConnection] = set()
+        self._conn_lock = threading.Lock()
+        self._per_ip: Counter[str] = Counter()
+        self._admitted = 0
+        self.protocol_config = {
+            **SAFE_PROTOCOL,
+            **self.protocol_config,
+            "sync_request_timeout": settings.limits.call_timeout,
+            "host_tracker": self.tracker,
+            "host_logger": self.logger,
+        }
+        # Accepted sockets inherit TCP_NODELAY from the listener on Linux; set it on both anyway.
+        tune_socket(self.listener)
+        LIVE.add(self)
+
+    # -- admission (accept thread) -----------------------------------------------------------------
+
+    def _accept_method(self, sock: socket.socket) -> None:
+        peer = _peer(sock)
+        try:
+            self._admit(peer)
+        except Refused as refusal:
+            self.clients.discard(sock)
+            self.gatekeeper.refuse(sock, refusal, peer)
+            return
+        self._start_connection(sock, peer)
+
+    def _admit(self, peer: Any) -> None:
+        ip = str(peer[0])
+        self.gatekeeper.screen(ip)
+        with self._conn_lock:
+            if self._admitted >= self.limits.max_connections:
+                raise Refused(
+                    f"max_connections ({self.limits.max_connections}) reached",
+                    f"{self.name!r} is at its connection limit ({self.limits.max_connections}); retry later",
+                    "limit",
+                )
+            if self._per_ip[ip] >= self.limits.max_connections_per_ip:
+                raise Refused(
+                    f"max_connections_per_ip ({self.limits.max_connections_per_ip}) reached",
+                    f"too many connections from {ip} to {self.name!r} "
+                    f"(limit {self.limits.max_connections_per_ip}); close some and retry",
+                    "limit",
+                )
+            self._admitted += 1
+            self._per_ip[ip] += 1
+
+    def _release(self, peer: Any) -> None:
+        ip = str(peer[0])
+        with self._conn_lock:
+            self._admitted -= 1
+            self._per_ip[ip] -= 1
+            if self._per_ip[ip] <= 0:
+                del self._per_ip[ip]
+
+    @property
+    def admitted(self) -> int:
+        return self._admitted
+
+    def _start_connection(self, sock: socket.socket, peer: Any) -> None:
+        raise NotImplementedError
+
+    # -- handshake and connection ------------------------------------------------------------------
+
+    def _new_connid(self) -> str:
+        return f"{self.name}-{next(_CONN_IDS)}"
+
+    def _open(self, sock: socket.socket, peer: Any, connid: str | None = None) -> HostConnection | None:
+        """Handshake and build the rpyc connection; None (already refused and logged) on failure."""
+        credentials = None
+        if self.gatekeeper.needed:
+            try:
+                sock, credentials = self.gatekeeper.handshake(sock)
+            except Refused as refusal:
+                self.gatekeeper.refuse(sock, refusal, peer)
+                return None
+        try:
+            return self._build_connection(sock, peer, connid, credentials)
+        except Exception:
+            self.logger.exception("could not set up a connection from %s:%s", *peer[:2])
+            sock.close()
+            return None
+
+    def _build_connection(
+        self, sock: socket.socket, peer: Any, connid: str | None = None, credentials: Any = None
+    ) -> HostConnection:
+        # A silent peer mid-frame (or mid-send) must not hold its thread or worker forever.
+        sock.settimeout(self.limits.handshake_timeout)
+        config = dict(
+            self.protocol_config,
+            connid=connid or self._new_connid(),
+            credentials=credentials,
+            endpoints=(sock.getsockname(), peer),
+            logger=self.logger,
+        )
+        root = per_connection(self.service)
+        channel = make_channel(sock, self.settings.compression, self.limits.max_frame_bytes)
+        conn: HostConnection = root._connect(channel, config)
+        with self._conn_lock:
+            self.connections.add(conn)
+        return conn
+
+    def _forget(self, conn: HostConnection) -> None:
+        with self._conn_lock:
+            self.connections.discard(conn)
+
+    def _handle(self, sock: socket.socket, peer: Any, connid: str | None = None) -> None:
+        """A connection's whole life, in its own thread or process."""
+        try:
+            conn = self._open(sock, peer, connid)
+            if conn is not None:
+                self._serve_until_closed(conn)
+        finally:
+            self.clients.discard(sock)
+            self._release(peer)
+
+    def _serve_until_closed(self, conn: HostConnection) -> None:
+        idle = self.limits.idle_timeout or None
+        last = time.monotonic()
+        try:
+            while not conn.closed:
+                if conn.serve(idle):
+                    last = time.monotonic()
+                elif idle is not None and time.monotonic() - last >= idle:
+                    self.logger.info("[%s] closing after %.0f s idle", conn._config["connid"], idle)
+                    break
+        except EOFError:
+            pass
+        except Exception:
+            if not conn.closed:
+                self.logger.exception("[%s] connection failed", conn._config.get("connid"))
+        finally:
+            close_quietly(conn, self.logger)
+            self._forget(conn)
+
+    # -- running and stopping ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Accept connections until stopped (blocking).
+
+        Unlike rpyc's ``Server.start``, leaving the accept loop does not close the clients:
+        the host decides when, after letting calls in flight finish.
+        """
+        self._listen()
+        try:
+            while self.active:
+                self.accept()
+        except EOFError:
+            pass  # the listener was closed by stop_accepting()
+
+    def stop_accepting(self) -> None:
+        """Close the listener; connections already open keep being served."""
+        self.active = False
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.listener.close()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait for requests in flight to finish; False if ``timeout`` passed first."""
+        return self.tracker.wait_idle(timeout)
+
+    def close_in_child(self) -> None:
+        """In a forked child: drop this server's inherited sockets without touching the parent's."""
+        self.listener.close()
+        for sock in list(self.clients):
+            sock.close()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """After close(): wait until every connection has run its disconnect hooks."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._conn_lock:
+                if not self.connections:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def force_close(self) -> None:
+        """Close connections whose calls outlived the grace period, so on_disconnect still runs."""
+        with self._conn_lock:
+            stuck = list(self.connections)
+        for conn in stuck:
+            close_quietly(conn, self.logger)
+            self._forget(conn)
+
+
+def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
+    try:
+        conn.close()
+    except Exception:
+        logger.debug("closing %s failed", conn._config.get("connid"), exc_info=True)
+
+
+def _peer(sock: socket.socket) -> Any:
+    try:
+        return sock.getpeername()
+    except OSError:
+        return ("?", 0)

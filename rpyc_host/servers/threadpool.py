@@ -1,0 +1,184 @@
+"""``threadpool``: at most ``pool_size`` worker threads serve every connection.
+
+rpyc's own ThreadPoolServer stalls ~100 ms per call: a socket handed back to ``poll()`` while
+another thread is blocked in it is not seen until that poll times out. Here the workers wait on
+one shared epoll set with EPOLLONESHOT: a ready connection wakes exactly one worker, which
+serves what is ready and re-arms it; epoll sees re-armed sockets at once.
+
+A connection that needs a handshake is registered raw and handshaken by the worker that first
+finds it readable, so a slow handshake never holds the accept thread. A client that stalls in
+the middle of a frame holds one worker for at most ``handshake_timeout`` seconds; a silent
+client holds none, and a sweeper thread closes it after ``idle_timeout``.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import rpyc
+from rpyc.utils.server import Server
+
+from ..protocol import HostConnection
+from .base import HostServerMixin, ServerSettings, close_quietly
+
+_MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+
+
+@dataclass
+class _Entry:
+    sock: socket.socket
+    peer: Any
+    conn: HostConnection | None  # None until the handshake is done
+    last: float
+
+
+class HostThreadPoolServer(HostServerMixin, Server):
+    """At most ``pool_size`` worker threads serving every connection through one epoll set."""
+
+    def __init__(self, service: rpyc.Service, settings: ServerSettings, **kwargs: Any) -> None:
+        Server.__init__(self, service, **kwargs)
+        self._host_setup(settings)
+        self.pool_size = settings.pool_size
+        self._epoll = select.epoll()
+        self._entries: dict[int, _Entry] = {}
+        self._entries_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._sweeper: threading.Thread | None = None
+
+    def _listen(self) -> None:
+        if self.active:
+            return
+        Server._listen(self)
+        for i in range(self.pool_size):
+            worker = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
+            worker.start()
+            self._workers.append(worker)
+        self._sweeper = threading.Thread(target=self._sweep, name=f"{self.name}-sweeper", daemon=True)
+        self._sweeper.start()
+
+    def _start_connection(self, sock: socket.socket, peer: Any) -> None:
+        conn = None
+        if not self.gatekeeper.needed:
+            conn = self._open(sock, peer)  # cheap: no I/O before the first request
+            if conn is None:
+                self.clients.discard(sock)
+                self._release(peer)
+                return
+        self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic()))
+
+    def _register(self, fd: int, entry: _Entry) -> None:
+        with self._entries_lock:
+            self._entries[fd] = entry
+        self._epoll.register(fd, _MASK)
+
+    def _work(self) -> None:
+        while self.active or self._entries:
+            try:
+                events = self._epoll.poll(0.5, 1)
+            except (OSError, ValueError):  # epoll closed under us: the server is stopping
+                return
+            for fd, _ in events:
+                with self._entries_lock:
+                    entry = self._entries.get(fd)
+                if entry is not None:
+                    self._serve_ready(fd, entry)
+
+    def _serve_ready(self, fd: int, entry: _Entry) -> None:
+        entry.last = time.monotonic()
+        conn = entry.conn
+        if conn is None:
+            conn = entry.conn = self._open(entry.sock, entry.peer)
+            if conn is None:
+                self._drop(fd, entry)
+                return
+            # TLS may have replaced the socket object; the fd stays the same.
+            entry.sock = conn._channel.stream.sock
+        else:
+            try:
+                # Serve what is ready, then hand the socket back; a busy client does not hog a worker.
+                for _ in range(16):
+                    if not conn.poll(0):
+                        break
+            except EOFError:
+                self._drop(fd, entry)
+                return
+            except Exception:
+                if not conn.closed:
+                    self.logger.exception("[%s] connection failed", conn._config.get("connid"))
+                self._drop(fd, entry)
+                return
+            if conn.closed:
+                self._drop(fd, entry)
+                return
+        try:
+            self._epoll.modify(fd, _MASK)
+        except OSError:
+            self._drop(fd, entry)
+
+    def _drop(self, fd: int, entry: _Entry) -> None:
+        # rpyc may already have closed the socket and the accept thread reused its fd number
+        # for a new connection: only unregister the entry if it is still this one.
+        with self._entries_lock:
+            mine = self._entries.get(fd) is entry
+            if mine:
+                del self._entries[fd]
+        if not mine:
+            return
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
+        if entry.conn is not None:
+            close_quietly(entry.conn, self.logger)
+            self._forget(entry.conn)
+        self.clients.discard(entry.sock)
+        entry.sock.close()
+        self._release(entry.peer)
+
+    def _sweep(self) -> None:
+        """Close connections that stay silent too long (idle, or never finishing a handshake)."""
+        while self.active:
+            time.sleep(0.5)
+            now = time.monotonic()
+            with self._entries_lock:
+                entries = list(self._entries.values())
+            for entry in entries:
+                limit = self.limits.idle_timeout if entry.conn is not None else self.limits.handshake_timeout
+                if limit and now - entry.last > limit:
+                    entry.last = now  # once: the worker that sees the EOF drops it
+                    kind = "idle" if entry.conn is not None else "silent before its handshake"
+                    self.logger.info(
+                        "closing connection from %s:%s: %s for %.0f s", *entry.peer[:2], kind, limit
+                    )
+                    try:
+                        entry.sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+    def close(self) -> None:
+        # rpyc's Server.close() closes client fds, which silently drops them from the epoll set:
+        # shut them down first so a worker sees EOF, drops the connection and runs its hooks.
+        self.active = False
+        with self._entries_lock:
+            entries = list(self._entries.items())
+        for _, entry in entries:
+            try:
+                entry.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        while self._entries and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with self._entries_lock:
+            stuck = list(self._entries.items())
+        for fd, entry in stuck:  # a worker is stuck in a call: cut it loose
+            self._drop(fd, entry)
+        Server.close(self)
+        for worker in self._workers:
+            worker.join(timeout=5)
+        self._epoll.close()
