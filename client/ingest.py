@@ -50,7 +50,25 @@ log = logging.getLogger("client.ingest")
 
 __all__ = ["BatchRejected", "Collector", "CollectorStats", "DeliveryError", "Receipt", "encode_record"]
 
-_ENCODE = json.JSONEncoder(allow_nan=False).encode
+
+def _json_encoder() -> Callable[[Any], str]:
+    """``json.dumps`` minus its per-call set-up (about 1 µs a record): the C encoder, built once.
+
+    Same output as ``json.dumps(obj, allow_nan=False)``. It keeps no circular-reference markers
+    (they cannot be shared between threads), so a circular object raises RecursionError.
+    """
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator in this Python: the documented path
+        return json.JSONEncoder(allow_nan=False).encode
+
+    def default(obj: Any) -> Any:
+        raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+    chunks = make(None, default, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, False)
+    return lambda obj: "".join(chunks(obj, 0))
+
+
+_ENCODE = _json_encoder()
 # Worth retrying with the same batch id: the batch may or may not have been stored.
 TRANSIENT = (EOFError, ConnectionError, TimeoutError, OSError)
 
@@ -69,12 +87,16 @@ class DeliveryError(IngestError):
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
     """One record as a JSON line (no newline); TypeError/ValueError if it is not JSON-compatible."""
-    if not isinstance(record, Mapping):
+    if type(record) is not dict and not isinstance(record, Mapping):
         raise TypeError(f"a record must be a dict, got {type(record).__name__}: {record!r:.80}")
     try:
         return _ENCODE(record).encode()
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"record is not JSON-compatible: {exc}: {record!r:.80}") from None
+    except RecursionError:
+        raise ValueError(
+            f"record is not JSON-compatible: nested too deeply or circular: {record!r:.80}"
+        ) from None
 
 
 def encode_batch(records: Iterable[Mapping[str, Any]]) -> bytes:

@@ -106,6 +106,12 @@ def test_records_that_are_not_json_compatible_fail_at_add(db: Path) -> None:
                 col.add({"s": {1, 2}})
             with pytest.raises(ValueError, match="record is not JSON-compatible: Out of range float"):
                 col.add({"x": float("nan")})
+            circular: dict[str, Any] = {}
+            circular["self"] = circular
+            with pytest.raises(
+                ValueError, match="record is not JSON-compatible: nested too deeply or circular"
+            ):
+                col.add(circular)
             with pytest.raises(TypeError, match="a record must be a dict, got list"):
                 col.add([1, 2])  # type: ignore[arg-type]
             col.add({"ok": 1})

@@ -26,6 +26,9 @@ def shout(record: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"bad record {record['seq']}")
     if record.get("set"):
         return {"seq": record["seq"], "value": {1, 2}}  # not JSON-compatible
+    if record.get("loop"):
+        record["self"] = record
+        return record
     record["name"] = str(record.get("name", "")).upper()
     return record
 
@@ -128,12 +131,14 @@ def test_processor_changes_drops_and_rejects(db: Path) -> None:
             {"seq": 2, "bad": True},
             {"seq": 3, "set": True},
             {"seq": 4, "name": "bob"},
+            {"seq": 5, "loop": True},
         )
         _, accepted, dropped, rejected, _ = conn.root.submit("t", payload, "p1")
         assert (accepted, dropped) == (2, 1)
         assert rejected == (
             (2, f"processor {SHOUT} rejected it: ValueError: bad record 2"),
             (3, "processor output is not JSON-compatible: Object of type set is not JSON serializable"),
+            (5, "processor output is not JSON-compatible: nested too deeply or circular"),
         )
         assert [json.loads(d)["name"] for _, d in conn.root.query("t")] == ["ADA", "BOB"]
         assert dict(conn.root.stats())["dropped"] == 1
