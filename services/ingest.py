@@ -172,7 +172,7 @@ class IngestService(rpyc.Service):
 
     @rpyc.exposed
     def submit(self, topic: str, records: bytes | str, batch_id: str | None = None) -> Receipt:
-        """Store a batch of JSON lines under ``topic``; return the receipt (module docstring)."""
+        """Store a batch of JSON lines; return (batch_id, accepted, dropped, rejected, duplicate)."""
         _check_topic("submit", topic)
         if batch_id is None:
             batch_id = uuid.uuid4().hex  # no id, no retry safety: the caller cannot resend it

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import rpyc
 
-from rpyc_host.storage import BACKENDS, BatchWrite, StoreBusy, open_store
+from rpyc_host.storage import BACKENDS, BatchWrite, StoreBusy, StoreError, open_store
 from rpyc_host.storage.sqlite import SQLiteStore
 from rpyc_host.testing import running_host
 
@@ -159,3 +159,15 @@ def test_duplicates_and_totals_survive_reopening(tmp_path: Path) -> None:
         assert again.topics() == ("t",)
     finally:
         again.close()
+
+
+def test_a_file_with_another_table_layout_is_refused_clearly(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as old:
+        old.execute(
+            "CREATE TABLE records (id INTEGER PRIMARY KEY, topic_id INTEGER, batch INTEGER, data TEXT)"
+        )
+    with pytest.raises(
+        StoreError, match="has table layout version 0, this version of the ingest store uses 1"
+    ):
+        SQLiteStore(path)

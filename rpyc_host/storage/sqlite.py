@@ -33,6 +33,9 @@ from . import BatchWrite, Stats, StoreBusy, StoreError
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 QUERY_KEYS = ("busy_timeout", "synchronous")
 
+SCHEMA_VERSION = 1
+"""Kept in ``PRAGMA user_version``; a file with another layout is refused, not misread."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS topics (
     id INTEGER PRIMARY KEY,
@@ -98,12 +101,23 @@ class SQLiteStore:
             conn = self._open()
             try:
                 conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+                self._check_version(conn)
                 conn.executescript(SCHEMA)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             finally:
                 # Closed again before any fork: each process opens its own (module docstring).
                 conn.close()
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open SQLite database {str(self.path)!r}: {exc}") from None
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        tables = conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'records'").fetchone()[0]
+        if tables and version != SCHEMA_VERSION:
+            raise StoreError(
+                f"{str(self.path)!r} has table layout version {version}, this version of the ingest "
+                f"store uses {SCHEMA_VERSION}: move the file aside (or migrate it) and start again"
+            )
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStore:
