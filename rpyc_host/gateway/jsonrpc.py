@@ -3,7 +3,8 @@
 Errors use the spec's codes: -32700 parse error, -32600 invalid request, -32601 method not
 found, -32602 invalid params, -32603 internal error; a method that raised gives -32000 with
 ``data: {"type": "<ExceptionType>", "message": "<message>"}`` (never a traceback), a service
-that cannot be reached -32001, a result holding a live object -32002.
+that cannot be reached -32001, a result holding a live object -32002. A result JSON cannot
+encode (``inf``, a complex number) is -32603.
 
 Bytes: JSON has no bytes type, so a bytes value travels as ``{"__bytes__": "<base64>"}`` both
 ways: as an argument it reaches the method as ``bytes``; a ``bytes`` result is returned in the
@@ -22,7 +23,6 @@ from .calls import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
-    NOT_TRANSFERABLE,
     PARSE_ERROR,
     RPCError,
     Session,
@@ -82,7 +82,7 @@ def _one(request: Any, session: Session) -> str | None:
                 {"jsonrpc": "2.0", "result": result, "id": req_id}, default=_bytes_out, allow_nan=False
             )
         except (TypeError, ValueError) as exc:
-            raise RPCError(NOT_TRANSFERABLE, f"{method} returned a value JSON cannot carry: {exc}") from None
+            raise RPCError(INTERNAL_ERROR, f"{method} returned a value JSON cannot carry: {exc}") from None
     except RPCError as exc:
         return _encode_text(_error(req_id, exc)) if has_id else None
     except Exception:

@@ -8,7 +8,6 @@ costs one HTTP round trip plus one rpyc round trip, and never a reconnect.
 from __future__ import annotations
 
 import hmac
-import inspect
 import logging
 import socket
 import ssl
@@ -21,6 +20,7 @@ import client
 
 from ..config import Config, TLSSection
 from ..errors import StartupError
+from ..security import server_tls_context
 from ..transport import tune_socket
 from . import jsonrpc, xmlrpc
 from .calls import Catalog, Session
@@ -78,10 +78,15 @@ class Gateway:
             [hosted[name].config.limits.max_connections for name in self.section.services] or [1000]
         )
         self._tokens = tuple(t.encode() for t in config.security.tokens)
+        tls = config.security.tls
+        self._ssl = _server_context(config) if tls else None
+        # Backend connections authenticate like any client: the first token, and TLS pinned to
+        # the host's own certificate (the services listen with it).
         self._connect_extra: dict[str, Any] = {}
-        if config.security.tokens and "token" in inspect.signature(client.connect).parameters:
+        if config.security.tokens:
             self._connect_extra["token"] = config.security.tokens[0]
-        self._ssl = _server_context(config.security.tls) if config.security.tls else None
+        if tls:
+            self._connect_extra["tls"] = _backend_context(tls)
         self._sock = _listen(self.section.host, self.section.port, self.section.backlog)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._peers: set[_Peer] = set()
@@ -255,17 +260,33 @@ def _listen(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
-def _server_context(tls: TLSSection) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+def _server_context(config: Config) -> ssl.SSLContext | None:
+    tls = config.security.tls
+    assert tls is not None
     try:
-        context.load_cert_chain(tls.cert, tls.key)
-        if tls.ca:
-            context.load_verify_locations(tls.ca)
-            context.verify_mode = ssl.CERT_REQUIRED
+        return server_tls_context(config.security)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"gateway: cannot use security.tls ({tls.cert!r}, {tls.key!r}): {exc}") from None
-    return context
+
+
+def _backend_context(tls: TLSSection) -> ssl.SSLContext:
+    """The client side of the gateway's connections to its own services.
+
+    The services present ``tls.cert``: it is trusted as it is (a partial chain), so a
+    certificate signed by a CA the config does not name still verifies; the host name is not
+    checked because the address is the one the service bound. With ``tls.ca`` (mutual TLS) the
+    gateway presents the same certificate as its client certificate.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.load_verify_locations(tls.cert)
+    if tls.ca:
+        ctx.load_verify_locations(tls.ca)
+        ctx.load_cert_chain(tls.cert, tls.key)
+    return ctx
 
 
 def _shutdown(sock: socket.socket) -> None:

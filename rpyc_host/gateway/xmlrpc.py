@@ -17,7 +17,6 @@ from .calls import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
-    NOT_TRANSFERABLE,
     PARSE_ERROR,
     RPCError,
     Session,
@@ -83,7 +82,7 @@ def _check_marshallable(result: Any, method: str) -> None:
     try:
         dumps((result,), methodresponse=True, allow_none=True)
     except (TypeError, OverflowError) as exc:
-        raise RPCError(NOT_TRANSFERABLE, f"{method} returned a value XML-RPC cannot carry: {exc}") from None
+        raise RPCError(INTERNAL_ERROR, f"{method} returned a value XML-RPC cannot carry: {exc}") from None
 
 
 def _response(result: Any, method: str) -> bytes:
@@ -91,7 +90,7 @@ def _response(result: Any, method: str) -> bytes:
         return dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8").encode("utf-8")
     except (TypeError, OverflowError) as exc:
         # e.g. an int over 2**31-1 (XML-RPC's <int> is 32-bit) or a complex number
-        return _fault(RPCError(NOT_TRANSFERABLE, f"{method} returned a value XML-RPC cannot carry: {exc}"))
+        return _fault(RPCError(INTERNAL_ERROR, f"{method} returned a value XML-RPC cannot carry: {exc}"))
 
 
 def _fault_string(exc: RPCError) -> str:
