@@ -168,4 +168,10 @@ class HostConnection(Connection):
                 val,
                 exc_info=(typ, val, tb),
             )
-        return super()._box_exc(typ, val, tb)
+        dumped = super()._box_exc(typ, val, tb)
+        if isinstance(val, OSError) and isinstance(dumped, tuple) and len(dumped) == 4:
+            # rpyc copies errno/strerror/filename even when None, and the client's rebuilt
+            # OSError then prints "[Errno None] None: None -> None" instead of its message.
+            name, args, attrs, tbtext = dumped
+            dumped = (name, args, tuple((k, v) for k, v in attrs if v is not None), tbtext)
+        return dumped

@@ -33,7 +33,7 @@ from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpyc.core import brine, consts, vinegar
+from rpyc.core import brine, consts
 
 from .config import LimitsSection, SecurityConfig
 
@@ -67,15 +67,10 @@ class Refused(Exception):
 
 def rpyc_refusal_frame(message: str) -> bytes:
     """An rpyc frame answering a fresh connection's first request (seq 0) with an exception."""
-    exc = ConnectionRefusedError(message)
-    payload = brine.I1.pack(consts.MSG_EXCEPTION) + brine.dump(
-        (
-            0,
-            vinegar.dump(
-                ConnectionRefusedError, exc, None, include_local_traceback=False, include_local_version=False
-            ),
-        )
-    )
+    # Built by hand rather than with vinegar.dump: an OSError's None attributes would make the
+    # client's copy print "[Errno None] None: None -> None" instead of the message.
+    exc_info = (("builtins", "ConnectionRefusedError"), (message,), (), "<refused by the server>")
+    payload = brine.I1.pack(consts.MSG_EXCEPTION) + brine.dump((0, exc_info))
     return struct.pack("!LB", len(payload), 0) + payload + b"\n"
 
 

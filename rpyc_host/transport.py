@@ -72,6 +72,19 @@ class FastSocketStream(SocketStream):
         self.read_into(memoryview(buf)[len(first) :])
         return bytes(buf)
 
+    def read_growing(self, count: int) -> bytearray:
+        """Read ``count`` bytes into a buffer that grows with what arrives (never more than twice
+        what the peer really sent), so a header announcing a huge frame costs nothing by itself."""
+        buf = bytearray(min(count, _RECV_CHUNK))
+        got = 0
+        while got < count:
+            if got == len(buf):
+                buf.extend(bytes(min(len(buf), count - len(buf))))
+            with memoryview(buf) as view:
+                self.read_into(view[got : min(len(buf), got + _RECV_CHUNK)])
+            got = min(len(buf), got + _RECV_CHUNK)
+        return buf
+
     def poll(self, timeout: float | None) -> bool:
         # A TLS socket may hold decrypted bytes the kernel no longer reports as readable.
         pending = getattr(self.sock, "pending", None)
@@ -147,8 +160,7 @@ class FastChannel(Channel):
         if length < _RECV_CHUNK:
             data = self.stream.read(length + len(_FLUSHER))[:-1]
         else:
-            buf = bytearray(length + len(_FLUSHER))
-            self.stream.read_into(memoryview(buf))
+            buf = self.stream.read_growing(length + len(_FLUSHER))
             del buf[length:]
             data = bytes(buf)
         if not compressed:

@@ -94,3 +94,27 @@ class PickyService(rpyc.Service):
         if level < 0:
             raise ValueError(f"level must be >= 0, got {level}")
         self.level = level
+
+
+@rpyc.service
+class InspectService(rpyc.Service):
+    """Reports what arguments arrived as, and fails on purpose."""
+
+    @rpyc.exposed
+    def kinds(self, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+        """Type names of the arguments as the method received them."""
+        return tuple(type(a).__name__ for a in (*args, *kwargs.values()))
+
+    @rpyc.exposed
+    def total(self, values: Any) -> int:
+        """Sum of a list of ints (the list arrives as a local copy)."""
+        assert type(values) is list
+        return sum(values)
+
+    @rpyc.exposed
+    def boom(self) -> float:
+        return 1 / 0
+
+    @rpyc.exposed
+    def echo(self, value: Any) -> Any:
+        return value

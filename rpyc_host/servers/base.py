@@ -198,11 +198,18 @@ class HostServerMixin:
                 elif idle is not None and time.monotonic() - last >= idle:
                     self.logger.info("[%s] closing after %.0f s idle", conn._config["connid"], idle)
                     break
-        except EOFError:
-            pass
-        except Exception:
+        except EOFError as exc:
+            if str(exc) and "closed by peer" not in str(exc):
+                self.logger.info("[%s] closed: %s", conn._config.get("connid"), exc)
+        except Exception as exc:
+            # Garbage on the wire is the client's problem, not a server bug: one line, no traceback.
             if not conn.closed:
-                self.logger.exception("[%s] connection failed", conn._config.get("connid"))
+                self.logger.info(
+                    "[%s] closed: unreadable data from the client (%s: %s)",
+                    conn._config.get("connid"),
+                    type(exc).__name__,
+                    exc,
+                )
         finally:
             close_quietly(conn, self.logger)
             self._forget(conn)

@@ -107,9 +107,14 @@ class HostThreadPoolServer(HostServerMixin, Server):
             except EOFError:
                 self._drop(fd, entry)
                 return
-            except Exception:
+            except Exception as exc:
                 if not conn.closed:
-                    self.logger.exception("[%s] connection failed", conn._config.get("connid"))
+                    self.logger.info(
+                        "[%s] closed: unreadable data from the client (%s: %s)",
+                        conn._config.get("connid"),
+                        type(exc).__name__,
+                        exc,
+                    )
                 self._drop(fd, entry)
                 return
             if conn.closed:
