@@ -83,7 +83,7 @@ def test_failures_are_logged_without_the_token_counted_and_throttled(
                 client.connect(host=host_addr, port=port, token="not-the-token-0123456789")
         assert host.refusals.snapshot() == {"auth": 5}
         # The address is now refused outright, even with the right token, for a while.
-        with pytest.raises(client.ConnectError, match="too many failed logins from 127.0.0.1"):
+        with pytest.raises(client.ConnectError, match=r"too many failed logins from 127\.0\.0\.1"):
             client.connect(host=host_addr, port=port, token=TOKEN, retries=0)
         assert host.refusals.snapshot()["throttle"] == 1
     text = caplog.text
@@ -132,9 +132,9 @@ def test_tls_with_plain_rpyc_ssl_connect_and_the_client_library(certs: Certifica
 def test_plaintext_to_a_tls_port_and_tls_to_a_plaintext_port(certs: Certificates) -> None:
     with running_host(tls_config(certs, mutual=False)) as tls_host, running_host(DEMO) as plain_host:
         tls_addr, plain_addr = tls_host.address("demo"), plain_host.address("demo")
-        with pytest.raises(client.ConnectError, match="refused the connection|cannot connect"):
+        with pytest.raises(client.ConnectError, match=r"refused the connection|cannot connect"):
             client.connect(host=tls_addr[0], port=tls_addr[1], timeout=5)
-        with pytest.raises(client.ConnectError, match="SSL|ssl|EOF|closed"):
+        with pytest.raises(client.ConnectError, match=r"SSL|ssl|EOF|closed"):
             client.connect(host=plain_addr[0], port=plain_addr[1], tls=True, ca=str(certs.ca), timeout=5)
         assert tls_host.refusals.snapshot() == {"tls": 1}
         still_serves(tls_addr, tls=True, ca=str(certs.ca))
