@@ -139,7 +139,16 @@ _ENCODE = _json_encoder()
 
 @rpyc.service
 class IngestService(rpyc.Service):
-    """Validate, process and durably store batches of JSON records, exactly once per batch id."""
+    """Validate, process and durably store batches of JSON records, exactly once per batch id.
+
+    Options (``services.ingest.options`` in the config)::
+
+        database: sqlite:///var/ingest.db   # a storage URL; sqlite:/// paths are relative to the cwd
+        processor: mypkg.clean:record       # f(record) -> dict to store, None to drop, or raises
+        schema: {seq: int, host: str}       # required fields: any bool float int list number object str
+        max_batch_records: 10000            # bigger batches are refused whole (ValueError)
+        max_batch_bytes: 16777216
+    """
 
     def __init__(
         self,
