@@ -99,7 +99,8 @@ def to_plain(value: Any, depth: int = 0) -> Any:
                 f"argument has {size} items; the limit is {MAX_ARG_ITEMS} (send one serialized payload)"
             )
         if kind is dict:
-            return {to_plain(k, depth + 1): to_plain(v, depth + 1) for k, v in tuple(value.items())}
+            # Only safe dunders (__iter__, __getitem__): the client's config refuses .items().
+            return {to_plain(k, depth + 1): to_plain(value[k], depth + 1) for k in tuple(value)}
         return kind(to_plain(v, depth + 1) for v in tuple(value))
     if type(value) is tuple:
         if brine.dumpable(value):

@@ -112,6 +112,11 @@ class InspectService(rpyc.Service):
         return sum(values)
 
     @rpyc.exposed
+    def show(self, value: Any) -> str:
+        """repr() of the argument as it arrived (a local copy prints as a plain list)."""
+        return repr(value)
+
+    @rpyc.exposed
     def boom(self) -> float:
         return 1 / 0
 
