@@ -198,18 +198,8 @@ class HostServerMixin:
                 elif idle is not None and time.monotonic() - last >= idle:
                     self.logger.info("[%s] closing after %.0f s idle", conn._config["connid"], idle)
                     break
-        except EOFError as exc:
-            if str(exc) and "closed by peer" not in str(exc):
-                self.logger.info("[%s] closed: %s", conn._config.get("connid"), exc)
         except Exception as exc:
-            # Garbage on the wire is the client's problem, not a server bug: one line, no traceback.
-            if not conn.closed:
-                self.logger.info(
-                    "[%s] closed: unreadable data from the client (%s: %s)",
-                    conn._config.get("connid"),
-                    type(exc).__name__,
-                    exc,
-                )
+            log_closed(self.logger, conn, exc)
         finally:
             close_quietly(conn, self.logger)
             self._forget(conn)
@@ -267,7 +257,24 @@ class HostServerMixin:
             self._forget(conn)
 
 
+def log_closed(logger: logging.Logger, conn: HostConnection, exc: Exception) -> None:
+    """One line for a connection that ended in an error: a peer's bad data or stall is the
+    peer's problem, not a server bug, so no traceback."""
+    connid = conn._config.get("connid")
+    if isinstance(exc, EOFError):
+        if str(exc) and "closed by peer" not in str(exc):
+            logger.info("[%s] closed: %s", connid, exc)
+    elif not conn.closed:
+        logger.info("[%s] closed: unreadable data from the client (%s: %s)", connid, type(exc).__name__, exc)
+
+
 def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
+    """Close without rpyc's polite close request, which waits (up to call_timeout) for an answer
+    a stalled or silent peer never sends; on_disconnect still runs."""
+    try:
+        conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError, EOFError):  # EOFError: rpyc's ClosedFile, already closed
+        pass
     try:
         conn.close()
     except Exception:

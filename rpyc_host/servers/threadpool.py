@@ -24,7 +24,7 @@ import rpyc
 from rpyc.utils.server import Server
 
 from ..protocol import HostConnection
-from .base import HostServerMixin, ServerSettings, close_quietly
+from .base import HostServerMixin, ServerSettings, close_quietly, log_closed
 
 _MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -104,17 +104,8 @@ class HostThreadPoolServer(HostServerMixin, Server):
                 for _ in range(16):
                     if not conn.poll(0):
                         break
-            except EOFError:
-                self._drop(fd, entry)
-                return
             except Exception as exc:
-                if not conn.closed:
-                    self.logger.info(
-                        "[%s] closed: unreadable data from the client (%s: %s)",
-                        conn._config.get("connid"),
-                        type(exc).__name__,
-                        exc,
-                    )
+                log_closed(self.logger, conn, exc)
                 self._drop(fd, entry)
                 return
             if conn.closed:
