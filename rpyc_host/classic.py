@@ -8,13 +8,15 @@ loopback (enforced when the config is validated), and logs every session with it
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from typing import Any
 
 import rpyc
+from rpyc.utils.authenticators import SSLAuthenticator
 from rpyc.utils.server import ThreadedServer
 
-from .config import is_loopback
+from .config import TLSSection, is_loopback
 
 log = logging.getLogger("rpyc_host.classic")
 
@@ -35,11 +37,23 @@ class LoggedSlaveService(rpyc.SlaveService):
 class ClassicConsole:
     """A ThreadedServer serving ``SlaveService`` on a loopback address."""
 
-    def __init__(self, host: str, port: int) -> None:
-        if not is_loopback(host):
-            raise ValueError(f"refusing to serve the classic console on non-loopback {host!r}")
+    def __init__(self, host: str, port: int, tls: TLSSection | None = None) -> None:
+        mutual = tls is not None and tls.ca is not None
+        if not is_loopback(host) and not mutual:
+            raise ValueError(
+                f"refusing to serve the classic console on non-loopback {host!r} without mutual TLS"
+            )
+        authenticator = None
+        if mutual and tls is not None:
+            # Only holders of a client certificate from the configured CA get a console.
+            authenticator = SSLAuthenticator(tls.key, tls.cert, ca_certs=tls.ca, cert_reqs=ssl.CERT_REQUIRED)
         self.server = ThreadedServer(
-            LoggedSlaveService, hostname=host, port=port, ipv6=":" in host, logger=log
+            LoggedSlaveService,
+            hostname=host,
+            port=port,
+            ipv6=":" in host,
+            logger=log,
+            authenticator=authenticator,
         )
         self._thread: threading.Thread | None = None
 

@@ -356,13 +356,15 @@ def _resolve(sections: FileSections, source: str) -> Config:
         )
     classic = sections.debug.classic
     _check_ports(services, classic, sections.gateway)
-    if classic.enabled and not is_loopback(classic.host):
+    security = _resolve_security(sections.security)
+    mutual_tls = security.tls is not None and security.tls.ca is not None
+    if classic.enabled and not is_loopback(classic.host) and not mutual_tls:
         raise ConfigError(
             f"{classic.host!r} is not a loopback address; the classic console runs any code a "
-            "client sends, so it only listens on 127.0.0.1, ::1 or localhost",
+            "client sends, so it only listens on 127.0.0.1, ::1 or localhost, or anywhere with "
+            "mutual TLS (security.tls with a ca)",
             path="debug.classic.host",
         )
-    security = _resolve_security(sections.security)
     _check_exposure(services, sections.gateway, security)
     _check_gateway(sections.gateway, [s.name for s in services])
     return Config(
