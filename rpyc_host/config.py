@@ -116,6 +116,25 @@ class GatewaySection:
     backlog: int = field(default=1024, metadata={"check": schema.at_least(128)})
 
 
+REGISTRY_MODES = ("tcp", "udp")
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """``registry:``: register every service with rpyc's registry (``rpyc_registry``)."""
+
+    enabled: bool = False
+    mode: str = field(default="tcp", metadata={"check": schema.one_of(REGISTRY_MODES)})
+    # The registry's address; UDP mode needs an explicit unicast host (never broadcast).
+    host: str = DEFAULT_HOST
+    port: int = field(default=18811, metadata={"check": schema.port_check})
+    # The address other machines reach this host at, when services bind a wildcard address.
+    advertise_host: str | None = None
+    # Seconds between registrations (the registry forgets entries not refreshed in ~60 s).
+    interval: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
+    timeout: float = field(default=2.0, metadata={"check": schema.at_least(0.1)})
+
+
 @dataclass(frozen=True)
 class ServiceSection:
     """``services.<name>:``; unset server settings fall back to ``server:``."""
@@ -130,6 +149,8 @@ class ServiceSection:
     enabled: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     limits: LimitsOverride = field(default_factory=LimitsOverride)
+    # Extra names to register under in the registry (besides the class-derived rpyc name).
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -166,6 +187,7 @@ class FileSections:
     security: SecuritySection = field(default_factory=SecuritySection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     gateway: GatewaySection = field(default_factory=GatewaySection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
 
 
 @dataclass(frozen=True)
@@ -195,6 +217,7 @@ class ServiceConfig:
     compression: bool
     options: Mapping[str, Any]
     limits: LimitsSection = field(default_factory=LimitsSection)
+    aliases: tuple[str, ...] = ()
 
     @property
     def key_path(self) -> str:
@@ -212,6 +235,7 @@ class Config:
     grace_period: float
     security: SecurityConfig = field(default_factory=SecurityConfig)
     gateway: GatewaySection = field(default_factory=GatewaySection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
 
     def service(self, name: str) -> ServiceConfig:
         for svc in self.services:
@@ -235,6 +259,7 @@ class Config:
                 "insecure": self.security.insecure,
             },
             "gateway": dataclasses.asdict(self.gateway),
+            "registry": dataclasses.asdict(self.registry),
             "logging": {"level": self.log_level},
             "debug": {"classic": dataclasses.asdict(self.classic)},
             "services": {
@@ -352,6 +377,7 @@ def _resolve(sections: FileSections, source: str) -> Config:
                 compression=defaults.compression if svc.compression is None else svc.compression,
                 options=dict(svc.options),
                 limits=svc.limits.apply(sections.limits),
+                aliases=svc.aliases,
             )
         )
     classic = sections.debug.classic
@@ -375,7 +401,24 @@ def _resolve(sections: FileSections, source: str) -> Config:
         grace_period=defaults.grace_period,
         security=security,
         gateway=sections.gateway,
+        registry=_check_registry(sections.registry),
     )
+
+
+def _check_registry(registry: RegistrySection) -> RegistrySection:
+    if registry.enabled and registry.mode == "udp":
+        try:
+            address = ipaddress.ip_address(registry.host)
+            broadcast = address == ipaddress.IPv4Address(2**32 - 1) or address.is_multicast
+        except ValueError:
+            broadcast = registry.host in ("", "<broadcast>")
+        if broadcast:
+            raise ConfigError(
+                f"{registry.host!r}: UDP mode needs the registry's own unicast address; "
+                "this host never broadcasts",
+                path="registry.host",
+            )
+    return registry
 
 
 def _resolve_security(section: SecuritySection) -> SecurityConfig:

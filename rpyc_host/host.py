@@ -79,6 +79,7 @@ class Host:
         self.hosted: list[Hosted] = []
         self.classic: classic.ClassicConsole | None = None
         self.gateway: Any = None  # rpyc_host.gateway.Gateway when gateway.enabled
+        self.registrar: Any = None  # rpyc_host.registry.Registrar when registry.enabled
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
@@ -133,16 +134,19 @@ class Host:
         if self.classic is not None:
             self.classic.start()
         if self.config.gateway.enabled:
-            self._start_gateway()
+            self._start_extra("gateway", "rpyc_host.gateway", "Gateway")
+        if self.config.registry.enabled:
+            self._start_extra("registrar", "rpyc_host.registry", "Registrar")
         log.info("host ready: %d service(s)", len(self.hosted))
 
-    def _start_gateway(self) -> None:
-        gateway_module = importlib.import_module("rpyc_host.gateway")  # imported only when enabled
+    def _start_extra(self, attr: str, module: str, cls: str) -> None:
+        """Start an optional component ``module.cls(config, host)`` (``start()``/``close()``)."""
+        component_class = getattr(importlib.import_module(module), cls)  # imported only when enabled
         try:
-            self.gateway = gateway_module.Gateway(self.config, self)  # binds; StartupError if it cannot
-            self.gateway.start()
+            component = component_class(self.config, self)
+            component.start()
+            setattr(self, attr, component)
         except BaseException:
-            self.gateway = None
             self.stop(grace=0)
             raise
 
@@ -186,6 +190,8 @@ class Host:
             started = time.monotonic()
             if self.classic is not None:
                 self.classic.close()
+            if self.registrar is not None:
+                self.registrar.close()  # unregister first: clients stop picking this host
             if self.gateway is not None:
                 self.gateway.close()
             for hosted in self.hosted:
