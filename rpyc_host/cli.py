@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             close_services(s for _, s in build_services(config))
             yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
             return EXIT_OK
-        logs.configure((args.log_level or config.log_level).upper())
+        logs.configure(
+            (args.log_level or config.log_level).upper(), config.logging.format, config.logging.dict
+        )
         return Host(config).run()
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)

@@ -167,9 +167,25 @@ class DebugSection:
     classic: ClassicSection = field(default_factory=ClassicSection)
 
 
+LOG_FORMATS = ("json", "text")
+
+
 @dataclass(frozen=True)
 class LoggingSection:
+    """``logging:``: level and format; ``dict`` goes to logging.config.dictConfig as is."""
+
     level: str = field(default="INFO", metadata={"check": lambda v: _level_check(v)})
+    format: str = field(default="text", metadata={"check": schema.one_of(LOG_FORMATS)})
+    dict: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """``metrics:``: Prometheus /metrics, /healthz and /readyz over HTTP."""
+
+    enabled: bool = False
+    host: str = DEFAULT_HOST
+    port: int = field(default=9464, metadata={"check": schema.port_check})
 
 
 def _level_check(value: str) -> str | None:
@@ -188,6 +204,7 @@ class FileSections:
     limits: LimitsSection = field(default_factory=LimitsSection)
     gateway: GatewaySection = field(default_factory=GatewaySection)
     registry: RegistrySection = field(default_factory=RegistrySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
 @dataclass(frozen=True)
@@ -236,6 +253,8 @@ class Config:
     security: SecurityConfig = field(default_factory=SecurityConfig)
     gateway: GatewaySection = field(default_factory=GatewaySection)
     registry: RegistrySection = field(default_factory=RegistrySection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
 
     def service(self, name: str) -> ServiceConfig:
         for svc in self.services:
@@ -260,7 +279,8 @@ class Config:
             },
             "gateway": dataclasses.asdict(self.gateway),
             "registry": dataclasses.asdict(self.registry),
-            "logging": {"level": self.log_level},
+            "logging": {"level": self.log_level, "format": self.logging.format, "dict": self.logging.dict},
+            "metrics": dataclasses.asdict(self.metrics),
             "debug": {"classic": dataclasses.asdict(self.classic)},
             "services": {
                 s.name: {k: v for k, v in dataclasses.asdict(s).items() if k != "name"} for s in self.services
@@ -381,7 +401,7 @@ def _resolve(sections: FileSections, source: str) -> Config:
             )
         )
     classic = sections.debug.classic
-    _check_ports(services, classic, sections.gateway)
+    _check_ports(services, classic, sections.gateway, sections.metrics)
     security = _resolve_security(sections.security)
     mutual_tls = security.tls is not None and security.tls.ca is not None
     if classic.enabled and not is_loopback(classic.host) and not mutual_tls:
@@ -402,6 +422,8 @@ def _resolve(sections: FileSections, source: str) -> Config:
         security=security,
         gateway=sections.gateway,
         registry=_check_registry(sections.registry),
+        metrics=sections.metrics,
+        logging=sections.logging,
     )
 
 
@@ -495,12 +517,16 @@ def _check_gateway(gateway: GatewaySection, names: list[str]) -> None:
             )
 
 
-def _check_ports(services: list[ServiceConfig], classic: ClassicSection, gateway: GatewaySection) -> None:
+def _check_ports(
+    services: list[ServiceConfig], classic: ClassicSection, gateway: GatewaySection, metrics: MetricsSection
+) -> None:
     taken: dict[int, str] = {}
     if classic.enabled and classic.port:
         taken[classic.port] = "debug.classic.port"
     if gateway.enabled and gateway.port:
         taken.setdefault(gateway.port, "gateway.port")
+    if metrics.enabled and metrics.port:
+        taken.setdefault(metrics.port, "metrics.port")
     for svc in services:
         if not svc.port:
             continue

@@ -16,6 +16,7 @@ import copy
 import functools
 import importlib
 import inspect
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -98,6 +99,25 @@ def _exposed_describe(self: rpyc.Service) -> tuple[str, tuple[tuple[str, str, st
     return describe_class(type(self))
 
 
+def _exposed_health(self: rpyc.Service) -> tuple[tuple[str, Any], ...]:
+    """Status and uptime of this service: (("status", "ok"), ("uptime", seconds), ...)."""
+    status, detail = "ok", ""
+    check = getattr(self, "check_health", None)
+    if callable(check):
+        try:
+            healthy = check()
+        except Exception as exc:  # a failing check is an answer, not a crash
+            healthy, detail = False, f"{type(exc).__name__}: {exc}"
+        status = "ok" if healthy else "degraded"
+    started = getattr(self, "_host_started_at", None) or time.time()
+    return (
+        ("status", status),
+        ("uptime", round(time.time() - started, 3)),
+        ("service", type(self).get_service_name()),
+        ("detail", detail),
+    )
+
+
 def wrap_plain_class(cls: type) -> type[rpyc.Service]:
     """Serve an ordinary class: one instance, built from the options, behind an rpyc Service."""
 
@@ -137,6 +157,8 @@ def prepare_class(cls: type) -> type[rpyc.Service]:
     }
     if not hasattr(base, EXPOSED_PREFIX + "describe"):
         namespace[EXPOSED_PREFIX + "describe"] = _exposed_describe
+    if not hasattr(base, EXPOSED_PREFIX + "health"):
+        namespace[EXPOSED_PREFIX + "health"] = _exposed_health
     # Same name, so rpyc derives the same service name (DemoService -> DEMO).
     return type(base.__name__, (base,), namespace)
 
@@ -161,7 +183,9 @@ def instantiate(cls: type[rpyc.Service], options: Mapping[str, Any], path: str) 
                     path=f"{path}.{key}",
                 )
     try:
-        return cls(**options)
+        service = cls(**options)
+        service._host_started_at = time.time()
+        return service
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{init_owner.__name__} rejected its options: {exc}", path=path) from None
 

@@ -26,6 +26,7 @@ from . import classic
 from .config import Config, ServiceConfig
 from .errors import ConfigError, StartupError
 from .exposure import import_class, instantiate, prepare_class
+from .metrics import CallBook
 from .protocol import harden_netrefs
 from .security import AuthThrottle, Gatekeeper, RefusalCounts
 from .servers import SERVER_TYPES, HostServerMixin, ServerSettings
@@ -84,6 +85,8 @@ class Host:
         self._stop_requested = threading.Event()
         self._stop_lock = threading.Lock()
         self.refusals = RefusalCounts()
+        self.calls = CallBook() if config.metrics.enabled else None
+        self.metrics: Any = None  # rpyc_host.metrics.MetricsServer when metrics.enabled
         self.throttle = AuthThrottle()
 
     def start(self) -> None:
@@ -135,6 +138,8 @@ class Host:
             self.classic.start()
         if self.config.gateway.enabled:
             self._start_extra("gateway", "rpyc_host.gateway", "Gateway")
+        if self.config.metrics.enabled:
+            self._start_extra("metrics", "rpyc_host.metrics", "MetricsServer")
         if self.config.registry.enabled:
             self._start_extra("registrar", "rpyc_host.registry", "Registrar")
         log.info("host ready: %d service(s)", len(self.hosted))
@@ -158,6 +163,7 @@ class Host:
             compression=svc.compression,
             pool_size=svc.pool_size,
             grace_period=self.config.grace_period,
+            calls=self.calls,
         )
         kwargs: dict[str, Any] = {
             "hostname": svc.host,
@@ -194,6 +200,8 @@ class Host:
                 self.registrar.close()  # unregister first: clients stop picking this host
             if self.gateway is not None:
                 self.gateway.close()
+            if self.metrics is not None:
+                self.metrics.close()
             for hosted in self.hosted:
                 hosted.server.stop_accepting()
             log.info("stopped accepting connections; waiting up to %.1f s for calls in flight", grace)

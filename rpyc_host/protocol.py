@@ -144,7 +144,25 @@ class HostConnection(Connection):
     def _handle_call(self, obj: Any, args: Any, kwargs: Any = ()) -> Any:
         plain_args = tuple(to_plain(a) for a in args)
         plain_kwargs = {k: to_plain(v) for k, v in dict(kwargs).items()}
-        return obj(*plain_args, **plain_kwargs)
+        config = self._config
+        book = config.get("host_calls")
+        logger: logging.Logger | None = config.get("host_logger")
+        debug = logger is not None and logger.isEnabledFor(logging.DEBUG)
+        if book is None and not debug:
+            return obj(*plain_args, **plain_kwargs)
+        method = getattr(obj, "__name__", type(obj).__name__)
+        failed = True
+        started = time.perf_counter()
+        try:
+            result = obj(*plain_args, **plain_kwargs)
+            failed = False
+            return result
+        finally:
+            elapsed = time.perf_counter() - started
+            if book is not None:
+                book.record(config.get("host_service", "?"), method, elapsed, failed)
+            if debug and logger is not None:
+                logger.debug("call %s %.3f ms%s", method, elapsed * 1000, " (raised)" if failed else "")
 
     def _handle_dir(self, obj: Any) -> tuple[str, ...]:
         """Only what a client may access: exposed names (without the prefix) and safe dunders."""

@@ -172,14 +172,22 @@ def closer() -> Closer:
 class RefusalCounts:
     """Refused connections by reason kind, and token failures; shared by a host's servers."""
 
-    counts: Counter[str] = field(default_factory=Counter)
+    counts: Counter[tuple[str, str]] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, kind: str) -> None:
+    def add(self, kind: str, service: str = "") -> None:
         with self.lock:
-            self.counts[kind] += 1
+            self.counts[(service, kind)] += 1
 
     def snapshot(self) -> dict[str, int]:
+        """Refusals by kind, all services together."""
+        totals: Counter[str] = Counter()
+        with self.lock:
+            for (_, kind), count in self.counts.items():
+                totals[kind] += count
+        return dict(totals)
+
+    def by_service(self) -> dict[tuple[str, str], int]:
         with self.lock:
             return dict(self.counts)
 
@@ -327,7 +335,7 @@ class Gatekeeper:
 
     def refuse(self, sock: socket.socket, refusal: Refused, peer: Any, *, after_magic: bool = False) -> None:
         """Log, count and close a refused connection, telling the client why where it can listen."""
-        self.refusals.add(refusal.kind)
+        self.refusals.add(refusal.kind, self.service)
         log.warning("refused %s connection from %s: %s", self.service, _fmt_peer(peer), refusal.reason)
         if not refusal.message:
             closer().close_after(sock)

@@ -132,7 +132,7 @@ def test_plain_class_is_served_with_its_public_methods() -> None:
             conn.root._secret()
         name, methods = conn.root.describe()
         assert name == "CALCULATOR"
-        assert [m[0] for m in methods] == ["add", "describe", "mul"]
+        assert [m[0] for m in methods] == ["add", "describe", "health", "mul"]
         assert dict((m[0], m[2]) for m in methods)["add"] == "Add and scale."
 
 

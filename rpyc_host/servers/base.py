@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 
+from .. import logs
 from ..config import LimitsSection
 from ..exposure import per_connection
 from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
@@ -45,6 +46,7 @@ class ServerSettings:
     compression: bool = False
     pool_size: int = 16
     grace_period: float = 10.0
+    calls: Any = None  # a rpyc_host.metrics.CallBook when metrics are on
 
 
 class HostServerMixin:
@@ -76,12 +78,15 @@ class HostServerMixin:
         self._conn_lock = threading.Lock()
         self._per_ip: Counter[str] = Counter()
         self._admitted = 0
+        self.total_admitted = 0
         self.protocol_config = {
             **SAFE_PROTOCOL,
             **self.protocol_config,
             "sync_request_timeout": settings.limits.call_timeout,
             "host_tracker": self.tracker,
             "host_logger": self.logger,
+            "host_calls": settings.calls,
+            "host_service": settings.name,
         }
         # Accepted sockets inherit TCP_NODELAY from the listener on Linux; set it on both anyway.
         tune_socket(self.listener)
@@ -117,6 +122,7 @@ class HostServerMixin:
                     "limit",
                 )
             self._admitted += 1
+            self.total_admitted += 1
             self._per_ip[ip] += 1
 
     def _release(self, peer: Any) -> None:
@@ -180,6 +186,8 @@ class HostServerMixin:
 
     def _handle(self, sock: socket.socket, peer: Any, connid: str | None = None) -> None:
         """A connection's whole life, in its own thread or process."""
+        connid = connid or self._new_connid()
+        logs.set_connection(connid, format_peer(peer))
         try:
             conn = self._open(sock, peer, connid)
             if conn is not None:
@@ -187,6 +195,7 @@ class HostServerMixin:
         finally:
             self.clients.discard(sock)
             self._release(peer)
+            logs.set_connection(None, None)
 
     def _serve_until_closed(self, conn: HostConnection) -> None:
         idle = self.limits.idle_timeout or None
@@ -279,6 +288,10 @@ def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
         conn.close()
     except Exception:
         logger.debug("closing %s failed", conn._config.get("connid"), exc_info=True)
+
+
+def format_peer(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else str(peer)
 
 
 def _peer(sock: socket.socket) -> Any:

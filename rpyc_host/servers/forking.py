@@ -19,7 +19,8 @@ from typing import Any
 import rpyc
 from rpyc.utils.server import ForkingServer, Server
 
-from .base import LIVE, HostServerMixin, ServerSettings, close_quietly
+from .. import logs
+from .base import LIVE, HostServerMixin, ServerSettings, close_quietly, format_peer
 
 
 class HostForkingServer(HostServerMixin, ForkingServer):
@@ -59,6 +60,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
 
     def _serve_in_child(self, sock: socket.socket, peer: Any, connid: str) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+        logs.set_connection(connid, format_peer(peer))
         conn = self._open(sock, peer, connid)
         if conn is None:
             return

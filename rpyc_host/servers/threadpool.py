@@ -23,8 +23,9 @@ from typing import Any
 import rpyc
 from rpyc.utils.server import Server
 
+from .. import logs
 from ..protocol import HostConnection
-from .base import HostServerMixin, ServerSettings, close_quietly, log_closed
+from .base import HostServerMixin, ServerSettings, close_quietly, format_peer, log_closed
 
 _MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 
@@ -35,6 +36,7 @@ class _Entry:
     peer: Any
     conn: HostConnection | None  # None until the handshake is done
     last: float
+    connid: str = ""
 
 
 class HostThreadPoolServer(HostServerMixin, Server):
@@ -63,13 +65,15 @@ class HostThreadPoolServer(HostServerMixin, Server):
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         conn = None
+        connid = self._new_connid()
         if not self.gatekeeper.needed:
-            conn = self._open(sock, peer)  # cheap: no I/O before the first request
+            with logs.connection_context(connid, format_peer(peer)):
+                conn = self._open(sock, peer, connid)  # cheap: no I/O before the first request
             if conn is None:
                 self.clients.discard(sock)
                 self._release(peer)
                 return
-        self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic()))
+        self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic(), connid))
 
     def _register(self, fd: int, entry: _Entry) -> None:
         with self._entries_lock:
@@ -86,13 +90,14 @@ class HostThreadPoolServer(HostServerMixin, Server):
                 with self._entries_lock:
                     entry = self._entries.get(fd)
                 if entry is not None:
-                    self._serve_ready(fd, entry)
+                    with logs.connection_context(entry.connid, format_peer(entry.peer)):
+                        self._serve_ready(fd, entry)
 
     def _serve_ready(self, fd: int, entry: _Entry) -> None:
         entry.last = time.monotonic()
         conn = entry.conn
         if conn is None:
-            conn = entry.conn = self._open(entry.sock, entry.peer)
+            conn = entry.conn = self._open(entry.sock, entry.peer, entry.connid)
             if conn is None:
                 self._drop(fd, entry)
                 return

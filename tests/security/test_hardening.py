@@ -84,6 +84,7 @@ def test_dir_shows_only_exposed_names(conn: Any) -> None:
         "add",
         "countdown",
         "describe",
+        "health",
         "echo",
         "new_counter",
         "ping",
