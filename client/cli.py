@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import client as client_pkg
+from rpyc_host.config import load_config
 from rpyc_host.errors import ConfigError
 
 from . import DEFAULT_TIMEOUT, ConnectError, connect, describe
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     describe_cmd = sub.add_parser("describe", help="list a service's methods and signatures")
     add_target(describe_cmd)
     describe_cmd.set_defaults(func=cmd_describe)
+    health = sub.add_parser("health", help="ask services for health(); exit 0 if all are ok, else 1")
+    health.add_argument("service", nargs="?", help="one service (default: every service in the config)")
+    health.add_argument("--config", help="config file (default: $RPYC_HOST_CONFIG or config.yaml)")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds per service (%(default)s)")
+    health.set_defaults(func=cmd_health)
     shell = sub.add_parser("shell", help="interactive console with conn and root bound")
     add_target(shell)
     shell.set_defaults(func=cmd_shell)
@@ -94,6 +100,24 @@ def cmd_describe(args: argparse.Namespace) -> int:
         doc = f"  - {meta['doc']}" if meta["doc"] else ""
         print(f"  {name}{meta['signature']}{doc}")
     return EXIT_OK
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    path = args.config or os.environ.get("RPYC_HOST_CONFIG", "config.yaml")
+    names = [args.service] if args.service else [s.name for s in load_config(path).services]
+    healthy = True
+    for name in names:
+        try:
+            with connect(name, config=args.config, timeout=args.timeout, retries=0) as conn:
+                facts = dict(conn.root.health())
+        except Exception as exc:
+            print(f"{name}: down ({remote_message(exc)})")
+            healthy = False
+            continue
+        detail = f", {facts['detail']}" if facts.get("detail") else ""
+        print(f"{name}: {facts['status']} (up {facts['uptime']:.0f} s{detail})")
+        healthy &= facts["status"] == "ok"
+    return EXIT_OK if healthy else EXIT_FAILED
 
 
 def cmd_shell(args: argparse.Namespace) -> int:

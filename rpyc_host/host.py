@@ -28,6 +28,7 @@ from .errors import ConfigError, StartupError
 from .exposure import import_class, instantiate, prepare_class
 from .metrics import CallBook
 from .protocol import harden_netrefs
+from .reload import reload
 from .security import AuthThrottle, Gatekeeper, RefusalCounts
 from .servers import SERVER_TYPES, HostServerMixin, ServerSettings
 
@@ -83,6 +84,8 @@ class Host:
         self.registrar: Any = None  # rpyc_host.registry.Registrar when registry.enabled
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
+        self._reload_requested = threading.Event()
+        self._wake = threading.Event()
         self._stop_lock = threading.Lock()
         self.refusals = RefusalCounts()
         self.calls = CallBook() if config.metrics.enabled else None
@@ -230,24 +233,43 @@ class Host:
     def request_stop(self) -> None:
         """Ask ``run()`` to stop (safe from signal handlers and other threads)."""
         self._stop_requested.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Ask ``run()`` to re-read the configuration file (what SIGHUP does)."""
+        self._reload_requested.set()
+        self._wake.set()
 
     def run(self) -> int:
-        """Start, serve until SIGINT or SIGTERM, stop gracefully; returns the exit status."""
+        """Start, serve until SIGINT or SIGTERM (SIGHUP reloads), stop gracefully; returns the exit status."""
         self.start()
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        handlers = {
+            signal.SIGINT: self._on_stop_signal,
+            signal.SIGTERM: self._on_stop_signal,
+            signal.SIGHUP: self._on_reload_signal,
+        }
+        previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
-            while not self._stop_requested.wait(0.5):
-                pass
+            while not self._stop_requested.is_set():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                if self._reload_requested.is_set() and not self._stop_requested.is_set():
+                    self._reload_requested.clear()
+                    reload(self)  # here, not in the signal handler: it logs and takes locks
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.stop()
         return 0
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
         log.info(
             "received %s: stopping (grace period %.1f s)",
             signal.Signals(signum).name,
             self.config.grace_period,
         )
-        self._stop_requested.set()
+        self.request_stop()
+
+    def _on_reload_signal(self, signum: int, frame: Any) -> None:
+        log.info("received SIGHUP: reloading %s", self.config.source)
+        self.request_reload()

@@ -335,6 +335,10 @@ class IngestService(rpyc.Service):
         with _store_errors():
             return self.store.query(topic, after_id, limit)
 
+    def metrics(self) -> dict[str, int]:
+        """For the host's /metrics (not exposed): the same totals as stats()."""
+        return {f"ingest_{name}": value for name, value in self.stats()}
+
     @rpyc.exposed
     def stats(self) -> tuple[tuple[str, int], ...]:
         """Totals as ``(name, value)`` pairs: records, batches, rejects, dropped, duplicates, bytes."""
