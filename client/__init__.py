@@ -31,7 +31,16 @@ from rpyc_host.config import Config, load_config
 from rpyc_host.security import AuthError, client_handshake
 from rpyc_host.transport import make_channel
 
-__all__ = ["AuthError", "ConnectError", "connect", "describe", "resolve", "tls_context"]
+__all__ = [
+    "AuthError",
+    "ConnectError",
+    "ServicePool",
+    "connect",
+    "connect_service",
+    "describe",
+    "resolve",
+    "tls_context",
+]
 
 DEFAULT_CONFIG = "config.yaml"
 DEFAULT_TIMEOUT = 30.0
@@ -183,3 +192,7 @@ def describe(conn: Any) -> dict[str, Any]:
         "service": name,
         "methods": {m: {"signature": sig, "doc": doc} for m, sig, doc in methods},
     }
+
+
+# Last: the pool builds on connect() above.
+from .pool import ServicePool, connect_service  # noqa: E402

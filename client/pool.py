@@ -1,0 +1,445 @@
+"""Calls spread across every live instance of a service, found through rpyc's registry.
+
+Usage::
+
+    import client
+
+    pool = client.connect_service("DEMO", registry="10.0.0.1:18811", token=token, ca="ca.crt",
+                                  idempotent={"add", "echo", "ping"})
+    with pool:
+        print(pool.root.add(1, 2))          # one instance, chosen round-robin
+        pool.call("echo", "hi")             # the same, by name
+        pool.call("submit", batch, idempotent=False)
+        print(pool.instances())             # live (host, port) pairs, from the registry
+
+How instances are chosen and dropped:
+
+- the registry (rpyc's ``rpyc_registry`` or ``python -m rpyc_host.registry``, TCP) is asked
+  for the service's addresses at the first call, every ``rediscover`` seconds and after a
+  failure; an empty or failed answer keeps the instances already known (a restarted registry
+  is empty until services re-register);
+- each call goes to the next live instance (``round_robin``) or to the one with the fewest
+  calls in flight from this pool (``least_loaded``), over one cached connection per instance;
+- an instance that refuses, times out or drops the connection is quarantined for
+  ``quarantine`` seconds (doubling while it keeps failing, at most 60 s) and the call moves on:
+  a failed *connect* is always retried elsewhere (nothing was sent); a call that failed after
+  it was sent is retried on another instance only when its method is marked idempotent
+  (``idempotent=`` here, or per call), up to ``retries`` times;
+- errors the service raises (``ValueError`` ...) are the call's result: never retried.
+
+Tokens and TLS go to every instance through :func:`client.connect` (``token=``, ``tls=``,
+``ca=``, ``cert=``, ``key=``). The registry itself has no authentication and no TLS: it only
+says where instances are; what a connection trusts is still the token and certificates.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import ssl
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import rpyc
+from rpyc.utils.registry import REGISTRY_PORT, TCPRegistryClient
+
+from . import DEFAULT_CONFIG, DEFAULT_TIMEOUT, ConnectError, connect
+from .ingest import Collector
+
+log = logging.getLogger("client.pool")
+
+__all__ = ["NoInstanceError", "PooledCollector", "ServicePool", "connect_service", "parse_registry"]
+
+MAX_QUARANTINE = 60.0
+
+
+class NoInstanceError(ConnectError):
+    """No instance of the service could be reached (none registered, or all failing)."""
+
+
+def parse_registry(registry: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host"``, ``"host:port"`` or ``(host, port)`` -> ``(host, port)`` (port 18811 by default)."""
+    if isinstance(registry, tuple):
+        host, port = registry
+        return str(host), int(port)
+    host, sep, port_text = registry.rpartition(":")
+    if not sep:
+        return registry, REGISTRY_PORT
+    try:
+        return host, int(port_text)
+    except ValueError:
+        raise ValueError(f"registry {registry!r}: expected 'host' or 'host:port'") from None
+
+
+def default_registry(config: str | os.PathLike[str] | None = None) -> tuple[str, int]:
+    """``$RPYC_HOST_REGISTRY``, else the ``registry:`` section of the config file."""
+    env = os.environ.get("RPYC_HOST_REGISTRY")
+    if env:
+        return parse_registry(env)
+    path = config or os.environ.get("RPYC_HOST_CONFIG", DEFAULT_CONFIG)
+    if not Path(path).exists():
+        raise ValueError(
+            "no registry given: pass registry='host:port', set RPYC_HOST_REGISTRY, or run where "
+            f"{str(path)!r} has a registry: section"
+        )
+    from rpyc_host.config import load_config
+
+    section = load_config(path).registry
+    if section.mode != "tcp":
+        raise ValueError(f"{path}: registry.mode is {section.mode!r}; discovery uses TCP: pass registry=")
+    return section.host, section.port
+
+
+def _remote(exc: BaseException) -> bool:
+    """True for an exception the service raised (rpyc attaches the remote traceback)."""
+    return hasattr(exc, "_remote_tb")
+
+
+@dataclass(eq=False)
+class _Instance:
+    address: tuple[str, int]
+    conn: Any = None
+    methods: dict[str, Any] = field(default_factory=dict)
+    inflight: int = 0
+    calls: int = 0
+    failures: int = 0
+    down_until: float = 0.0
+    last_error: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        self.methods = {}
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+
+STRATEGIES = ("least_loaded", "round_robin")
+
+
+class ServicePool:
+    """Instances of one service from the registry; see the module docstring.
+
+    Args:
+        service: the registered name (case does not matter: the registry upper-cases it).
+        registry: ``"host:port"`` or ``(host, port)`` of the registry; default
+            ``$RPYC_HOST_REGISTRY``, then the config file's ``registry:`` section.
+        strategy: ``"round_robin"`` or ``"least_loaded"`` (fewest calls in flight).
+        idempotent: method names safe to run twice; they are retried on another instance
+            after a failure once the call was sent.
+        timeout: seconds per call; ``connect_timeout``: seconds to connect to an instance.
+        retries: how many other instances an idempotent call may be retried on.
+        rediscover: seconds between registry queries.
+        quarantine: seconds a failed instance is skipped (doubles while it keeps failing).
+        token, tls, ca, cert, key: as for :func:`client.connect`, sent to every instance.
+
+    Thread-safe: threads share one connection per instance.
+    """
+
+    def __init__(
+        self,
+        service: str,
+        registry: str | tuple[str, int] | None = None,
+        *,
+        strategy: str = "round_robin",
+        idempotent: Iterable[str] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+        connect_timeout: float = 3.0,
+        retries: int = 2,
+        rediscover: float = 10.0,
+        quarantine: float = 2.0,
+        registry_timeout: float = 2.0,
+        config: str | os.PathLike[str] | None = None,
+        token: str | None = None,
+        tls: bool | ssl.SSLContext | None = None,
+        ca: str | None = None,
+        cert: str | None = None,
+        key: str | None = None,
+    ) -> None:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        self.service = service.upper()
+        self.registry = parse_registry(registry) if registry is not None else default_registry(config)
+        self.strategy = strategy
+        self.idempotent = frozenset(idempotent)
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.retries, self.rediscover_interval, self.quarantine = retries, rediscover, quarantine
+        self._connect_args: dict[str, Any] = {"token": token, "tls": tls, "ca": ca, "cert": cert, "key": key}
+        self._registry_client = TCPRegistryClient(
+            self.registry[0], port=self.registry[1], timeout=registry_timeout
+        )
+        self._instances: dict[tuple[str, int], _Instance] = {}
+        self._lock = threading.Lock()
+        self._discover_lock = threading.Lock()
+        self._next_discovery = 0.0
+        self._turn = itertools.count()
+        self._closed = False
+        self.root = _PoolRoot(self)
+
+    def __repr__(self) -> str:
+        host, port = self.registry
+        return (
+            f"ServicePool({self.service!r}, registry='{host}:{port}', strategy={self.strategy!r}, "
+            f"instances={len(self._instances)})"
+        )
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def discover(self) -> tuple[tuple[str, int], ...]:
+        """Ask the registry now; returns the addresses it listed (the pool keeps its instances
+        when the answer is empty or the registry cannot be reached)."""
+        with self._discover_lock:
+            self._next_discovery = time.monotonic() + self.rediscover_interval
+            try:
+                found = tuple((str(h), int(p)) for h, p in self._registry_client.discover(self.service))
+            except OSError as exc:
+                log.warning("registry %s:%d unreachable (%s); keeping known instances", *self.registry, exc)
+                return ()
+            if not found:
+                log.debug("registry %s:%d lists no %s; keeping known instances", *self.registry, self.service)
+                return ()
+            with self._lock:
+                for address in found:
+                    if address not in self._instances:
+                        self._instances[address] = _Instance(address)
+                        log.info("%s: instance %s:%d joined", self.service, *address)
+                gone = [a for a in self._instances if a not in found]
+                dropped = [self._instances.pop(a) for a in gone]
+            for instance in dropped:
+                log.info("%s: instance %s:%d left the registry; dropped", self.service, *instance.address)
+                instance.close()
+            return found
+
+    def instances(self) -> tuple[tuple[str, int], ...]:
+        """Known instances that are not quarantined."""
+        now = time.monotonic()
+        with self._lock:
+            return tuple(a for a, i in self._instances.items() if i.down_until <= now)
+
+    def stats(self) -> dict[tuple[str, int], int]:
+        """Calls answered by each known instance."""
+        with self._lock:
+            return {a: i.calls for a, i in self._instances.items()}
+
+    # -- choosing ------------------------------------------------------------------------------
+
+    def _candidates(self, exclude: set[tuple[str, int]]) -> list[_Instance]:
+        """Instances to try, best first: live ones in strategy order, then quarantined ones."""
+        if time.monotonic() >= self._next_discovery or not self._instances:
+            self.discover()
+        now = time.monotonic()
+        with self._lock:
+            pool = [i for i in self._instances.values() if i.address not in exclude]
+            live = [i for i in pool if i.down_until <= now]
+            resting = sorted((i for i in pool if i.down_until > now), key=lambda i: i.down_until)
+            if live:
+                start = next(self._turn) % len(live)
+                live = live[start:] + live[:start]
+                if self.strategy == "least_loaded":
+                    live.sort(key=lambda i: i.inflight)  # stable: ties keep round-robin order
+        return live + resting
+
+    def _connection(self, instance: _Instance) -> Any:
+        with instance.lock:
+            if instance.conn is None:
+                host, port = instance.address
+                conn = connect(
+                    host=host, port=port, timeout=self.connect_timeout, retries=0, **self._connect_args
+                )
+                conn._config["sync_request_timeout"] = self.timeout  # calls get the call timeout
+                instance.conn = conn
+            return instance.conn
+
+    def _failed(self, instance: _Instance, exc: BaseException) -> None:
+        instance.close()
+        instance.failures += 1
+        wait = min(MAX_QUARANTINE, self.quarantine * 2 ** (instance.failures - 1))
+        instance.down_until = time.monotonic() + wait
+        instance.last_error = _first_line(exc)
+        log.warning(
+            "%s: instance %s:%d failed (%s); skipped for %.1f s",
+            self.service,
+            *instance.address,
+            instance.last_error,
+            wait,
+        )
+        self._next_discovery = 0.0  # ask the registry again at the next call
+
+    def _no_instance(self, errors: list[str]) -> NoInstanceError:
+        host, port = self.registry
+        if not errors:
+            return NoInstanceError(
+                f"no instance of {self.service!r} is registered with {host}:{port} (is the service "
+                "running with registry.enabled, and the name right?)"
+            )
+        return NoInstanceError(f"no instance of {self.service!r} answered: {'; '.join(errors[-3:])}")
+
+    # -- calling -------------------------------------------------------------------------------
+
+    def call(self, method: str, *args: Any, idempotent: bool | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` on one instance; see the module docstring for retries.
+
+        Raises:
+            NoInstanceError: no instance could be connected to.
+            ConnectionError, TimeoutError, EOFError: the instance failed after the call was sent
+                and the method is not idempotent (or the retries ran out).
+            whatever the service raised.
+        """
+        if self._closed:
+            raise ValueError("the pool is closed")
+        retry = method in self.idempotent if idempotent is None else idempotent
+        tried: set[tuple[str, int]] = set()
+        errors: list[str] = []
+        sent_failures = 0
+        last_sent: BaseException | None = None
+        while True:
+            candidates = self._candidates(tried)
+            if not candidates:
+                if last_sent is not None:  # the call was sent and failed everywhere it was tried
+                    raise last_sent
+                raise self._no_instance(errors)
+            instance = candidates[0]
+            tried.add(instance.address)
+            try:
+                conn = self._connection(instance)
+                bound = instance.methods.get(method)
+                if bound is None:
+                    bound = instance.methods[method] = getattr(conn.root, method)
+            except (OSError, EOFError) as exc:  # ConnectError, AuthError, refused: nothing was sent
+                if _remote(exc):
+                    raise
+                errors.append(f"{instance.address[0]}:{instance.address[1]}: {_first_line(exc)}")
+                self._failed(instance, exc)
+                continue
+            with self._lock:
+                instance.inflight += 1
+            try:
+                result = bound(*args, **kwargs)
+            except (OSError, EOFError) as exc:
+                if _remote(exc):
+                    raise
+                errors.append(f"{instance.address[0]}:{instance.address[1]}: {_first_line(exc)}")
+                self._failed(instance, exc)
+                sent_failures += 1
+                if not retry or sent_failures > self.retries:
+                    raise
+                last_sent = exc
+                continue
+            finally:
+                with self._lock:
+                    instance.inflight -= 1
+            with self._lock:
+                instance.calls += 1
+                instance.failures = 0
+            return result
+
+    def connect(self) -> Any:
+        """A new connection of its own to one live instance (for streams, callbacks, async
+        calls); the caller closes it. Raises :class:`NoInstanceError`."""
+        tried: set[tuple[str, int]] = set()
+        errors: list[str] = []
+        while True:
+            candidates = self._candidates(tried)
+            if not candidates:
+                raise self._no_instance(errors)
+            instance = candidates[0]
+            tried.add(instance.address)
+            host, port = instance.address
+            try:
+                conn = connect(
+                    host=host, port=port, timeout=self.connect_timeout, retries=0, **self._connect_args
+                )
+            except (OSError, EOFError) as exc:
+                errors.append(f"{host}:{port}: {_first_line(exc)}")
+                self._failed(instance, exc)
+                continue
+            conn._config["sync_request_timeout"] = self.timeout
+            with self._lock:
+                instance.failures = 0
+                instance.calls += 1
+            return conn
+
+    def close(self) -> None:
+        """Close every connection this pool holds."""
+        self._closed = True
+        with self._lock:
+            instances = list(self._instances.values())
+        for instance in instances:
+            instance.close()
+
+    def __enter__(self) -> ServicePool:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class _PoolRoot:
+    """``pool.root.method(...)`` is ``pool.call("method", ...)``."""
+
+    def __init__(self, pool: ServicePool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        pool = self._pool
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return pool.call(name, *args, **kwargs)
+
+        call.__name__ = name
+        return call
+
+
+def connect_service(
+    service: str, registry: str | tuple[str, int] | None = None, **options: Any
+) -> ServicePool:
+    """A :class:`ServicePool` for ``service``: every live instance the registry knows.
+
+    ``options`` are :class:`ServicePool`'s (``strategy``, ``idempotent``, ``timeout``, ``token``,
+    ``tls``, ``ca``, ``cert``, ``key``, ...). Nothing is contacted until the first call.
+    """
+    return ServicePool(service, registry, **options)
+
+
+class PooledCollector(Collector):
+    """A :class:`client.ingest.Collector` whose connections come from a pool: when an ingest
+    instance dies, the batch in flight is resent (same batch id) to another one.
+
+    Usage::
+
+        pool = client.connect_service("INGEST", registry="10.0.0.1:18811")
+        with PooledCollector(pool, topic="load", spool="var/load.spool") as collector:
+            collector.add({"load1": 0.4})
+
+    Exactly once holds across instances when they share one store (PostgreSQL).
+    """
+
+    def __init__(self, pool: ServicePool, *, topic: str, **options: Any) -> None:
+        super().__init__(pool.service, topic=topic, **options)
+        self.pool = pool
+
+    def _connection(self) -> Any:
+        # Collector keeps one connection and drops it after any failure; a new one comes from
+        # the pool, which skips instances that refuse.
+        if self._submit is None:
+            self._conn = self.pool.connect()
+            self._submit = rpyc.async_(self._conn.root.submit)
+        return self._submit
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).split("\n\n========= Remote Traceback")[0].strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
