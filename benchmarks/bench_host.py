@@ -44,7 +44,9 @@ HOST_CONFIG = """
 server: {{type: {type}, pool_size: 16}}
 services:
   add: {{class: benchmarks.bench_service:AddService, port: 0}}
+{extra}
 """
+METRICS_ON = "metrics: {enabled: true, port: 0}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     seq_calls, seq_secs = (2_000, 2.0) if args.quick else (10_000, 5.0)
     par_secs = 1.0 if args.quick else 3.0
 
-    systems = ["bare rpyc threaded", "host threaded", "host threadpool", "host forking"]
+    systems = [
+        "bare rpyc threaded",
+        "host threaded",
+        "host threaded+metrics",
+        "host threadpool",
+        "host forking",
+    ]
     seq: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     par: dict[str, list[dict[str, float]]] = {s: [] for s in systems}
     with ExitStack() as stack:
         ports = {"bare rpyc threaded": stack.enter_context(python_server(BARE))[0]}
         for kind in ("threaded", "threadpool", "forking"):
-            ports[f"host {kind}"] = stack.enter_context(host_server(HOST_CONFIG.format(type=kind), "add"))
+            config = HOST_CONFIG.format(type=kind, extra="")
+            ports[f"host {kind}"] = stack.enter_context(host_server(config, "add"))
+        config = HOST_CONFIG.format(type="threaded", extra=METRICS_ON)
+        ports["host threaded+metrics"] = stack.enter_context(host_server(config, "add"))
         for _ in range(rounds):
             for name in systems:
                 seq[name].append(sequential_calls(ports[name], seq_calls, seq_secs))
@@ -101,12 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table(rows))
     threaded_ratio = s["host threaded"]["calls_per_s"] / bare_s["calls_per_s"]
     pool_ratio = s["host threadpool"]["p50_us"] / s["host threaded"]["p50_us"]
+    metrics_ratio = s["host threaded+metrics"]["calls_per_s"] / s["host threaded"]["calls_per_s"]
     checks = [
         (
             f"host threaded sequential calls/s = {threaded_ratio:.2f}x bare (target >= 0.95)",
             threaded_ratio >= 0.95,
         ),
         (f"host threadpool p50 = {pool_ratio:.2f}x host threaded p50 (target <= 1.5)", pool_ratio <= 1.5),
+        (
+            f"metrics on: {metrics_ratio:.3f}x the calls/s with metrics off (target >= 0.95: <= 5% overhead)",
+            metrics_ratio >= 0.95,
+        ),
     ]
     print()
     for text, ok in checks:

@@ -76,6 +76,7 @@ PLAIN_CONTAINERS: dict[str, type] = {
     "builtins.set": set,
     "builtins.frozenset": frozenset,
 }
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
 MAX_ARG_ITEMS = 100_000
 MAX_ARG_DEPTH = 32
 
@@ -142,8 +143,13 @@ class HostConnection(Connection):
             tracker.exit()
 
     def _handle_call(self, obj: Any, args: Any, kwargs: Any = ()) -> Any:
-        plain_args = tuple(to_plain(a) for a in args)
-        plain_kwargs = {k: to_plain(v) for k, v in dict(kwargs).items()}
+        # Most calls carry only scalars: check types once instead of walking every argument.
+        plain_args = args
+        for a in args:
+            if type(a) not in _SCALARS:
+                plain_args = tuple(to_plain(v) for v in args)
+                break
+        plain_kwargs = {k: to_plain(v) for k, v in dict(kwargs).items()} if kwargs else {}
         config = self._config
         book = config.get("host_calls")
         logger: logging.Logger | None = config.get("host_logger")
