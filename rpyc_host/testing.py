@@ -284,10 +284,11 @@ def make_certificates(directory: str | os.PathLike[str]) -> Certificates:
                 ),
                 critical=False,
             )
-        usage = (
-            x509.oid.ExtendedKeyUsageOID.SERVER_AUTH if server else x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
-        )
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        # The server certificate may also authenticate as a client: the gateway presents it to
+        # its own services under mutual TLS.
+        eku = x509.oid.ExtendedKeyUsageOID
+        usages = [eku.SERVER_AUTH, eku.CLIENT_AUTH] if server else [eku.CLIENT_AUTH]
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         return builder.sign(ca_key, hashes.SHA256()), key
 
     ca, ca_key = make_ca("rpyc-host test CA")

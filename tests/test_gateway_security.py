@@ -17,7 +17,7 @@ import pytest
 
 import client
 from rpyc_host.host import Host
-from rpyc_host.testing import running_host
+from rpyc_host.testing import make_certificates, running_host
 
 from .gateway_helpers import curl, http, jsonrpc, post
 
@@ -120,8 +120,8 @@ def test_timeouts(token_host: Host) -> None:
     assert jsonrpc(address, ADD, headers=f"Authorization: Bearer {TOKEN}\r\n")[1]["result"] == 16
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the backlog")
 def test_listen_backlog_at_least_128(token_host: Host) -> None:
+    assert shutil.which("ss"), "needs ss from iproute2: scripts/test.sh installs it"
     port = token_host.gateway.address[1]
     out = subprocess.run(
         ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, timeout=10
@@ -132,42 +132,18 @@ def test_listen_backlog_at_least_128(token_host: Host) -> None:
 # -- TLS ----------------------------------------------------------------------------------------------
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    done = subprocess.run(["openssl", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made now with openssl."""
-    if shutil.which("openssl") is None:
-        pytest.skip("needs the openssl command")
-    d = tmp_path_factory.mktemp("certs")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=test-ca",
-        cwd=d,
-    )
-    (d / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    for name, ext in (("server", ["-extfile", "server.ext"]), ("client", [])):
-        openssl(
-            "req", "-new", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d
-        )
-        openssl(
-            "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-days", "1", "-out", f"{name}.pem", *ext, cwd=d,
-        )  # fmt: skip
-    return d
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made now."""
+    made = make_certificates(tmp_path_factory.mktemp("certs"))
+    directory = made.ca.parent
+    for source, name in (
+        (made.ca, "ca.pem"),
+        (made.server_cert, "server.pem"),
+        (made.client_cert, "client.pem"),
+    ):
+        shutil.copy(source, directory / name)
+    return directory
 
 
 def tls_call(address: tuple[str, int], context: ssl.SSLContext) -> int:
