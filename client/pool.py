@@ -37,6 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import random
 import ssl
 import threading
 import time
@@ -181,7 +182,8 @@ class ServicePool:
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._next_discovery = 0.0
-        self._turn = itertools.count()
+        # Each pool starts its rotation somewhere else, so many clients do not all begin on one.
+        self._turn = itertools.count(random.randrange(1 << 16))
         self._closed = False
         self.root = _PoolRoot(self)
 

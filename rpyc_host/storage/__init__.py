@@ -8,7 +8,7 @@ Usage::
     store.close()
 
 A backend is a class with ``from_url(url)`` that implements :class:`Store`; add it to
-:data:`BACKENDS` under its URL scheme (PostgreSQL will be ``"postgresql"``). The service only
+:data:`BACKENDS` under its URL scheme (``"postgresql"``: :mod:`.postgres`). The service only
 ever talks to :class:`Store`, so a new backend needs no change there.
 
 Errors a backend raises to callers::
@@ -97,9 +97,10 @@ class Backend(Protocol):
 
 
 def _backends() -> dict[str, type[Backend]]:
+    from .postgres import PostgresStore  # imports psycopg only when a store is opened
     from .sqlite import SQLiteStore
 
-    return {"sqlite": SQLiteStore}
+    return {"postgresql": PostgresStore, "sqlite": SQLiteStore}
 
 
 BACKENDS = _backends()

@@ -1,0 +1,308 @@
+"""The PostgreSQL store, on a real server: started here (initdb + pg_ctl on 127.0.0.1) unless
+``RPYC_HOST_TEST_POSTGRES`` names one the tests may create databases on.
+
+Never skipped: missing server binaries or psycopg fail with what to do (``bash scripts/test.sh``
+installs both).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import client
+from client.ingest import Collector
+from client.pool import PooledCollector
+from rpyc_host.storage import BatchWrite, StoreError, open_store
+from rpyc_host.testing import ServerProcess
+from tests.registry_helpers import RegistryProcess, wait_until
+
+HOW_TO = (
+    "run bash scripts/test.sh (it installs Debian's postgresql and psycopg), or set RPYC_HOST_TEST_POSTGRES"
+)
+
+
+def _bin(name: str) -> str:
+    found = shutil.which(name) or next(
+        iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None
+    )
+    if found is None:
+        pytest.fail(f"PostgreSQL's {name} is not installed: {HOW_TO}", pytrace=False)
+    return found
+
+
+class PostgresServer:
+    """A throwaway cluster in a temp dir, on 127.0.0.1 only (trust auth), stopped by PID."""
+
+    def __init__(self) -> None:
+        self.initdb, self.pg_ctl = _bin("initdb"), _bin("pg_ctl")
+        self.data = Path(tempfile.mkdtemp(prefix="rpyc-host-pg-"))
+        self.user: list[str] = []
+        if os.geteuid() == 0:  # postgres refuses to run as root
+            try:
+                owner = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail(f"running as root and there is no 'postgres' user: {HOW_TO}", pytrace=False)
+            os.chown(self.data, owner.pw_uid, owner.pw_gid)
+            self.user = ["runuser", "-u", "postgres", "--"]
+        self.port = 0
+        self.pid: int | None = None
+
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*self.user, *args], capture_output=True, text=True, timeout=timeout)
+
+    def start(self) -> PostgresServer:
+        result = self._run(
+            self.initdb, "-D", str(self.data / "db"), "-U", "postgres", "--auth=trust", "-E", "UTF8"
+        )
+        assert result.returncode == 0, f"initdb failed:\n{result.stdout}\n{result.stderr}"
+        for _ in range(5):  # postgres cannot bind port 0: take a free port and retry on a collision
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+            options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.data} -c max_connections=200"
+            result = self._run(
+                self.pg_ctl,
+                "-D",
+                str(self.data / "db"),
+                "-l",
+                str(self.data / "log"),
+                "-w",
+                "-t",
+                "30",
+                "-o",
+                options,
+                "start",
+            )
+            if result.returncode == 0:
+                self.pid = int((self.data / "db" / "postmaster.pid").read_text().split()[0])
+                return self
+        raise AssertionError(f"pg_ctl start failed:\n{result.stdout}\n{result.stderr}\n{self.log()}")
+
+    def log(self) -> str:
+        path = self.data / "log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            self._run(self.pg_ctl, "-D", str(self.data / "db"), "-m", "fast", "-w", "-t", "30", "stop")
+            try:
+                os.kill(self.pid, 0)
+                os.kill(self.pid, signal.SIGKILL)  # only if pg_ctl could not stop it
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(self.data, ignore_errors=True)
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """The admin URL of a PostgreSQL server for the session."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.fail(f"psycopg is not installed: {HOW_TO}", pytrace=False)
+    given = os.environ.get("RPYC_HOST_TEST_POSTGRES")
+    if given:
+        yield given
+        return
+    server = PostgresServer().start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database(postgres_url: str) -> Iterator[str]:
+    """A fresh database for one test, dropped afterwards."""
+    import psycopg
+
+    name = f"ingest_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base, _, _ = postgres_url.rpartition("/")
+    yield f"{base}/{name}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def batch(batch_id: str, rows: list[str], topic: str = "load") -> BatchWrite:
+    return BatchWrite(topic, batch_id, tuple(rows), receipt=f"receipt-{batch_id}", nbytes=10)
+
+
+def test_store_round_trip_and_duplicates(database: str) -> None:
+    store = open_store(database + "?pool_size=2&lock_timeout=5")
+    try:
+        assert store.write(batch("b1", ['{"a": 1}', '{"a": 2}'])) is None
+        assert store.write(batch("b1", ['{"a": 9}'])) == "receipt-b1"
+        assert store.duplicate("b1") == "receipt-b1" and store.duplicate("nope") is None
+        assert store.write(batch("b2", ['{"b": 1}'], topic="other")) is None
+        assert store.count() == 3 and store.count("load") == 2 and store.topics() == ("load", "other")
+        rows = store.query("load", 0, 10)
+        assert [d for _, d in rows] == ['{"a": 1}', '{"a": 2}']
+        assert store.query("load", rows[0][0], 10) == rows[1:]
+        stats = store.stats()
+        assert (stats.records, stats.batches, stats.duplicates, stats.bytes) == (3, 2, 2, 20)
+    finally:
+        store.close()
+    again = open_store(database)  # the tables are kept: a second instance sees everything
+    try:
+        assert again.count() == 3 and again.duplicate("b2") == "receipt-b2"
+    finally:
+        again.close()
+
+
+def test_same_batch_from_many_threads_and_two_stores_is_stored_once(database: str) -> None:
+    stores = [open_store(database), open_store(database)]
+    answers: list[str | None] = []
+    lock = threading.Lock()
+
+    def write(i: int) -> None:
+        for n in range(20):
+            result = stores[i % 2].write(batch(f"same-{n}", [f'{{"n": {n}}}'] * 50))
+            with lock:
+                answers.append(result)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        assert answers.count(None) == 20 and len(answers) == 120
+        assert stores[0].count("load") == 20 * 50
+        ids = [i for i, _ in stores[1].query("load", 0, 10_000)]
+        assert ids == sorted(ids) and len(ids) == 1000
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_bad_urls_say_what_is_wrong(postgres_url: str) -> None:
+    with pytest.raises(ValueError, match="name the database"):
+        open_store("postgresql://postgres@127.0.0.1:1")
+    with pytest.raises(ValueError, match="pool_size must be an integer"):
+        open_store(postgres_url + "?pool_size=many")
+    with pytest.raises(StoreError, match=r"cannot connect to 'postgresql://u:\*\*\*@127\.0\.0\.1:1/x"):
+        open_store("postgresql://u:secret@127.0.0.1:1/x?connect_timeout=2")
+
+
+def _ingest_config(write: Callable[[str], Path], database: str, registry: tuple[str, int]) -> Path:
+    return write(
+        f"""
+        server: {{grace_period: 0}}
+        services:
+          ingest:
+            class: services.ingest:IngestService
+            port: 0
+            options: {{database: "{database}"}}
+        registry: {{enabled: true, host: {registry[0]}, port: {registry[1]}, interval: 0.5, timeout: 1}}
+        """
+    )
+
+
+@pytest.mark.slow
+def test_two_instances_one_killed_mid_stream_every_record_once(
+    database: str,
+    start_server: Callable[..., ServerProcess],
+    write_config: Callable[[str], Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="client.ingest")
+    with RegistryProcess() as registry:
+        instances = [start_server(_ingest_config(write_config, database, registry.address)) for _ in range(2)]
+        want = {p.address("ingest") for p in instances}
+        wait_until(lambda: want <= set(registry.discover("INGEST")), 10, "both ingest instances registered")
+
+        per_collector, errors = 4000, []
+        sent = [0, 0]
+        collectors: list[PooledCollector] = []
+
+        def collect(index: int) -> None:
+            pool = client.connect_service("INGEST", registry=registry.spec, connect_timeout=1, timeout=10)
+            try:
+                with PooledCollector(
+                    pool,
+                    topic="t",
+                    batch_records=100,
+                    spool=tmp_path / f"c{index}.spool",
+                    retries=6,
+                    timeout=10,
+                ) as collector:
+                    collectors.append(collector)
+                    for seq in range(per_collector):
+                        collector.add({"c": index, "seq": seq})
+                        sent[index] += 1
+                        if seq % 100 == 0:
+                            time.sleep(0.02)  # a stream, not one burst: the kill lands mid-way
+            except Exception as exc:  # reported below, in the test's thread
+                errors.append(exc)
+            finally:
+                pool.close()
+
+        threads = [threading.Thread(target=collect, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: min(sent) > 1000 and collectors[0]._conn is not None, 30, "collectors under way")
+        # Kill the instance the first collector is talking to, while both are mid-stream.
+        peer = collectors[0]._conn._channel.stream.sock.getpeername()[:2]
+        victim = next(p for p in instances if p.address("ingest") == peer)
+        os.kill(victim.pid, signal.SIGKILL)
+        assert max(sent) < per_collector, "the kill came after the stream ended"
+        for t in threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in threads) and not errors, errors
+        resent = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+        assert resent, "no collector had to resend a batch: the kill did not land mid-stream"
+
+        store: Any = open_store(database)
+        try:
+            seen: dict[tuple[int, int], int] = {}
+            after = 0
+            while True:
+                rows = store.query("t", after, 10_000)
+                if not rows:
+                    break
+                for _, data in rows:
+                    record = __import__("json").loads(data)
+                    key = (record["c"], record["seq"])
+                    seen[key] = seen.get(key, 0) + 1
+                after = rows[-1][0]
+            assert len(seen) == 2 * per_collector, "records lost"
+            assert set(seen.values()) == {1}, "records stored twice"
+            assert store.count("t") == 2 * per_collector
+        finally:
+            store.close()
+
+
+def test_plain_collector_to_the_surviving_instance_sees_a_shared_store(
+    database: str, start_server: Callable[..., ServerProcess], write_config: Callable[[str], Path]
+) -> None:
+    with RegistryProcess() as registry:
+        first, second = (
+            start_server(_ingest_config(write_config, database, registry.address)) for _ in range(2)
+        )
+        with Collector(None, host="127.0.0.1", port=first.address("ingest")[1], topic="shared") as c:
+            c.add({"x": 1})
+        with client.connect(host="127.0.0.1", port=second.address("ingest")[1]) as conn:
+            assert conn.root.count("shared") == 1
