@@ -17,6 +17,11 @@ need ss iproute2
 need ip iproute2
 need curl curl
 need node nodejs
+# The PostgreSQL tests start a server of their own from Debian's binaries (not on PATH) unless
+# RPYC_HOST_TEST_POSTGRES names a reachable one.
+if [ -z "${RPYC_HOST_TEST_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  need initdb postgresql
+fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
