@@ -55,9 +55,13 @@ WILDCARDS = ("", "0.0.0.0", "::")
 
 
 class _QuietLog(logging.LoggerAdapter[logging.Logger]):
-    """rpyc's registry clients log every registration at INFO; ours logs state changes."""
+    """rpyc's registry clients log every attempt (INFO, or WARNING while the registry is down);
+    the registrar logs changes of state instead, so theirs go to DEBUG."""
 
     def info(self, msg: object, *args: object, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+    def warning(self, msg: object, *args: object, **kwargs: Any) -> None:
         self.debug(msg, *args, **kwargs)
 
 

@@ -40,7 +40,8 @@ class RegistryProcess:
         self.proc = subprocess.Popen(
             [*self.prefix, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._queue = queue.Queue()  # a restart reads only the new process's lines
+        threading.Thread(target=self._pump, args=(self.proc, self._queue), daemon=True).start()
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -56,12 +57,15 @@ class RegistryProcess:
                 self.port = self.address[1]
                 return self
 
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            self._queue.put(line)
-        self._queue.put(None)
+    def _pump(self, proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                self.lines.append(line.rstrip("\n"))
+                lines.put(line)
+        except ValueError:  # stdout closed by stop()
+            pass
+        lines.put(None)
 
     def stop(self) -> None:
         if self.proc is None:
