@@ -76,9 +76,11 @@ class HostThreadPoolServer(HostServerMixin, Server):
         self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic(), connid))
 
     def _register(self, fd: int, entry: _Entry) -> None:
+        # Under the lock with _drop's unregister: rpyc may close a dropped connection's socket
+        # early, and the accept thread may get its fd number for a new connection meanwhile.
         with self._entries_lock:
             self._entries[fd] = entry
-        self._epoll.register(fd, _MASK)
+            self._epoll.register(fd, _MASK)
 
     def _work(self) -> None:
         while self.active or self._entries:
@@ -125,15 +127,13 @@ class HostThreadPoolServer(HostServerMixin, Server):
         # rpyc may already have closed the socket and the accept thread reused its fd number
         # for a new connection: only unregister the entry if it is still this one.
         with self._entries_lock:
-            mine = self._entries.get(fd) is entry
-            if mine:
-                del self._entries[fd]
-        if not mine:
-            return
-        try:
-            self._epoll.unregister(fd)
-        except (OSError, ValueError):
-            pass
+            if self._entries.get(fd) is not entry:
+                return
+            del self._entries[fd]
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
         if entry.conn is not None:
             close_quietly(entry.conn, self.logger)
             self._forget(entry.conn)
