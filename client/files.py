@@ -101,7 +101,7 @@ def upload(
             report = _Reporter(progress, size, offset)
             if bulk:
                 ticket = writer.bulk(size - offset)
-                with bulk_io.open_bulk(tuple(ticket), timeout=timeout) as sock:
+                with _open_bulk(conn, ticket, timeout) as sock:
                     sent = bulk_io.send_file(sock, fd, offset, size - offset, report.add)
                     if sent != size - offset:
                         raise ValueError(f"{os.fspath(local)!r} shrank while it was being sent")
@@ -187,15 +187,10 @@ def download(
             _hash_range(fd, 0, offset, hasher)
             os.lseek(fd, offset, os.SEEK_SET)
             report = _Reporter(progress, size, offset)
-
-            def chunk(view: memoryview) -> None:
-                hasher.update(view)
-                report.add(len(view))
-
             if bulk:
                 ticket = reader.bulk(-1)
-                with bulk_io.open_bulk(tuple(ticket), timeout=timeout) as sock:
-                    bulk_io.recv_to_file(sock, fd, size - offset, chunk)
+                with _open_bulk(conn, ticket, timeout) as sock:
+                    bulk_io.recv_to_file(sock, fd, offset, size - offset, hasher, report.add)
                 _wait_remote(reader, timeout)
             else:
                 read = reader.read
@@ -205,7 +200,8 @@ def download(
                     if not data:
                         raise ValueError(f"{remote!r} shrank while it was being read")
                     os.write(fd, data)
-                    chunk(memoryview(data))
+                    hasher.update(data)
+                    report.add(len(data))
                     pos += len(data)
             os.fsync(fd)
         digest_call.wait()
@@ -218,6 +214,12 @@ def download(
     finally:
         _quietly(reader.close)
     return size, ours
+
+
+def _open_bulk(conn: Any, ticket: Any, timeout: float) -> Any:
+    """The side connection for ``ticket``, with TLS when ``conn`` has it (same context and name)."""
+    wrap = bulk_io.client_wrapper(bulk_io.control_socket(conn))
+    return bulk_io.open_bulk(tuple(ticket), timeout=timeout, wrap=wrap)
 
 
 def _wait_remote(transfer: Any, timeout: float) -> None:

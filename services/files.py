@@ -75,12 +75,13 @@ _ERRNO = {
 }
 
 
-def _err(cls: type[OSError], message: str) -> OSError:
+def _err(cls: type[OSError], message: str, code: int | None = None) -> OSError:
     """An error for the client: ``strerror`` is ``message``, which names the path as the client sees it.
 
     (rpyc re-creates OSErrors from ``(errno, strerror)``; a one-argument OSError arrives empty.)
+    ``code`` is the errno the client sees (default: the usual one for ``cls``, else EIO).
     """
-    exc = cls(_ERRNO.get(cls, errno.EIO), message)
+    exc = cls(code if code is not None else _ERRNO.get(cls, errno.EIO), message)
     exc._for_client = True  # type: ignore[attr-defined]
     return exc
 
@@ -99,7 +100,8 @@ def _client_error(exc: OSError, shown: str) -> Exception:
     if code in (errno.EACCES, errno.EPERM, errno.ELOOP):
         return _err(PermissionError, f"{shown!r}: permission denied")
     if code == errno.ENOTEMPTY:
-        return _err(OSError, f"{shown!r}: directory not empty (use recursive=True)")
+        # The errno lets a front end word the fix its own way (the CLI says -r).
+        return _err(OSError, f"{shown!r}: directory not empty (pass recursive=True)", errno.ENOTEMPTY)
     if code == errno.ENAMETOOLONG:
         return ValueError(f"{shown!r}: name too long")
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -403,7 +405,9 @@ class _Transfer:
 
     def _start_bulk(self, count: int, work: Callable[[Any, int], None]) -> bulk.Ticket:
         self._check_idle()
-        self._offer = offer = bulk.BulkOffer(self._svc._bind_host, timeout=self._svc.transfer_timeout)
+        self._offer = offer = bulk.BulkOffer(
+            self._svc._bind_host, timeout=self._svc.transfer_timeout, wrap=self._svc._bulk_wrap
+        )
         self._bulk_done = 0
         self._bulk_error = None
 
@@ -606,9 +610,11 @@ class Upload(_Transfer):
             )
         self._check_room(len(data))
         view = memoryview(data)
+        pos = self._pos
         with _reworded(self._shown):
             while view:
-                view = view[os.write(self._fd, view) :]
+                n = os.pwrite(self._fd, view, pos)
+                view, pos = view[n:], pos + n
         self._hash.update(data)
         self._pos += len(data)
         return self._pos
@@ -622,12 +628,11 @@ class Upload(_Transfer):
         self._check_room(length)
 
         def work(sock: Any, count: int) -> None:
-            def chunk(view: memoryview) -> None:
-                self._hash.update(view)
-                self._bulk_done += len(view)
-                self._pos += len(view)
+            def stored(n: int) -> None:  # written and hashed, in order
+                self._bulk_done += n
+                self._pos += n
 
-            bulk.recv_to_file(sock, self._fd, count, chunk)
+            bulk.recv_to_file(sock, self._fd, self._pos, count, self._hash, stored)
 
         return self._start_bulk(length, work)
 
@@ -779,6 +784,7 @@ class FileService(rpyc.Service):
             log.info("removed %d unfinished upload(s) under %s", removed, self.root)
         self._cwd: tuple[str, ...] = ()
         self._bind_host = "127.0.0.1"
+        self._bulk_wrap: bulk.SocketWrapper | None = None
         self._transfers: set[_Transfer] = set()
 
     def on_connect(self, conn: Any) -> None:
@@ -787,6 +793,8 @@ class FileService(rpyc.Service):
         endpoints = conn._config.get("endpoints")
         if endpoints and endpoints[0]:
             self._bind_host = endpoints[0][0]  # side connections use the interface the client reached
+        # A TLS control connection means TLS side connections, with the same server context.
+        self._bulk_wrap = bulk.server_wrapper(bulk.control_socket(conn))
 
     def on_disconnect(self, conn: Any) -> None:
         for transfer in list(self._transfers):
