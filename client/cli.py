@@ -143,7 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def remote_message(exc: BaseException) -> str:
-    """``Type: message`` without the remote-traceback block rpyc appends to remote errors."""
+    """``Type: message`` without the remote-traceback block rpyc appends to remote errors.
+
+    For an OSError the message is its ``strerror``: rpyc rebuilds a relayed OSError with empty
+    filenames, so ``str()`` would read ``[Errno 2] ...: None -> None``.
+    """
+    strerror = getattr(exc, "strerror", None)
+    if isinstance(exc, OSError) and isinstance(strerror, str) and strerror:
+        return f"{type(exc).__name__}: {strerror}"
     text = str(exc).split("\n\n========= Remote Traceback")[0].strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 

@@ -12,6 +12,7 @@ errors, 130 when interrupted (run the same transfer again to resume it).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -54,7 +55,7 @@ def register(sub: Any) -> None:
     p = cmd("rm", "remove a file, link or empty directory")
     p.add_argument("path")
     p.add_argument("-r", "--recursive", action="store_true", help="remove a directory and everything in it")
-    p.set_defaults(func=_guarded(lambda conn, args: conn.root.rm(args.path, args.recursive)))
+    p.set_defaults(func=_guarded(cmd_rm))
     for name, help_text in (("cp", "copy a file or directory tree"), ("mv", "move or rename")):
         p = cmd(name, help_text)
         p.add_argument("src")
@@ -92,18 +93,10 @@ def _guarded(action: Any) -> Any:
         except ConnectError:
             raise  # cli.main words connection failures itself
         except (OSError, ValueError, TypeError) as exc:
-            print(f"Error: {args.service}: {error_text(exc)}", file=sys.stderr)
+            print(f"Error: {args.service}: {remote_message(exc)}", file=sys.stderr)
             return EXIT_FAILED
 
     return run
-
-
-def error_text(exc: BaseException) -> str:
-    """``Type: message``; for OSErrors from the service, the message they carry in ``strerror``."""
-    strerror = getattr(exc, "strerror", None)
-    if isinstance(exc, OSError) and isinstance(strerror, str) and strerror:
-        return f"{type(exc).__name__}: {strerror}"
-    return remote_message(exc)
 
 
 def cmd_ls(conn: Any, args: argparse.Namespace) -> None:
@@ -115,6 +108,16 @@ def cmd_ls(conn: Any, args: argparse.Namespace) -> None:
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
         suffix = "/" if e.kind == "dir" else ("@" if e.kind == "symlink" else "")
         print(f"{e.mode:04o} {e.kind:<7} {e.size:>14,} {when} {e.name}{suffix}")
+
+
+def cmd_rm(conn: Any, args: argparse.Namespace) -> None:
+    try:
+        conn.root.rm(args.path, args.recursive)
+    except OSError as exc:
+        if exc.errno == errno.ENOTEMPTY and not args.recursive:
+            message = f"{args.path!r}: directory not empty (use rm -r to remove it and its contents)"
+            raise OSError(errno.ENOTEMPTY, message) from None
+        raise
 
 
 def _two_paths(name: str) -> Any:
@@ -131,15 +134,20 @@ def cmd_upload(conn: Any, args: argparse.Namespace) -> None:
     if remote.endswith("/") or (conn.root.exists(remote) and conn.root.stat(remote)[1] == "dir"):
         remote = f"{remote.rstrip('/')}/{os.path.basename(args.local)}"
     bar = None if args.no_progress else ProgressBar(f"upload {remote}")
-    size, digest = files_lib.upload(
-        conn,
-        args.local,
-        remote,
-        overwrite=args.overwrite,
-        resume=not args.no_resume,
-        progress=bar,
-        timeout=args.timeout,
-    )
+    try:
+        size, digest = files_lib.upload(
+            conn,
+            args.local,
+            remote,
+            overwrite=args.overwrite,
+            resume=not args.no_resume,
+            progress=bar,
+            timeout=args.timeout,
+        )
+    except FileExistsError:
+        raise FileExistsError(
+            errno.EEXIST, f"{remote!r}: already exists (use --overwrite to replace it)"
+        ) from None
     if bar is not None:
         bar.finish()
     print(f"{remote}: {size:,} bytes, sha256 {digest}")
