@@ -125,6 +125,7 @@ def rpyc_server(port_pipe: Any) -> None:
     from rpyc.utils.server import OneShotServer
 
     server = OneShotServer(SinkService(), hostname="127.0.0.1", port=0)
+    server._listen()  # before the port is sent, or the client can be refused (start() listens late)
     port_pipe.send((server.port, rss_now_kib()))
     server.start()
 
