@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -210,6 +212,25 @@ def test_cli_call_and_describe(
     assert "no service named 'dmeo' (did you mean 'demo'?)" in result.stderr
     result = run_cli("-m", "client", "call")
     assert result.returncode == 2
+
+
+def test_cli_shell_binds_conn_and_root(
+    write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
+) -> None:
+    proc = start_server(write_config(demo_config("threaded")))
+    port = proc.address("demo")[1]
+    client_config = write_config(f"services:\n  demo: {{class: services.demo:DemoService, port: {port}}}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "client", "shell", "demo", "--config", str(client_config)],
+        input="print('sum', root.add(20, 22))\nprint('closed', conn.closed)\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sum 42" in result.stdout and "closed False" in result.stdout
+    assert "Connected to 'demo'" in result.stderr
 
 
 def test_default_config_serves_plain_rpyc_clients(
