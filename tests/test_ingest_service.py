@@ -286,7 +286,10 @@ def test_concurrent_submitters_lose_no_writes(db: Path, server_type: str) -> Non
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"database": "postgress://x/db"}, "unknown scheme 'postgress'; known schemes: sqlite"),
+        (
+            {"database": "postgress://x/db"},
+            "unknown scheme 'postgress' (did you mean 'postgresql'?); known schemes: postgresql, sqlite",
+        ),
         ({"database": "sqlite://host/x.db"}, "a SQLite URL has no host"),
         ({"database": "sqlite:///:memory:"}, "an in-memory database is not durable"),
         ({"database": "sqlite:///x.db?sync=full"}, "unknown option 'sync'"),

@@ -13,6 +13,7 @@ import pytest
 import rpyc
 
 from rpyc_host.storage import BACKENDS, BatchWrite, StoreBusy, StoreError, open_store
+from rpyc_host.storage.postgres import PostgresStore
 from rpyc_host.storage.sqlite import SQLiteStore
 from rpyc_host.testing import running_host
 
@@ -22,9 +23,10 @@ def batch(batch_id: str, *rows: str, topic: str = "t") -> BatchWrite:
 
 
 def test_registry_maps_schemes_to_backends() -> None:
-    assert dict(BACKENDS) == {"sqlite": SQLiteStore}
+    assert dict(BACKENDS) == {"postgresql": PostgresStore, "sqlite": SQLiteStore}
     with pytest.raises(
-        ValueError, match=r"unknown scheme 'sqlit' \(did you mean 'sqlite'\?\); known schemes: sqlite"
+        ValueError,
+        match=r"unknown scheme 'sqlit' \(did you mean 'sqlite'\?\); known schemes: postgresql, sqlite",
     ):
         open_store("sqlit:///x.db")
     with pytest.raises(ValueError, match="no scheme"):
