@@ -22,8 +22,9 @@ interface the control connection arrived on, never a wildcard. The side connecti
 control connection's protection: when that one is TLS, so is this one, with the same contexts on
 both sides (:func:`server_wrapper`, :func:`client_wrapper`), so a host's certificate, its
 client-certificate CA and the client's CA all apply; the ticket is only handed out over the
-control connection, after its token handshake. ``send_file`` falls back from ``sendfile`` to
-``sendall`` on a TLS socket.
+control connection, after its token handshake. ``send_file`` reads an uncached file with
+``O_DIRECT`` into reused buffers and ``sendall``s them; a cached one goes by ``sendfile``, except
+on a TLS socket, where the bytes are read and sent with ``sendall``.
 """
 
 from __future__ import annotations
@@ -187,7 +188,29 @@ def send_file(
     count: int,
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Send ``count`` bytes of ``fd`` from ``offset``; returns bytes sent (less only at EOF)."""
+    """Send ``count`` bytes of ``fd`` from ``offset``; returns bytes sent (less only at EOF).
+
+    Three ways, chosen per call:
+
+    - the range is not in the page cache (a file written with O_DIRECT, or not read lately) and
+      the filesystem allows ``O_DIRECT``: :func:`_send_direct` reads it into a few reused aligned
+      buffers in a reader thread while this thread sends the previous one. ``sendfile`` would
+      first read the file into freshly allocated page cache, which on a VM that hands free
+      memory back to its host costs a host fault per page (the receive side's problem, see
+      :func:`recv_to_file`); reused buffers touch no new memory.
+    - the range is cached and the socket is plain TCP: ``os.sendfile`` (no copy in user space);
+    - a TLS socket: ``pread`` into one buffer and ``sendall`` (the kernel cannot encrypt).
+
+    Error handling: a socket error or a timeout (the socket's own) is raised; so is a read error.
+    ``progress(n)`` is called with each piece once it is handed to the socket.
+    """
+    if count > 0 and not _cached(fd, offset, count):
+        direct = _open_direct(fd)
+        if direct is not None:
+            try:
+                return _send_direct(sock, direct, offset, count, progress)
+            finally:
+                os.close(direct)
     if _is_tls(sock):
         return _send_copying(sock, fd, offset, count, progress)
     sent_total = 0
@@ -225,6 +248,132 @@ def _send_copying(
         if progress is not None:
             progress(n)
     return sent_total
+
+
+def _send_direct(
+    sock: socket.socket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
+) -> int:
+    """Send from ``fd`` (opened with O_DIRECT): a reader thread fills aligned buffers, we send them."""
+    reader = _DirectReader(fd, offset, count)
+    sent_total = 0
+    try:
+        while (piece := reader.next_piece()) is not None:
+            buf, skip, n = piece
+            with memoryview(buf) as whole:
+                sock.sendall(whole[skip : skip + n])
+            reader.give_back(buf)
+            sent_total += n
+            if progress is not None:
+                progress(n)
+    finally:
+        reader.stop()
+    return sent_total
+
+
+_ReadPiece = tuple[mmap.mmap, int, int]
+
+
+class _DirectReader:
+    """``send_file``'s reader thread: aligned O_DIRECT reads into ``BUFFERS`` reused buffers, in order."""
+
+    def __init__(self, fd: int, offset: int, count: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.count = count
+        self._stopped = threading.Event()
+        self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        for _ in range(BUFFERS):
+            self._free.put(mmap.mmap(-1, CHUNK))  # page-aligned, as O_DIRECT needs
+        self._ready: queue.SimpleQueue[_ReadPiece | BaseException | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="bulk-read", daemon=True)
+        self._thread.start()
+
+    def next_piece(self) -> _ReadPiece | None:
+        """The next ``(buffer, bytes to skip at its start, bytes to send)``; None at the end."""
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def give_back(self, buf: mmap.mmap) -> None:
+        self._free.put(buf)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            pos = self.offset - self.offset % ALIGN  # direct reads start on an aligned offset
+            skip = self.offset - pos
+            left = self.count
+            while left > 0:
+                buf = self._take()
+                if buf is None:
+                    return
+                with memoryview(buf) as view:
+                    n = os.preadv(self.fd, [view], pos)  # whole CHUNK: short only at the end of the file
+                if n <= skip:
+                    break  # the file is shorter than expected
+                take = min(n - skip, left)
+                self._ready.put((buf, skip, take))
+                left -= take
+                pos += n
+                skip = 0
+                if n < CHUNK:
+                    break
+            self._ready.put(None)
+        except BaseException as exc:
+            self._ready.put(exc)
+
+    def _take(self) -> mmap.mmap | None:
+        while not self._stopped.is_set():
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+        return None
+
+
+def _cached(fd: int, offset: int, count: int) -> bool:
+    """Whether the first and last byte of the range are in the page cache (True if we cannot tell)."""
+    if not hasattr(os, "RWF_NOWAIT"):
+        return True
+    probe = bytearray(1)
+    try:
+        for pos in {offset, offset + count - 1}:
+            if os.preadv(fd, [probe], pos, os.RWF_NOWAIT) == 0:
+                return True  # past the end: let the ordinary path report the short file
+    except BlockingIOError:
+        return False  # EAGAIN: the read would have gone to the disk
+    except OSError:
+        return True  # RWF_NOWAIT not supported here
+    return True
+
+
+def _open_direct(fd: int) -> int | None:
+    """A second descriptor of ``fd``'s file opened with O_DIRECT, or None where that is not possible.
+
+    A separate open file description (through ``/proc/self/fd``, which names the open file itself,
+    never a path that could have been swapped), so other readers of ``fd``, such as a checksum
+    computed meanwhile, keep their ordinary buffered reads.
+    """
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        direct = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return None  # no /proc, or a filesystem without direct I/O (tmpfs, some network ones)
+    probe = mmap.mmap(-1, ALIGN)
+    try:
+        with memoryview(probe) as view:
+            os.preadv(direct, [view], 0)  # some filesystems accept the flag but refuse the read
+    except OSError:
+        os.close(direct)
+        return None
+    finally:
+        probe.close()
+    return direct
 
 
 class _Hasher(Protocol):
