@@ -1,0 +1,113 @@
+"""What the service keeps beside the files: SHA-256 in an xattr, bytes in use, partial uploads."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import stat as stat_mod
+import time
+from contextlib import suppress
+from typing import Any
+
+from .errors import MiB
+from .paths import (
+    TEMP_NAME,
+)
+
+XATTR_SHA256 = "user.rpyc_host.sha256"  # "size:mtime_ns:hex", written by commit()
+HASH_CHUNK = 4 * MiB
+
+
+def hash_fd(fd: int, start: int, end: int, hasher: Any = None) -> Any:
+    h = hasher or hashlib.sha256()
+    buf = bytearray(HASH_CHUNK)
+    view = memoryview(buf)
+    pos = start
+    while pos < end:
+        n = os.preadv(fd, [view[: min(HASH_CHUNK, end - pos)]], pos)
+        if n == 0:
+            break
+        h.update(view[:n])
+        pos += n
+    return h
+
+
+def file_sha256(fd: int) -> str:
+    """SHA-256 of an open file: from the commit-time xattr if the file is unchanged, else computed."""
+    st = os.fstat(fd)
+    key = f"{st.st_size}:{st.st_mtime_ns}:"
+    try:
+        cached = os.getxattr(fd, XATTR_SHA256).decode()
+        if cached.startswith(key):
+            return cached[len(key) :]
+    except OSError:
+        pass
+    digest: str = hash_fd(fd, 0, st.st_size).hexdigest()
+    remember_sha256(fd, digest, st)
+    return digest
+
+
+def remember_sha256(fd: int, digest: str, st: os.stat_result | None = None) -> None:
+    st = st or os.fstat(fd)
+    try:  # a cache only: a filesystem without user xattrs just recomputes next time
+        os.setxattr(fd, XATTR_SHA256, f"{st.st_size}:{st.st_mtime_ns}:{digest}".encode())
+    except OSError:
+        pass
+
+
+def tree_usage(root: str) -> int:
+    """Bytes in regular files under ``root`` (links not followed)."""
+    total = 0
+    stack = [root]
+    while stack:
+        with suppress(OSError), os.scandir(stack.pop()) as it:
+            for entry in it:
+                st = entry.stat(follow_symlinks=False)
+                if stat_mod.S_ISREG(st.st_mode):
+                    total += st.st_size
+                elif stat_mod.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+    return total
+
+
+def sweep_partials(root: str, older_than: float | None = None) -> int:
+    """Remove upload temporaries under ``root`` that no live upload holds; returns how many."""
+    removed = 0
+    stack = [root]
+    now = time.time()
+    while stack:
+        with suppress(OSError), os.scandir(stack.pop()) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    if TEMP_NAME.match(entry.name):
+                        shutil.rmtree(entry.path, ignore_errors=True)  # a cp that died mid-copy
+                        removed += 1
+                    else:
+                        stack.append(entry.path)
+                elif TEMP_NAME.match(entry.name) and entry.is_file(follow_symlinks=False):
+                    if older_than is not None and now - entry.stat().st_mtime < older_than:
+                        continue
+                    if _unlink_if_unlocked(entry.path):
+                        removed += 1
+    return removed
+
+
+def _unlink_if_unlocked(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live upload holds this lock
+    except OSError:
+        os.close(fd)
+        return False
+    try:
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
