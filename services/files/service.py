@@ -32,7 +32,7 @@ from .storage import (
     sweep_partials,
     tree_usage,
 )
-from .transfers import Download, Transfer, Upload
+from .transfers import Download, Transfer, TransferCounts, Upload
 
 log = logging.getLogger("services.files")
 
@@ -91,6 +91,15 @@ class FileService(rpyc.Service):
         self._bind_host = "127.0.0.1"
         self._bulk_wrap: bulk.SocketWrapper | None = None
         self._transfers: set[Transfer] = set()
+        self.counts = TransferCounts()  # shared by every connection's copy of this instance
+
+    def metrics(self) -> dict[str, int]:
+        """For the host's /metrics (not exposed): bytes in and out, uploads and downloads so far.
+
+        Counted across this instance's connections. Under the ``forking`` server type each
+        connection runs in a child process and its counts are not visible here.
+        """
+        return self.counts.snapshot()
 
     def on_connect(self, conn: Any) -> None:
         self._cwd = ()
@@ -318,6 +327,7 @@ class FileService(rpyc.Service):
             data = os.pread(fd, size, 0)
             while len(data) < size and (more := os.pread(fd, size - len(data), len(data))):
                 data += more
+            self.counts.add(bytes_out=len(data), downloads=1)
             return data
         finally:
             os.close(fd)

@@ -31,6 +31,41 @@ if TYPE_CHECKING:
 log = logging.getLogger("services.files")
 
 
+class TransferCounts:
+    """Bytes and files moved by every connection of one service instance (for ``metrics()``).
+
+    One object is made by ``FileService.__init__`` and shared by the per-connection copies, so
+    updates from rpyc threads and bulk threads meet here, under a lock. Under the ``forking``
+    server type each connection runs in a child process: its counts stay in that child and the
+    parent's figures do not include them.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # write_bytes and read_bytes count too: they are a small upload and download in one call.
+        self.bytes_in = 0  # stored by uploads (committed or not)
+        self.bytes_out = 0  # handed to clients by downloads
+        self.uploads = 0  # uploads committed
+        self.downloads = 0  # downloads that reached the end of their file
+
+    def add(self, *, bytes_in: int = 0, bytes_out: int = 0, uploads: int = 0, downloads: int = 0) -> None:
+        with self._lock:
+            self.bytes_in += bytes_in
+            self.bytes_out += bytes_out
+            self.uploads += uploads
+            self.downloads += downloads
+
+    def snapshot(self) -> dict[str, int]:
+        """The four figures, named as the host's /metrics shows them (after ``rpyc_host_service_``)."""
+        with self._lock:
+            return {
+                "files_bytes_in": self.bytes_in,
+                "files_bytes_out": self.bytes_out,
+                "files_uploads": self.uploads,
+                "files_downloads": self.downloads,
+            }
+
+
 class Transfer:
     """What uploads and downloads share: the file, the position, and one bulk side transfer."""
 
@@ -134,6 +169,12 @@ class Download(Transfer):
     def __init__(self, service: FileService, fd: int, shown: str, pos: int) -> None:
         super().__init__(service, fd, shown, pos)
         self._length = os.fstat(fd).st_size
+        self._finished = False  # counted as a download already
+
+    def _count_if_finished(self) -> None:
+        if not self._finished and self._pos >= self._length:
+            self._finished = True
+            self._svc.counts.add(downloads=1)
 
     @exposed_op
     def size(self) -> int:
@@ -157,6 +198,8 @@ class Download(Transfer):
             n = limit
         data = os.pread(self._fd, n, self._pos)
         self._pos += len(data)
+        self._svc.counts.add(bytes_out=len(data))
+        self._count_if_finished()
         return data
 
     @exposed_op
@@ -172,8 +215,10 @@ class Download(Transfer):
             def sent(n: int) -> None:
                 self._bulk_done += n
                 self._pos += n
+                self._svc.counts.add(bytes_out=n)
 
             bulk.send_file(sock, self._fd, self._pos, count, sent)
+            self._count_if_finished()
 
         return self._start_bulk(count, work)
 
@@ -273,6 +318,7 @@ class Upload(Transfer):
                 view, pos = view[n:], pos + n
         self._hash.update(data)
         self._pos += len(data)
+        self._svc.counts.add(bytes_in=len(data))
         return self._pos
 
     @exposed_op
@@ -287,6 +333,7 @@ class Upload(Transfer):
             def stored(n: int) -> None:  # written and hashed, in order
                 self._bulk_done += n
                 self._pos += n
+                self._svc.counts.add(bytes_in=n)
 
             bulk.recv_to_file(sock, self._fd, self._pos, count, self._hash, stored)
 
@@ -331,6 +378,7 @@ class Upload(Transfer):
         size = self._pos
         self._temp = ""
         self._release()
+        self._svc.counts.add(uploads=1)
         log.info("committed %s: %d bytes", shown, size)
         return size, digest
 
