@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -125,6 +126,19 @@ def test_nothing_appears_before_commit_and_abort_cleans(service: Files) -> None:
         up.write(b"more")
 
 
+def partial_released(root: Path) -> bool:
+    """Whether there is one partial upload under ``root`` and no upload holds its lock."""
+    (path,) = root.rglob(".upload-*")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # also releases our lock
+    return True
+
+
 def test_upload_resumes_after_a_dropped_connection(service: Files, tmp_path: Path) -> None:
     src = random_file(tmp_path / "src.bin", 6 * MiB)
     data = src.read_bytes()
@@ -134,7 +148,9 @@ def test_upload_resumes_after_a_dropped_connection(service: Files, tmp_path: Pat
     up.write(data[2 * MiB : 3 * MiB])
     first.close()  # the client goes away mid-upload: the partial stays for resuming
     conn = service.connect()
-    wait_until(lambda: conn.root.resumable("big.bin") == 3 * MiB, what="the server to drop the connection")
+    # The partial's size shows at once; its lock goes only when the server has dropped the connection.
+    wait_until(lambda: partial_released(service.root), what="the server to drop the connection")
+    assert conn.root.resumable("big.bin") == 3 * MiB
     assert not conn.root.exists("big.bin")
     seen: list[int] = []
     size, digest = files.upload(conn, src, "big.bin", progress=lambda d, t: seen.append(d))
