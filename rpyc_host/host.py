@@ -242,14 +242,16 @@ class Host:
 
     def run(self) -> int:
         """Start, serve until SIGINT or SIGTERM (SIGHUP reloads), stop gracefully; returns the exit status."""
-        self.start()
         handlers = {
             signal.SIGINT: self._on_stop_signal,
             signal.SIGTERM: self._on_stop_signal,
             signal.SIGHUP: self._on_reload_signal,
         }
+        # Installed before start(): "host ready" is logged there, and a signal right after it
+        # must already stop gracefully instead of killing the process.
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
         try:
+            self.start()
             while not self._stop_requested.is_set():
                 self._wake.wait(0.5)
                 self._wake.clear()
