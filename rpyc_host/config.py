@@ -130,7 +130,7 @@ class RegistrySection:
     port: int = field(default=18811, metadata={"check": schema.port_check})
     # The address other machines reach this host at, when services bind a wildcard address.
     advertise_host: str | None = None
-    # Seconds between registrations (the registry forgets entries not refreshed in ~60 s).
+    # Seconds between registrations (rpyc's registry prunes entries not refreshed in 240 s).
     interval: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
     timeout: float = field(default=2.0, metadata={"check": schema.at_least(0.1)})
 
