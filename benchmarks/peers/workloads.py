@@ -44,15 +44,19 @@ def _latency_figures(lat: list[float], elapsed: float) -> dict[str, float]:
     }
 
 
-def sequential(system: System, port: int, count: int, seconds: float) -> dict[str, float]:
+def _sequential_latencies(system: System, port: int, count: int, seconds: float) -> tuple[list[float], float]:
     client = open_client(system, port)
     try:
         add = client.add  # bound once, as the reference figures did
         for _ in range(WARMUP):
             add(1, 2)
-        return _latency_figures(*_timed_calls(add, count, seconds))
+        return _timed_calls(add, count, seconds)
     finally:
         client.close()
+
+
+def sequential(system: System, port: int, count: int, seconds: float) -> dict[str, float]:
+    return _latency_figures(*_sequential_latencies(system, port, count, seconds))
 
 
 def _worker(system: System, port: int, count: int, seconds: float, barrier: Any, out: Any) -> None:
@@ -147,9 +151,11 @@ def idle(
 ) -> dict[str, float]:
     """Call p99 with no other connection, then with ``idle_count`` idle ones held open.
 
-    Opening stops at ``open_seconds``; ``opened`` says how many were really held.
+    "None" pools the calls made before the idle connections opened and after they closed, so
+    a noisy moment on one side of the test does not decide the ratio. Opening stops at
+    ``open_seconds``; ``opened`` says how many were really held.
     """
-    none = sequential(system, port, count, seconds)
+    before, _ = _sequential_latencies(system, port, count // 2, seconds / 2)
     rss_before = rss_kib(pid)
     closers = []
     try:
@@ -167,6 +173,9 @@ def idle(
                 close()
             except Exception:
                 pass
+    time.sleep(0.5)  # let the server reap what closed (threads, forked children)
+    after, _ = _sequential_latencies(system, port, count - count // 2, seconds / 2)
+    none = _latency_figures(before + after, 1.0)
     return {
         "p99_none_us": none["p99_us"],
         "p99_idle_us": held["p99_us"],
