@@ -39,6 +39,11 @@ def _literal(text: str) -> Any:
 
 def add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("service", help="service name from the config file (e.g. demo)")
+    add_connection_options(parser)
+
+
+def add_connection_options(parser: argparse.ArgumentParser) -> None:
+    """--config, --host, --port and --timeout, for commands that connect to one service."""
     parser.add_argument("--config", help="config file (default: $RPYC_HOST_CONFIG or config.yaml)")
     parser.add_argument("--host", help="connect here instead of the configured host")
     parser.add_argument("--port", type=int, help="connect here instead of the configured port")

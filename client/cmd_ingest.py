@@ -15,23 +15,14 @@ import argparse
 import json
 import sys
 
-from . import DEFAULT_TIMEOUT
-from .cli import EXIT_OK, connect_from_args
+from .cli import EXIT_OK, add_connection_options, connect_from_args
 
 
 def _add_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--service", default="ingest", help="service name in the config (default: %(default)s)"
     )
-    parser.add_argument("--config", help="config file (default: $RPYC_HOST_CONFIG or config.yaml)")
-    parser.add_argument("--host", help="connect here instead of the configured host")
-    parser.add_argument("--port", type=int, help="connect here instead of the configured port")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
-        help="seconds for connecting and per call (default: %(default)s)",
-    )
+    add_connection_options(parser)
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -44,6 +44,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .security import recv_exact
+
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
 BUFFERS = 4  # CHUNK-sized buffers in flight while receiving: socket, disk and hash overlap
@@ -91,8 +93,8 @@ class BulkOffer:
                     sock.settimeout(max(0.1, deadline - time.monotonic()))
                     if self._wrap is not None:
                         sock = self._wrap(sock)
-                    got = _recv_exact(sock, TOKEN_BYTES)
-                except OSError:
+                    got = recv_exact(sock, TOKEN_BYTES)
+                except (OSError, EOFError):
                     sock.close()
                     continue
                 if not hmac.compare_digest(got, self.token):
@@ -559,16 +561,6 @@ def _set_direct(fd: int, on: bool) -> None:
     want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
     if want != flags:
         fcntl.fcntl(fd, fcntl.F_SETFL, want)
-
-
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        part = sock.recv(count - len(buf))
-        if not part:
-            raise ConnectionError("closed before the token")
-        buf += part
-    return bytes(buf)
 
 
 def _is_tls(sock: socket.socket) -> bool:

@@ -304,7 +304,7 @@ class Gatekeeper:
 
     def _check_token(self, sock: socket.socket, peer: str) -> None:
         try:
-            magic = _recv_exact(sock, len(TOKEN_MAGIC))
+            magic = recv_exact(sock, len(TOKEN_MAGIC))
         except (OSError, EOFError) as exc:
             raise Refused(f"no token sent ({_why(exc)})", "", "auth") from None
         if magic != TOKEN_MAGIC:
@@ -317,10 +317,10 @@ class Gatekeeper:
                 "auth",
             )
         try:
-            (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+            (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
             if length > MAX_TOKEN_BYTES:
                 raise Refused(f"token of {length} bytes", "token too long", "auth")
-            offered = _recv_exact(sock, length)
+            offered = recv_exact(sock, length)
         except (OSError, EOFError) as exc:
             raise Refused(f"incomplete token ({_why(exc)})", "", "auth") from None
         # Compare against every token, without stopping early, so timing says nothing.
@@ -359,11 +359,11 @@ def client_handshake(sock: socket.socket, token: str) -> None:
         raise ValueError(f"token is {len(data)} bytes; the limit is {MAX_TOKEN_BYTES}")
     sock.sendall(TOKEN_MAGIC + _LEN.pack(len(data)) + data)
     try:
-        head = _recv_exact(sock, len(STATUS_MAGIC))
+        head = recv_exact(sock, len(STATUS_MAGIC))
         if head == STATUS_MAGIC:
-            status = _recv_exact(sock, 1)[0]
-            (length,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-            message = _recv_exact(sock, length).decode("utf-8", "replace")
+            status = recv_exact(sock, 1)[0]
+            (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+            message = recv_exact(sock, length).decode("utf-8", "replace")
             if status != STATUS_OK:
                 raise AuthError(f"the server refused the token: {message}")
             return
@@ -373,7 +373,7 @@ def client_handshake(sock: socket.socket, token: str) -> None:
             raise ConnectionRefusedError(
                 "the server sent an unexpected answer to the token (does it expect one?)"
             )
-        rest = _recv_exact(sock, 1 + length + 1)
+        rest = recv_exact(sock, 1 + length + 1)
         raise ConnectionRefusedError(refusal_message(rest[1:-1]))
     except (EOFError, ConnectionResetError):
         raise ConnectionRefusedError(
@@ -391,7 +391,8 @@ def refusal_message(payload: bytes) -> str:
         return "connection refused"
 
 
-def _recv_exact(sock: socket.socket, count: int) -> bytes:
+def recv_exact(sock: socket.socket, count: int) -> bytes:
+    """Exactly ``count`` bytes from ``sock``; EOFError if the peer closes first."""
     buf = bytearray()
     while len(buf) < count:
         chunk = sock.recv(count - len(buf))
