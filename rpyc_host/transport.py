@@ -10,6 +10,7 @@ receiver honours the per-frame compression flag either way.
 
 from __future__ import annotations
 
+import select
 import socket
 import zlib
 
@@ -28,25 +29,50 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class FastSocketStream(SocketStream):
-    """A ``SocketStream`` whose reads and writes avoid quadratic slicing."""
+    """A ``SocketStream`` whose reads and writes avoid quadratic slicing.
 
-    __slots__ = ()
+    ``stall`` (seconds) bounds how long the peer may keep a half-read frame or a half-sent reply
+    waiting. On a plain socket it is enforced without a socket timeout, which would make CPython
+    poll() before every send and recv: I/O uses MSG_DONTWAIT and polls, bounded by ``stall``,
+    only when the peer is not ready. A TLS socket keeps its timeout (its records need it).
+    """
 
-    def read_into(self, view: memoryview) -> None:
-        """Fill ``view`` completely, or raise EOFError."""
-        sock = self.sock
-        while view:
+    __slots__ = ("stall",)
+
+    def __init__(self, sock: socket.socket, stall: float | None = None) -> None:
+        super().__init__(sock)
+        self.stall = stall if stall is not None and not _is_tls(sock) else None
+
+    def _stalled(self) -> EOFError:
+        self.close()
+        return EOFError("peer stalled in the middle of a frame")
+
+    def _wait(self, event: int) -> None:
+        assert self.stall is not None
+        poller = select.poll()
+        poller.register(self.sock.fileno(), event)
+        if not poller.poll(self.stall * 1000):
+            raise self._stalled()
+
+    def _recv_into(self, view: memoryview) -> int:
+        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        while True:
             try:
-                n = sock.recv_into(view, min(len(view), _RECV_CHUNK))
+                return self.sock.recv_into(view, min(len(view), _RECV_CHUNK), flags)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
             except InterruptedError:
                 continue
-            except TimeoutError:
-                # The socket's timeout is the host's stall limit: a peer that stops mid-frame is gone.
-                self.close()
-                raise EOFError("peer stalled in the middle of a frame") from None
+            except TimeoutError:  # a TLS socket's timeout: the same stall limit
+                raise self._stalled() from None
             except OSError as exc:
                 self.close()
                 raise EOFError(exc) from exc
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` completely, or raise EOFError."""
+        while view:
+            n = self._recv_into(view)
             if not n:
                 self.close()
                 raise EOFError("connection closed by peer")
@@ -54,19 +80,24 @@ class FastSocketStream(SocketStream):
 
     def read(self, count: int) -> bytes:
         # Small frames usually arrive whole: one recv, no buffer juggling.
+        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
         try:
-            first = self.sock.recv(count)
-        except InterruptedError:
-            first = b""
+            first = self.sock.recv(count, flags)
+        except (BlockingIOError, InterruptedError):
+            first = None  # nothing there yet
         except TimeoutError:
-            self.close()
-            raise EOFError("peer stalled in the middle of a frame") from None
+            raise self._stalled() from None
         except OSError as exc:
             self.close()
             raise EOFError(exc) from exc
-        if len(first) == count:
+        if first is None:
+            first = b""
+        elif len(first) == count:
             return first
-        # Short or empty (EOF, timeout): read_into finishes the job or raises EOFError.
+        elif not first:
+            self.close()
+            raise EOFError("connection closed by peer")
+        # Short (or not there yet): read_into finishes the job or raises EOFError.
         buf = bytearray(count)
         buf[: len(first)] = first
         self.read_into(memoryview(buf)[len(first) :])
@@ -95,6 +126,7 @@ class FastSocketStream(SocketStream):
     def writev(self, parts: list[bytes | memoryview]) -> None:
         """Send every part in order, as few system calls as the kernel allows."""
         sock = self.sock
+        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
         try:
             if not hasattr(sock, "sendmsg") or _is_tls(sock):
                 for part in parts:
@@ -102,12 +134,18 @@ class FastSocketStream(SocketStream):
                 return
             views = [memoryview(p) for p in parts if len(p)]
             while views:
-                sent = sock.sendmsg(views)
+                try:
+                    sent = sock.sendmsg(views, (), flags)
+                except BlockingIOError:
+                    self._wait(select.POLLOUT)  # the peer is not reading: wait, within the limit
+                    continue
                 while views and sent >= len(views[0]):
                     sent -= len(views[0])
                     views.pop(0)
                 if sent:
                     views[0] = views[0][sent:]
+        except TimeoutError:
+            raise self._stalled() from None
         except OSError as exc:
             self.close()
             raise EOFError(exc) from exc
@@ -175,7 +213,9 @@ class FastChannel(Channel):
         return out
 
 
-def make_channel(sock: socket.socket, compress: bool = False, max_frame: int | None = None) -> FastChannel:
-    """Wrap a connected socket (plain or TLS) in a tuned channel."""
+def make_channel(
+    sock: socket.socket, compress: bool = False, max_frame: int | None = None, stall: float | None = None
+) -> FastChannel:
+    """Wrap a connected socket (plain or TLS) in a tuned channel; see FastSocketStream for ``stall``."""
     tune_socket(sock)
-    return FastChannel(FastSocketStream(sock), compress=compress, max_frame=max_frame)
+    return FastChannel(FastSocketStream(sock, stall), compress=compress, max_frame=max_frame)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import socket
+import ssl
 import threading
 import time
 import weakref
@@ -164,8 +165,9 @@ class HostServerMixin:
     def _build_connection(
         self, sock: socket.socket, peer: Any, connid: str | None = None, credentials: Any = None
     ) -> HostConnection:
-        # A silent peer mid-frame (or mid-send) must not hold its thread or worker forever.
-        sock.settimeout(self.limits.handshake_timeout)
+        # A peer silent mid-frame (or not reading a reply) must not hold its thread or worker
+        # forever: the channel bounds such waits by handshake_timeout (TLS sockets by a timeout).
+        sock.settimeout(self.limits.handshake_timeout if isinstance(sock, ssl.SSLSocket) else None)
         config = dict(
             self.protocol_config,
             connid=connid or self._new_connid(),
@@ -174,7 +176,9 @@ class HostServerMixin:
             logger=self.logger,
         )
         root = per_connection(self.service)
-        channel = make_channel(sock, self.settings.compression, self.limits.max_frame_bytes)
+        channel = make_channel(
+            sock, self.settings.compression, self.limits.max_frame_bytes, stall=self.limits.handshake_timeout
+        )
         conn: HostConnection = root._connect(channel, config)
         with self._conn_lock:
             self.connections.add(conn)
