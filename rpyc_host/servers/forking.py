@@ -1,7 +1,9 @@
 """``forking``: one child process per connection.
 
-Each child is reaped by a waiter thread as soon as it exits: no SIGCHLD handler, which would
-have to be installed from the main thread and would also reap processes the services start.
+Children are reaped as soon as they exit by one thread waiting on their pidfds: no SIGCHLD
+handler, which would have to be installed from the main thread and would also reap processes
+the services start, and no thread per child (every fork copies every thread's stack mapping,
+so a thread per connection made each fork slower as connections piled up).
 Stopping the server asks each child (SIGTERM) to finish its call and disconnect, and kills what
 is left after the grace period.
 """
@@ -10,10 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import selectors
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import rpyc
@@ -33,6 +37,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         self.grace_period = settings.grace_period
         self.children: dict[int, Any] = {}
         self._children_lock = threading.Lock()
+        self._reaper = Reaper(self._reaped, name=f"{self.name}-reaper")
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         connid = self._new_connid()  # numbered in the parent, so ids stay unique across children
@@ -56,7 +61,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         self.clients.discard(sock)
         with self._children_lock:
             self.children[pid] = peer
-        threading.Thread(target=self._reap, args=(pid,), name=f"{self.name}-reap-{pid}", daemon=True).start()
+        self._reaper.watch(pid)
 
     def _serve_in_child(self, sock: socket.socket, peer: Any, connid: str) -> None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
@@ -86,11 +91,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         except (OSError, AttributeError):
             pass
 
-    def _reap(self, pid: int) -> None:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
+    def _reaped(self, pid: int) -> None:
         with self._children_lock:
             peer = self.children.pop(pid, None)
         if peer is not None:
@@ -116,6 +117,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         deadline = time.monotonic() + 5
         while self.live_children() and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._reaper.close()
 
     def wait_closed(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -129,3 +131,63 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+class Reaper:
+    """Reaps the given child processes as they exit, from one thread, calling ``on_exit(pid)``.
+
+    Waits on pidfds (Linux 5.3+); where those are missing, falls back to a waiter thread per child.
+    """
+
+    def __init__(self, on_exit: Callable[[int], None], name: str) -> None:
+        self.on_exit = on_exit
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def watch(self, pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            threading.Thread(target=self._wait_one, args=(pid,), daemon=True).start()
+            return
+        with self._lock:
+            self._selector.register(fd, selectors.EVENT_READ, pid)
+        os.write(self._wake_w, b"x")
+
+    def _wait_one(self, pid: int) -> None:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+        self.on_exit(pid)
+
+    def _run(self) -> None:
+        while not self._closed:
+            for key, _ in self._selector.select(1.0):
+                if key.data is None:
+                    os.read(self._wake_r, 4096)
+                    continue
+                with self._lock:
+                    self._selector.unregister(key.fd)
+                os.close(key.fd)
+                try:
+                    os.waitpid(key.data, 0)  # it has exited: this does not block
+                except ChildProcessError:
+                    pass
+                self.on_exit(key.data)
+
+    def close(self) -> None:
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                os.close(key.fd)
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
