@@ -428,18 +428,12 @@ def _resolve(sections: FileSections, source: str) -> Config:
 
 
 def _check_registry(registry: RegistrySection) -> RegistrySection:
-    if registry.enabled and registry.mode == "udp":
-        try:
-            address = ipaddress.ip_address(registry.host)
-            broadcast = address == ipaddress.IPv4Address(2**32 - 1) or address.is_multicast
-        except ValueError:
-            broadcast = registry.host in ("", "<broadcast>")
-        if broadcast:
-            raise ConfigError(
-                f"{registry.host!r}: UDP mode needs the registry's own unicast address; "
-                "this host never broadcasts",
-                path="registry.host",
-            )
+    if registry.enabled and registry.mode == "udp" and is_broadcast(registry.host):
+        raise ConfigError(
+            f"{registry.host!r}: UDP mode needs the registry's own unicast address; "
+            "this host never broadcasts",
+            path="registry.host",
+        )
     return registry
 
 
@@ -537,6 +531,15 @@ def _check_ports(
                 path=f"{svc.key_path}.port",
             )
         taken[svc.port] = f"{svc.key_path}.port"
+
+
+def is_broadcast(host: str) -> bool:
+    """True for a broadcast or multicast address (or rpyc's empty/``<broadcast>`` spellings)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host in ("", "<broadcast>")
+    return address == ipaddress.IPv4Address(2**32 - 1) or address.is_multicast
 
 
 def is_loopback(host: str) -> bool:

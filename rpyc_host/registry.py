@@ -27,7 +27,6 @@ interface), with listing on so ``python -m client services`` works.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import socket
 import sys
@@ -46,7 +45,7 @@ from rpyc.utils.registry import (
     UDPRegistryClient,
 )
 
-from .config import Config, RegistrySection
+from .config import Config, RegistrySection, is_broadcast, is_loopback
 from .errors import StartupError
 
 log = logging.getLogger("rpyc_host.registry")
@@ -91,29 +90,12 @@ def registry_client(section: RegistrySection) -> Any:
     """rpyc's registry client for ``section`` (TCP, or UDP to its unicast host, never broadcast)."""
     quiet = _QuietLog(logging.getLogger("rpyc_host.registry.rpyc"), {})
     if section.mode == "udp":
-        if _is_broadcast(section.host):
+        if is_broadcast(section.host):
             raise StartupError(f"registry.host: {section.host!r} is a broadcast address; use a unicast one")
         return _UDPClient(
             ip=section.host, port=section.port, timeout=section.timeout, bcast=False, logger=quiet
         )
     return _TCPClient(section.host, port=section.port, timeout=section.timeout, logger=quiet)
-
-
-def _is_broadcast(host: str) -> bool:
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host in ("", "<broadcast>")
-    return address == ipaddress.IPv4Address("255.255.255.255") or address.is_multicast
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -172,7 +154,7 @@ class Registrar:
                 )
         else:
             source = bound_host
-        if _is_loopback(source) and not _is_loopback(self.section.host):
+        if is_loopback(source) and not is_loopback(self.section.host):
             log.warning(
                 "registry: %s binds %s, which other machines cannot reach: not registered with %s "
                 "(bind a reachable address, or 0.0.0.0 with registry.advertise_host)",
