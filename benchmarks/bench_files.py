@@ -6,7 +6,12 @@
 Each server runs in its own process on 127.0.0.1 (port 0, real port read back over a pipe):
 - raw: a socket ``sendall`` of the bytes, received with ``recv_into`` and discarded;
 - rpyc-defaults: ``rpyc.connect`` with default settings (zlib, Nagle), one call per 1 MiB chunk;
-- files: ``client.files.upload`` / ``download`` against ``python server.py`` serving FileService.
+- files: ``client.files.upload`` / ``download`` against ``python server.py`` serving FileService;
+- disk: the server's uploaded copy read with O_DIRECT while another 1 GiB is written with O_DIRECT,
+  4 MiB at a time, both at once: what a loopback download asks of the one disk both ends share
+  (the upload's source is in the page cache, so only its server side touches the disk);
+- files.download, server copy cached: the same download once the server's file is in the page
+  cache, i.e. the data path without the disk read.
 
 Prints MB/s, the ratio to raw, and the peak RSS growth of the server process and of this client.
 Figures are noisy on a shared 2-core machine: compare ratios within one run.
@@ -15,12 +20,14 @@ Figures are noisy on a shared 2-core machine: compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import mmap
 import multiprocessing as mp
 import os
 import socket
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -160,6 +167,49 @@ def bench_rpyc_defaults(data: bytes, limit_s: float) -> tuple[float, int, int]:
 # -- the file service --------------------------------------------------------------------------------
 
 
+def bench_disk(src: Path, scratch: Path) -> float | None:
+    """MB/s of each of an O_DIRECT read of ``src`` and an O_DIRECT write of as many bytes, run at once.
+
+    None where the filesystem refuses O_DIRECT (tmpfs). ``src`` must not be in the page cache for
+    this to measure the disk (the service writes uploads with O_DIRECT, so it is not).
+    """
+    size = src.stat().st_size
+    step = 4 * MiB
+    try:
+        rfd = os.open(src, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    try:
+        wfd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        os.close(rfd)
+        return None
+    errors: list[BaseException] = []
+
+    def run(fd: int, write: bool) -> None:
+        buf = mmap.mmap(-1, step)
+        try:
+            for pos in range(0, size, step):
+                if write:
+                    os.pwrite(fd, buf, pos)
+                else:
+                    os.preadv(fd, [buf], pos)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(fd, fd == wfd)) for fd in (rfd, wfd)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    os.close(rfd)
+    os.close(wfd)
+    scratch.unlink()
+    return None if errors else size / elapsed / 1e6
+
+
 def bench_files(src: Path, work: Path) -> dict[str, Any]:
     config = work / "files.yaml"
     config.write_text(
@@ -192,6 +242,17 @@ def bench_files(src: Path, work: Path) -> dict[str, Any]:
             out["client_rss"] = rss_peak_kib() - client_base
             out["server_rss"] = rss_peak_kib(server.pid) - base
             dst.unlink()
+            stored = work / "root" / "bench.bin"
+            out["disk"] = bench_disk(stored, work / "disk.bin")
+            with open(stored, "rb") as f:  # into the page cache, as a file read lately would be
+                while f.read(4 * MiB):
+                    pass
+            start = time.perf_counter()
+            files.download(conn, "bench.bin", dst, resume=False)
+            out["download_cached"] = size / (time.perf_counter() - start) / 1e6
+            out["client_rss_cached"] = rss_peak_kib() - client_base
+            out["server_rss_cached"] = rss_peak_kib(server.pid) - base
+            dst.unlink()
             conn.root.rm("bench.bin")
     return out
 
@@ -219,10 +280,21 @@ def main(argv: list[str] | None = None) -> int:
         (f"rpyc defaults, 1 MiB calls ({stock_sent // MiB} MiB)", stock, stock_rss, None),
         ("files.upload", result["upload"], result["server_rss_after_upload"], result["upload_client_rss"]),
         ("files.download", result["download"], result["server_rss"], result["client_rss"]),
+        ("disk: O_DIRECT read + write at once", result["disk"], None, None),
+        (
+            "files.download, server copy cached",
+            result["download_cached"],
+            result["server_rss_cached"],
+            result["client_rss_cached"],
+        ),
     ]
     for name, rate, srv, cli in rows:
+        if rate is None:
+            print(f"{name:<34}{'-':>9}{'-':>8}")
+            continue
+        srv_text = f"{srv / 1024:>17.1f}" if srv is not None else f"{'-':>17}"
         cli_text = f"{cli / 1024:>17.1f}" if cli is not None else f"{'-':>17}"
-        print(f"{name:<34}{rate:>9.0f}{rate / raw:>8.2f}{srv / 1024:>17.1f}{cli_text}")
+        print(f"{name:<34}{rate:>9.0f}{rate / raw:>8.2f}{srv_text}{cli_text}")
     return 0
 
 
