@@ -151,7 +151,19 @@ class FastSocketStream(SocketStream):
             raise EOFError(exc) from exc
 
     def write(self, data: bytes) -> None:
-        self.writev([data])
+        # A small frame almost always fits the socket buffer: one send(), no gather list.
+        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        try:
+            sent = self.sock.send(data, flags)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except TimeoutError:
+            raise self._stalled() from None
+        except OSError as exc:
+            self.close()
+            raise EOFError(exc) from exc
+        if sent < len(data):
+            self.writev([memoryview(data)[sent:]])
 
 
 def _is_tls(sock: socket.socket) -> bool:
