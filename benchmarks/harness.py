@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,6 +172,3 @@ def table(rows: list[list[str]]) -> str:
 
 def fmt(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
-
-
-Check = Callable[[], tuple[str, bool]]
