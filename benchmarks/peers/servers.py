@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rpyc_host.security import recv_exact  # re-exported for the peer clients
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOKEN = "peers-benchmark-token-0123456789"
 PAIR = struct.Struct("!qq")
@@ -35,16 +37,6 @@ RAW_ECHO, RAW_SINK = b"E", b"S"
 
 def _ready(port: int) -> None:
     print("READY", port, flush=True)
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return bytes(buf)
 
 
 # -- servers (each runs in its own process) ---------------------------------------------------------
