@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import re
 import socket
 import sys
@@ -29,7 +28,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS, fmt, machine, median_of, percentile, python_server, save, table
+from benchmarks.harness import (
+    RESULTS,
+    fmt,
+    machine,
+    median_of,
+    percentile,
+    python_server,
+    run_clients,
+    save,
+    table,
+)
 
 STDLIB = """
 import sys
@@ -159,20 +168,7 @@ def parallel(
     port: int, protocol: str, clients: int, seconds: float, max_calls: int = 500_000
 ) -> dict[str, float]:
     """``clients`` processes calling at once for ``seconds`` (each at most ``max_calls``)."""
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    start_at = time.time() + 1.0 + 0.1 * clients  # every process connects and warms up first
-    procs = [
-        ctx.Process(target=_worker, args=(port, protocol, seconds, max_calls, start_at, out))
-        for _ in range(clients)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=seconds + 60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        if p.is_alive():
-            p.kill()
+    results = run_clients(_worker, (port, protocol, seconds, max_calls), clients, seconds)
     errors = [r[3] for r in results if r[3]]
     if errors:
         raise RuntimeError(f"client failed: {errors[0]}")

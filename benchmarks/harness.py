@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,38 +32,38 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 @contextmanager
-def python_server(
-    code: str, *args: str, ready: str = "READY", timeout: float = 30
-) -> Iterator[tuple[int, str]]:
-    """Run ``python -c code args``; it must print ``READY <port>``. Yields (port, pid text)."""
+def ready_server(argv: list[str], timeout: float = 30, what: str = "server") -> Iterator[tuple[int, int]]:
+    """Run ``argv`` from the project root; it must print ``READY <port>``. Yields (port, pid) and
+    stops the process by PID on exit, whatever happens."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=ROOT,
+        argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT
     )
     try:
-        deadline = time.monotonic() + timeout
         assert proc.stdout is not None
-        while time.monotonic() < deadline:
+        deadline = time.monotonic() + timeout
+        port = 0
+        while not port and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
-                raise RuntimeError(f"server exited early: {code[:60]!r}")
-            if line.startswith(ready):
-                yield int(line.split()[1]), str(proc.pid)
-                break
-        else:
-            raise RuntimeError("server not ready in time")
+                raise RuntimeError(f"the {what} exited before it was ready")
+            if line.startswith("READY "):
+                port = int(line.split()[1])
+        if not port:
+            raise RuntimeError(f"the {what} was not ready within {timeout} s")
+        yield port, proc.pid
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.wait(timeout=15)
+
+
+def python_server(code: str, *args: str, timeout: float = 30) -> Any:
+    """``python -c code args`` as a :func:`ready_server`."""
+    return ready_server([sys.executable, "-c", code, *args], timeout, what=f"server {code[:40]!r}")
 
 
 @contextmanager
@@ -120,20 +120,29 @@ def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, o
     out.put((len(lat), sum(lat), sorted(lat)[:: max(1, len(lat) // 2000)]))
 
 
-def parallel_calls(port: int, clients: int, seconds: float, max_calls: int = 200_000) -> dict[str, float]:
-    """``clients`` processes calling ``add`` at once for ``seconds``: total calls/s and p99."""
+def run_clients(
+    worker: Callable[..., None], args: tuple[Any, ...], clients: int, seconds: float
+) -> list[Any]:
+    """Start ``clients`` spawned processes running ``worker(*args, start_at, out)``; each connects,
+    waits until ``start_at`` so all call together, and puts one result on ``out``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     start_at = time.time() + 1.0 + 0.1 * clients  # let every process connect first
-    procs = [
-        ctx.Process(target=_client_worker, args=(port, seconds, max_calls, start_at, out))
-        for _ in range(clients)
-    ]
+    procs = [ctx.Process(target=worker, args=(*args, start_at, out)) for _ in range(clients)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=seconds + 60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
+    try:
+        return [out.get(timeout=seconds + 60) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
+def parallel_calls(port: int, clients: int, seconds: float, max_calls: int = 200_000) -> dict[str, float]:
+    """``clients`` processes calling ``add`` at once for ``seconds``: total calls/s and p99."""
+    results = run_clients(_client_worker, (port, seconds, max_calls), clients, seconds)
     total = sum(r[0] for r in results)
     samples = [s for r in results for s in r[2]]
     return {"calls_per_s": total / seconds, "p99_us": percentile(samples, 99) * 1e6, "calls": total}

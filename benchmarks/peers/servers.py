@@ -12,15 +12,12 @@ bytes instead.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -168,40 +165,15 @@ SERVERS: dict[str, Callable[[], None]] = {
 # -- running them (the benchmark's side) ---------------------------------------------------------------
 
 
-@contextmanager
-def peer_server(kind: str, timeout: float = 30) -> Iterator[tuple[int, int]]:
+def peer_server(kind: str, timeout: float = 30) -> Any:
     """Run one peer's server in a child process; yields (port, pid); stops it by PID on exit."""
+    from benchmarks.harness import ready_server
+
     if kind not in SERVERS:
         raise ValueError(f"unknown peer server {kind!r}; expected one of {sorted(SERVERS)}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.peers.servers", kind],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-        cwd=ROOT,
+    return ready_server(
+        [sys.executable, "-m", "benchmarks.peers.servers", kind], timeout, what=f"{kind} server"
     )
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        port = 0
-        while not port and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the {kind} server exited before it was ready")
-            if line.startswith("READY "):
-                port = int(line.split()[1])
-        if not port:
-            raise RuntimeError(f"the {kind} server was not ready within {timeout} s")
-        yield port, proc.pid
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
 
 
 HOST_CONFIG = """
