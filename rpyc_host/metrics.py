@@ -11,6 +11,8 @@ Families:
 - ``rpyc_host_calls_in_flight{service}``
 - ``rpyc_host_connections_open{service}``, ``rpyc_host_connections_total{service}``
 - ``rpyc_host_connections_refused_total{service,reason}`` (limit, auth, tls, throttle)
+- ``rpyc_host_limit_refusals_total{service,limit}``: requests refused by a ``limits:`` cap
+- ``rpyc_host_held{service,resource}``: what clients hold now (see :mod:`rpyc_host.budget`)
 - ``rpyc_host_service_<name>{service}``: whatever a service's own ``metrics()`` returns
   (the file service's bytes in and out, the ingest service's records and rejects)
 
@@ -146,6 +148,20 @@ class HostCollector:
         for (service, reason), count in self.host.refusals.by_service().items():
             refused.add_metric([service, reason], count)
         yield refused
+
+        limit_refusals = CounterMetricFamily(
+            "rpyc_host_limit_refusals", "Requests refused by a limit", labels=["service", "limit"]
+        )
+        held = GaugeMetricFamily(
+            "rpyc_host_held", "Resources clients hold now", labels=["service", "resource"]
+        )
+        for hosted in self.host.hosted:
+            ledger = hosted.server.ledger
+            for limit, count in ledger.refusal_counts().items():
+                limit_refusals.add_metric([hosted.config.name, limit], count)
+            for resource, amount in ledger.snapshot().items():
+                held.add_metric([hosted.config.name, resource], amount)
+        yield from (limit_refusals, held)
 
         for hosted in self.host.hosted:
             own = getattr(hosted.service, "metrics", None)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import rpyc
 
 from .. import logs
+from ..budget import CONFIG_KEY, Ledger, caps_from_limits
 from ..config import LimitsSection
 from ..exposure import per_connection
 from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
@@ -75,6 +76,7 @@ class HostServerMixin:
         self.limits = settings.limits
         self.gatekeeper = settings.gatekeeper
         self.tracker = InflightTracker()
+        self.ledger = Ledger(settings.name, caps_from_limits(settings.limits))
         self.connections: set[HostConnection] = set()
         self._conn_lock = threading.Lock()
         self._per_ip: Counter[str] = Counter()
@@ -168,13 +170,15 @@ class HostServerMixin:
         # A peer silent mid-frame (or not reading a reply) must not hold its thread or worker
         # forever: the channel bounds such waits by handshake_timeout (TLS sockets by a timeout).
         sock.settimeout(self.limits.handshake_timeout if isinstance(sock, ssl.SSLSocket) else None)
+        connid = connid or self._new_connid()
         config = dict(
             self.protocol_config,
-            connid=connid or self._new_connid(),
+            connid=connid,
             credentials=credentials,
             endpoints=(sock.getsockname(), peer),
             logger=self.logger,
         )
+        config[CONFIG_KEY] = self.ledger.open_account(connid)
         root = per_connection(self.service)
         channel = make_channel(
             sock, self.settings.compression, self.limits.max_frame_bytes, stall=self.limits.handshake_timeout
@@ -187,6 +191,9 @@ class HostServerMixin:
     def _forget(self, conn: HostConnection) -> None:
         with self._conn_lock:
             self.connections.discard(conn)
+        account = conn._config.get(CONFIG_KEY)
+        if account is not None:
+            account.close()  # whatever the connection still held goes back to the service
 
     def _handle(self, sock: socket.socket, peer: Any, connid: str | None = None) -> None:
         """A connection's whole life, in its own thread or process."""
