@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 from client.ingest import _ENCODE as fast_dumps  # noqa: E402
 from client.ingest import Collector, Receipt  # noqa: E402
-from rpyc_host.storage.sqlite import SCHEMA  # noqa: E402
 from rpyc_host.testing import ServerProcess  # noqa: E402
+from services.ingest.storage.sqlite import SCHEMA  # noqa: E402
 
 BATCH = 1000
 CONFIG = """

@@ -21,12 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import client as client_pkg
-from rpyc_host.config import load_config
-from rpyc_host.errors import ConfigError
 
-from . import DEFAULT_TIMEOUT, ConnectError, connect, describe
+from .connection import DEFAULT_TIMEOUT, connect, describe
+from .errors import ConfigError, ConnectError, describe_error
+from .settings import load_settings
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _literal(text: str) -> Any:
@@ -108,12 +108,12 @@ def cmd_describe(args: argparse.Namespace) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    path = args.config or os.environ.get("RPYC_HOST_CONFIG", "config.yaml")
-    names = [args.service] if args.service else [s.name for s in load_config(path).services]
+    settings = load_settings(args.config)  # read once for every service
+    names = [args.service] if args.service else [e.name for e in settings.services.values() if e.enabled]
     healthy = True
     for name in names:
         try:
-            with connect(name, config=args.config, timeout=args.timeout, retries=0) as conn:
+            with connect(name, config=settings, timeout=args.timeout, retries=0) as conn:
                 facts = dict(conn.root.health())
         except Exception as exc:
             print(f"{name}: down ({remote_message(exc)})")
@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except KeyboardInterrupt:
+        print("\nError: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -148,16 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def remote_message(exc: BaseException) -> str:
-    """``Type: message`` without the remote-traceback block rpyc appends to remote errors.
-
-    For an OSError the message is its ``strerror``: rpyc rebuilds a relayed OSError with empty
-    filenames, so ``str()`` would read ``[Errno 2] ...: None -> None``.
-    """
-    strerror = getattr(exc, "strerror", None)
-    if isinstance(exc, OSError) and isinstance(strerror, str) and strerror:
-        return f"{type(exc).__name__}: {strerror}"
-    text = str(exc).split("\n\n========= Remote Traceback")[0].strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """``Type: message`` as a person reads it (no remote traceback text)."""
+    return describe_error(exc)
 
 
 if __name__ == "__main__":

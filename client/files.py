@@ -31,7 +31,9 @@ from typing import Any, NamedTuple
 
 import rpyc
 
-from rpyc_host import bulk as bulk_io
+from rpyc_host.wire import bulk as bulk_io
+
+from .errors import ChecksumError
 
 __all__ = ["ChecksumError", "Entry", "Progress", "download", "ls", "stat", "upload"]
 
@@ -41,10 +43,6 @@ Progress = Callable[[int, int], None]
 PART_SUFFIX = ".part"
 RPC_CHUNK = 4 << 20  # bulk=False: bytes per write()/read() call
 _HASH_CHUNK = 4 << 20
-
-
-class ChecksumError(ValueError):
-    """The bytes that arrived are not the bytes that were sent."""
 
 
 class Entry(NamedTuple):

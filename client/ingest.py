@@ -44,30 +44,29 @@ from typing import Any, NoReturn
 
 import rpyc
 
-from rpyc_host.jsonenc import fast_json_encoder
+from rpyc_host.wire.jsonlines import fast_json_encoder
 
-from . import connect
+from .connection import connect
+from .errors import BatchRejected, DeliveryError, IngestError, describe_error
+from .pool import ServicePool
 
 log = logging.getLogger("client.ingest")
 
-__all__ = ["BatchRejected", "Collector", "CollectorStats", "DeliveryError", "Receipt", "encode_record"]
+__all__ = [
+    "BatchRejected",
+    "Collector",
+    "CollectorStats",
+    "DeliveryError",
+    "IngestError",
+    "PooledCollector",
+    "Receipt",
+    "encode_record",
+]
 
 
 _ENCODE = fast_json_encoder()
 # Worth retrying with the same batch id: the batch may or may not have been stored.
 TRANSIENT = (EOFError, ConnectionError, TimeoutError, OSError)
-
-
-class IngestError(Exception):
-    """Base of the errors the collector raises."""
-
-
-class BatchRejected(IngestError):
-    """The service refused a whole batch (ValueError/TypeError); retrying cannot help."""
-
-
-class DeliveryError(IngestError):
-    """A batch could not be delivered and there is no spool file to keep it in."""
 
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
@@ -288,7 +287,7 @@ class Collector:
             receipt = Receipt.from_wire(result.value)
         except TRANSIENT as exc:
             self._disconnect()
-            log.info("batch %s failed (%s); retrying with the same id", batch.batch_id, _first_line(exc))
+            log.info("batch %s failed (%s); retrying with the same id", batch.batch_id, describe_error(exc))
             self._deliver_or_spool(batch)
             return
         except (ValueError, TypeError) as exc:
@@ -310,7 +309,11 @@ class Collector:
                     raise
                 delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.75, 1.25)
                 log.debug(
-                    "batch %s: %s; attempt %d in %.2f s", batch.batch_id, _first_line(exc), attempt + 2, delay
+                    "batch %s: %s; attempt %d in %.2f s",
+                    batch.batch_id,
+                    describe_error(exc),
+                    attempt + 2,
+                    delay,
                 )
                 self.stats.retries += 1
                 time.sleep(delay)
@@ -326,9 +329,9 @@ class Collector:
             if self.spool is None:
                 raise DeliveryError(
                     f"batch {batch.batch_id} ({batch.records} records) not delivered after "
-                    f"{self.retries + 1} attempts: {_first_line(exc)}; configure spool= to keep it"
+                    f"{self.retries + 1} attempts: {describe_error(exc)}; configure spool= to keep it"
                 ) from None
-            log.warning("ingest service unavailable (%s); spooling to %s", _first_line(exc), self.spool)
+            log.warning("ingest service unavailable (%s); spooling to %s", describe_error(exc), self.spool)
             self._to_spool(batch)
             return
         self._received(batch, receipt)
@@ -359,7 +362,7 @@ class Collector:
         self.stats.rejected_batches += 1
         if self.spool is not None:
             _append(self.spool.with_name(self.spool.name + ".rejected"), batch)
-        raise BatchRejected(f"the service refused batch {batch.batch_id}: {_first_line(exc)}") from None
+        raise BatchRejected(f"the service refused batch {batch.batch_id}: {describe_error(exc)}") from None
 
     # -- connection ----------------------------------------------------------------------------
 
@@ -412,7 +415,7 @@ class Collector:
                 receipt = self._deliver(batch)
             except TRANSIENT as exc:
                 self._down_until = time.monotonic() + self.down_interval
-                log.info("replaying %s: service still unavailable (%s)", self.spool, _first_line(exc))
+                log.info("replaying %s: service still unavailable (%s)", self.spool, describe_error(exc))
                 return False
             except BatchRejected:
                 log.error("spooled batch %s refused; kept in %s.rejected", batch.batch_id, self.spool.name)
@@ -461,6 +464,27 @@ def _read_spool(path: Path) -> Iterable[_Batch]:
             yield _Batch(str(meta["batch_id"]), str(meta["topic"]), payload, int(meta["records"]))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).split("\n\n========= Remote Traceback")[0].strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+class PooledCollector(Collector):
+    """A :class:`client.ingest.Collector` whose connections come from a pool: when an ingest
+    instance dies, the batch in flight is resent (same batch id) to another one.
+
+    Usage::
+
+        pool = client.connect_service("INGEST", registry="10.0.0.1:18811")
+        with PooledCollector(pool, topic="load", spool="var/load.spool") as collector:
+            collector.add({"load1": 0.4})
+
+    Exactly once holds across instances when they share one store (PostgreSQL).
+    """
+
+    def __init__(self, pool: ServicePool, *, topic: str, **options: Any) -> None:
+        super().__init__(pool.service, topic=topic, **options)
+        self.pool = pool
+
+    def _connection(self) -> Any:
+        # Collector keeps one connection and drops it after any failure; a new one comes from
+        # the pool, which skips instances that refuse.
+        if self._submit is None:
+            self._conn = self.pool.connect()
+            self._submit = rpyc.async_(self._conn.root.submit)
+        return self._submit

@@ -43,25 +43,20 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import rpyc
 from rpyc.utils.registry import REGISTRY_PORT, TCPRegistryClient
 
-from . import DEFAULT_CONFIG, DEFAULT_TIMEOUT, ConnectError, connect
-from .ingest import Collector
+from .connection import DEFAULT_TIMEOUT, connect
+from .errors import ConfigError, NoInstanceError, describe_error, is_remote
+from .settings import ClientSettings, load_settings
 
 log = logging.getLogger("client.pool")
 
-__all__ = ["NoInstanceError", "PooledCollector", "ServicePool", "connect_service", "parse_registry"]
+__all__ = ["NoInstanceError", "ServicePool", "connect_service", "parse_registry"]
 
 MAX_QUARANTINE = 60.0
-
-
-class NoInstanceError(ConnectError):
-    """No instance of the service could be reached (none registered, or all failing)."""
 
 
 def parse_registry(registry: str | tuple[str, int]) -> tuple[str, int]:
@@ -75,31 +70,31 @@ def parse_registry(registry: str | tuple[str, int]) -> tuple[str, int]:
     try:
         return host, int(port_text)
     except ValueError:
-        raise ValueError(f"registry {registry!r}: expected 'host' or 'host:port'") from None
+        raise ConfigError(f"registry {registry!r}: expected 'host' or 'host:port'") from None
 
 
-def default_registry(config: str | os.PathLike[str] | None = None) -> tuple[str, int]:
+def default_registry(config: str | os.PathLike[str] | ClientSettings | None = None) -> tuple[str, int]:
     """``$RPYC_HOST_REGISTRY``, else the ``registry:`` section of the config file."""
     env = os.environ.get("RPYC_HOST_REGISTRY")
     if env:
         return parse_registry(env)
-    path = config or os.environ.get("RPYC_HOST_CONFIG", DEFAULT_CONFIG)
-    if not Path(path).exists():
-        raise ValueError(
-            "no registry given: pass registry='host:port', set RPYC_HOST_REGISTRY, or run where "
-            f"{str(path)!r} has a registry: section"
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"no registry given: pass registry='host:port' or set RPYC_HOST_REGISTRY ({exc})"
+        ) from None
+    if settings.registry is None:
+        raise ConfigError(
+            f"no registry given: pass registry='host:port', set RPYC_HOST_REGISTRY, or add a "
+            f"registry: section to {settings.source}"
         )
-    from rpyc_host.config import load_config
-
-    section = load_config(path).registry
-    if section.mode != "tcp":
-        raise ValueError(f"{path}: registry.mode is {section.mode!r}; discovery uses TCP: pass registry=")
-    return section.host, section.port
-
-
-def _remote(exc: BaseException) -> bool:
-    """True for an exception the service raised (rpyc attaches the remote traceback)."""
-    return hasattr(exc, "_remote_tb")
+    if settings.registry_mode != "tcp":
+        raise ConfigError(
+            f"{settings.source}: registry.mode is {settings.registry_mode!r}; "
+            "discovery uses TCP: pass registry="
+        )
+    return settings.registry
 
 
 @dataclass(eq=False)
@@ -159,7 +154,7 @@ class ServicePool:
         rediscover: float = 10.0,
         quarantine: float = 2.0,
         registry_timeout: float = 2.0,
-        config: str | os.PathLike[str] | None = None,
+        config: str | os.PathLike[str] | ClientSettings | None = None,
         token: str | None = None,
         tls: bool | ssl.SSLContext | None = None,
         ca: str | None = None,
@@ -167,7 +162,7 @@ class ServicePool:
         key: str | None = None,
     ) -> None:
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+            raise ConfigError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         self.service = service.upper()
         self.registry = parse_registry(registry) if registry is not None else default_registry(config)
         self.strategy = strategy
@@ -266,7 +261,7 @@ class ServicePool:
         instance.failures += 1
         wait = min(MAX_QUARANTINE, self.quarantine * 2 ** (instance.failures - 1))
         instance.down_until = time.monotonic() + wait
-        instance.last_error = _first_line(exc)
+        instance.last_error = describe_error(exc)
         log.warning(
             "%s: instance %s:%d failed (%s); skipped for %.1f s",
             self.service,
@@ -297,7 +292,7 @@ class ServicePool:
             whatever the service raised.
         """
         if self._closed:
-            raise ValueError("the pool is closed")
+            raise ConfigError("the pool is closed")
         retry = method in self.idempotent if idempotent is None else idempotent
         tried: set[tuple[str, int]] = set()
         errors: list[str] = []
@@ -317,9 +312,9 @@ class ServicePool:
                 if bound is None:
                     bound = instance.methods[method] = getattr(conn.root, method)
             except (OSError, EOFError) as exc:  # ConnectError, AuthError, refused: nothing was sent
-                if _remote(exc):
+                if is_remote(exc):
                     raise
-                errors.append(f"{instance.address[0]}:{instance.address[1]}: {_first_line(exc)}")
+                errors.append(f"{instance.address[0]}:{instance.address[1]}: {describe_error(exc)}")
                 self._failed(instance, exc)
                 continue
             with self._lock:
@@ -327,9 +322,9 @@ class ServicePool:
             try:
                 result = bound(*args, **kwargs)
             except (OSError, EOFError) as exc:
-                if _remote(exc):
+                if is_remote(exc):
                     raise
-                errors.append(f"{instance.address[0]}:{instance.address[1]}: {_first_line(exc)}")
+                errors.append(f"{instance.address[0]}:{instance.address[1]}: {describe_error(exc)}")
                 self._failed(instance, exc)
                 sent_failures += 1
                 if not retry or sent_failures > self.retries:
@@ -361,7 +356,7 @@ class ServicePool:
                     host=host, port=port, timeout=self.connect_timeout, retries=0, **self._connect_args
                 )
             except (OSError, EOFError) as exc:
-                errors.append(f"{host}:{port}: {_first_line(exc)}")
+                errors.append(f"{host}:{port}: {describe_error(exc)}")
                 self._failed(instance, exc)
                 continue
             conn._config["sync_request_timeout"] = self.timeout
@@ -414,34 +409,3 @@ def connect_service(
     ``tls``, ``ca``, ``cert``, ``key``, ...). Nothing is contacted until the first call.
     """
     return ServicePool(service, registry, **options)
-
-
-class PooledCollector(Collector):
-    """A :class:`client.ingest.Collector` whose connections come from a pool: when an ingest
-    instance dies, the batch in flight is resent (same batch id) to another one.
-
-    Usage::
-
-        pool = client.connect_service("INGEST", registry="10.0.0.1:18811")
-        with PooledCollector(pool, topic="load", spool="var/load.spool") as collector:
-            collector.add({"load1": 0.4})
-
-    Exactly once holds across instances when they share one store (PostgreSQL).
-    """
-
-    def __init__(self, pool: ServicePool, *, topic: str, **options: Any) -> None:
-        super().__init__(pool.service, topic=topic, **options)
-        self.pool = pool
-
-    def _connection(self) -> Any:
-        # Collector keeps one connection and drops it after any failure; a new one comes from
-        # the pool, which skips instances that refuse.
-        if self._submit is None:
-            self._conn = self.pool.connect()
-            self._submit = rpyc.async_(self._conn.root.submit)
-        return self._submit
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).split("\n\n========= Remote Traceback")[0].strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

@@ -7,8 +7,8 @@ Usage::
         print(service.name, service.host, service.port, service.type)
 
 Defaults live here and nowhere else. ``${VAR}`` and ``${VAR:-default}`` in string values are
-taken from the environment before validation; a value that is exactly one ``${...}`` is parsed
-as YAML afterwards, so ``port: ${DEMO_PORT:-18861}`` is an integer.
+taken from the environment before validation (:mod:`rpyc_host.wire.configtext`, which the
+client's light reader shares).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from . import schema
 from .errors import ConfigError, did_you_mean
+from .wire.configtext import ConfigTextError, read_text
 
 SERVER_TYPES = ("forking", "threaded", "threadpool")
 LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")
@@ -308,40 +307,6 @@ def _mask(value: Any, key: str = "") -> Any:
 # ---------------------------------------------------------------------------------------------
 # loading
 
-_ENV_REF = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
-
-
-def expand_env(value: Any, path: str = "", environ: Mapping[str, str] | None = None) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in every string of a parsed YAML tree."""
-    env = os.environ if environ is None else environ
-    if isinstance(value, dict):
-        return {k: expand_env(v, f"{path}.{k}" if path else str(k), env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [expand_env(v, f"{path}[{i}]", env) for i, v in enumerate(value)]
-    if not isinstance(value, str) or "${" not in value:
-        return value
-
-    def substitute(match: re.Match[str]) -> str:
-        name, default = match.group("name"), match.group("default")
-        if name in env:
-            return env[name]
-        if default is not None:
-            return default
-        raise ConfigError(
-            f"environment variable {name!r} is not set (set it, or write ${{{name}:-default}})",
-            path=path,
-        )
-
-    result = _ENV_REF.sub(substitute, value)
-    if _ENV_REF.fullmatch(value):
-        # A whole-value reference takes the type YAML gives the text: ports stay integers.
-        try:
-            parsed = yaml.safe_load(result) if result.strip() else result
-        except yaml.YAMLError:
-            return result
-        return parsed if isinstance(parsed, str | int | float | bool) else result
-    return result
-
 
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, expand and validate a configuration file.
@@ -365,14 +330,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 def parse_config(text: str, source: str = "<config>") -> Config:
     """Validate configuration text; see :func:`load_config`."""
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{where}YAML syntax error: {problem}", source=source) from None
+        raw = read_text(text)
+    except ConfigTextError as exc:
+        raise ConfigError(exc.message, path=exc.path, source=source) from None
     try:
-        raw = expand_env(raw if raw is not None else {})
         sections = schema.build(FileSections, raw, "")
         return _resolve(sections, source)
     except ConfigError as exc:

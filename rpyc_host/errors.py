@@ -2,16 +2,22 @@
 
     HostError                  base of everything the host raises on purpose
     ├── ConfigError            a mistake in the configuration: file, key path, what is wrong
-    └── StartupError           a listener or service could not start (port in use, ...)
+    ├── StartupError           a listener or service could not start (port in use, ...)
+    └── Refused                a connection was refused (limits, credentials, TLS, throttling)
 
-Each carries a message written for the person running the server; the CLI prints it as one
-``Error: ...`` line and exits non-zero, without a traceback.
+ConfigError and StartupError carry a message written for the person running the server; the
+CLI prints it as one ``Error: ...`` line and exits non-zero, without a traceback. Refused stays
+inside the host: it is logged, counted, and told to the client in the wire's refusal frames.
+Errors of one connection's bytes (a frame too large, a stalled peer) are the wire layer's
+(:mod:`rpyc_host.wire.errors`); a service's own errors are its own (the ingest service's
+``StoreError``, ...).
 """
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable
+from .wire.errors import did_you_mean
+
+__all__ = ["ConfigError", "HostError", "Refused", "StartupError", "did_you_mean"]
 
 
 class HostError(Exception):
@@ -43,7 +49,17 @@ class StartupError(HostError):
     """A service or listener could not be started."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
-    """Return `` (did you mean 'x'?)`` for the closest choice, or an empty string."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+class Refused(HostError):
+    """A connection was refused; ``reason`` is for the log, ``message`` for the client.
+
+    ``kind`` is how it is counted (``auth``, ``tls``, ``limit``, ``throttle``); ``after_token``
+    says the client's token was read, so it is waiting for a status frame rather than an rpyc
+    reply.
+    """
+
+    def __init__(self, reason: str, message: str, kind: str, *, after_token: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.message = message
+        self.kind = kind
+        self.after_token = after_token

@@ -30,6 +30,7 @@ import pytest
 
 from .host import Host
 from .testing import LocalService, running_host
+from .wire import dial
 
 
 @dataclass
@@ -52,8 +53,6 @@ def _class_path(service: type | str) -> str:
 
 @pytest.fixture
 def rpyc_service() -> Iterator[Callable[..., Served]]:
-    import client
-
     with ExitStack() as stack:
 
         def serve(
@@ -74,7 +73,7 @@ def rpyc_service() -> Iterator[Callable[..., Served]]:
             ]
             host = stack.enter_context(running_host("\n".join(lines) + "\n", source="<rpyc_service fixture>"))
             address = host.address("svc")
-            conn = client.connect(host=address[0], port=address[1], token=token, timeout=30)
+            conn = dial(address[0], address[1], token=token, timeout=30)
             stack.callback(conn.close)
             return Served(conn, conn.root, host, address)
 

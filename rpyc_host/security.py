@@ -4,12 +4,9 @@ The handshake runs on a new connection before rpyc sees a byte:
 
 1. TLS (``security.tls``): TLS 1.2 or newer; with ``ca``, the client must present a
    certificate signed by it (mutual TLS). Plain ``rpyc.ssl_connect`` works.
-2. Token (``security.tokens``): the client sends ``RPYHTOKEN1`` + a 2-byte length + the token;
-   the server compares it in constant time with every configured token and answers ``RPYH`` +
-   one status byte (0 accepted, 1 refused) + a 2-byte length + a UTF-8 message. A connection
-   refused before its token was read (limits) is answered with an rpyc exception frame
-   instead, which the client library tells apart by the missing ``RPYH``. Tokens are never
-   logged.
+2. Token (``security.tokens``): the client sends it in the frame :mod:`rpyc_host.wire.handshake`
+   describes; the server compares it in constant time with every configured token and answers
+   with a status frame. Tokens are never logged.
 
 A client that skips the token (plain ``rpyc.connect``) has sent an rpyc request instead; it
 is answered with an rpyc exception for that request (``ConnectionRefusedError: ...``), so even
@@ -26,25 +23,27 @@ import logging
 import selectors
 import socket
 import ssl
-import struct
 import threading
 import time
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from rpyc.core import brine, consts
-
 from .config import LimitsSection, SecurityConfig
+from .errors import Refused
+from .wire.handshake import (
+    LENGTH,
+    MAX_TOKEN_BYTES,
+    STATUS_OK,
+    STATUS_REFUSED,
+    TOKEN_MAGIC,
+    recv_exact,
+    rpyc_refusal_frame,
+    status_frame,
+)
+from .wire.tls import server_context
 
 log = logging.getLogger("rpyc_host.security")
-
-TOKEN_MAGIC = b"RPYHTOKEN1"
-# An rpyc frame starts with its length; "RPYH" would announce a 1.3 GiB frame, which no host sends.
-STATUS_MAGIC = b"RPYH"
-_LEN = struct.Struct("!H")
-STATUS_OK, STATUS_REFUSED = 0, 1
-MAX_TOKEN_BYTES = 4096
 
 # Throttling: after this many failures from one address within the window, refuse it for a while.
 FAILURES_ALLOWED = 5
@@ -52,32 +51,7 @@ FAILURE_WINDOW = 60.0
 MAX_BLOCK = 300.0
 
 
-class Refused(Exception):
-    """A connection was refused; ``reason`` is for the log, ``message`` for the client."""
-
-    def __init__(self, reason: str, message: str, kind: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.message = message
-        self.kind = kind  # "auth", "tls", "limit", "throttle"
-
-
 # -- refusals ---------------------------------------------------------------------------------
-
-
-def rpyc_refusal_frame(message: str) -> bytes:
-    """An rpyc frame answering a fresh connection's first request (seq 0) with an exception."""
-    # Built by hand rather than with vinegar.dump: an OSError's None attributes would make the
-    # client's copy print "[Errno None] None: None -> None" instead of the message.
-    exc_info = (("builtins", "ConnectionRefusedError"), (message,), (), "<refused by the server>")
-    payload = brine.I1.pack(consts.MSG_EXCEPTION) + brine.dump((0, exc_info))
-    return struct.pack("!LB", len(payload), 0) + payload + b"\n"
-
-
-def status_frame(status: int, message: str) -> bytes:
-    """The server's answer to a token: ``RPYH``, status byte, 2-byte length, UTF-8 message."""
-    data = message.encode("utf-8")[:1000]
-    return STATUS_MAGIC + bytes([status]) + _LEN.pack(len(data)) + data
 
 
 class Closer:
@@ -237,16 +211,9 @@ class AuthThrottle:
 
 
 def server_tls_context(config: SecurityConfig) -> ssl.SSLContext | None:
+    """The server TLS context for ``security.tls``, or None without TLS."""
     tls = config.tls
-    if tls is None:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(tls.cert, tls.key)
-    if tls.ca:
-        ctx.load_verify_locations(tls.ca)
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
+    return None if tls is None else server_context(tls.cert, tls.key, tls.ca)
 
 
 class Gatekeeper:
@@ -317,9 +284,9 @@ class Gatekeeper:
                 "auth",
             )
         try:
-            (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
+            (length,) = LENGTH.unpack(recv_exact(sock, LENGTH.size))
             if length > MAX_TOKEN_BYTES:
-                raise Refused(f"token of {length} bytes", "token too long", "auth")
+                raise Refused(f"token of {length} bytes", "token too long", "auth", after_token=True)
             offered = recv_exact(sock, length)
         except (OSError, EOFError) as exc:
             raise Refused(f"incomplete token ({_why(exc)})", "", "auth") from None
@@ -329,77 +296,21 @@ class Gatekeeper:
             matched |= hmac.compare_digest(offered, token)
         if not matched:
             self.throttle.failed(peer)
-            raise Refused("wrong token", "invalid token", "auth")
+            raise Refused("wrong token", "invalid token", "auth", after_token=True)
         self.throttle.succeeded(peer)
         sock.sendall(status_frame(STATUS_OK, "ok"))
 
-    def refuse(self, sock: socket.socket, refusal: Refused, peer: Any, *, after_magic: bool = False) -> None:
-        """Log, count and close a refused connection, telling the client why where it can listen."""
+    def refuse(self, sock: socket.socket, refusal: Refused, peer: Any) -> None:
+        """Log, count and close a refused connection, telling the client why where it can listen:
+        a status frame once its token was read, an rpyc exception frame before that."""
         self.refusals.add(refusal.kind, self.service)
         log.warning("refused %s connection from %s: %s", self.service, _fmt_peer(peer), refusal.reason)
         if not refusal.message:
             closer().close_after(sock)
-        elif after_magic or refusal.reason == "wrong token" or refusal.message == "token too long":
+        elif refusal.after_token:
             closer().close_after(sock, status_frame(STATUS_REFUSED, refusal.message))
         else:
             closer().close_after(sock, rpyc_refusal_frame(refusal.message))
-
-
-# -- the client side --------------------------------------------------------------------------
-
-
-class AuthError(ConnectionRefusedError):
-    """The server refused this client's credentials (wrong token, throttled address)."""
-
-
-def client_handshake(sock: socket.socket, token: str) -> None:
-    """Send ``token`` and read the server's verdict; AuthError / ConnectionRefusedError if refused."""
-    data = token.encode("utf-8")
-    if len(data) > MAX_TOKEN_BYTES:
-        raise ValueError(f"token is {len(data)} bytes; the limit is {MAX_TOKEN_BYTES}")
-    sock.sendall(TOKEN_MAGIC + _LEN.pack(len(data)) + data)
-    try:
-        head = recv_exact(sock, len(STATUS_MAGIC))
-        if head == STATUS_MAGIC:
-            status = recv_exact(sock, 1)[0]
-            (length,) = _LEN.unpack(recv_exact(sock, _LEN.size))
-            message = recv_exact(sock, length).decode("utf-8", "replace")
-            if status != STATUS_OK:
-                raise AuthError(f"the server refused the token: {message}")
-            return
-        # Refused before the token was read (a limit): the answer is an rpyc exception frame.
-        (length,) = struct.unpack("!L", head)
-        if length > 65536:
-            raise ConnectionRefusedError(
-                "the server sent an unexpected answer to the token (does it expect one?)"
-            )
-        rest = recv_exact(sock, 1 + length + 1)
-        raise ConnectionRefusedError(refusal_message(rest[1:-1]))
-    except (EOFError, ConnectionResetError):
-        raise ConnectionRefusedError(
-            "the server closed the connection during the token handshake "
-            "(it may not expect a token, or it expects TLS)"
-        ) from None
-
-
-def refusal_message(payload: bytes) -> str:
-    """The message of an rpyc exception frame payload (as :func:`rpyc_refusal_frame` builds)."""
-    try:
-        _, (_, args, _, _) = brine.load(payload[1:])
-        return str(args[0]) if args else "connection refused"
-    except Exception:
-        return "connection refused"
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes:
-    """Exactly ``count`` bytes from ``sock``; EOFError if the peer closes first."""
-    buf = bytearray()
-    while len(buf) < count:
-        chunk = sock.recv(count - len(buf))
-        if not chunk:
-            raise EOFError("connection closed")
-        buf += chunk
-    return bytes(buf)
 
 
 def _why(exc: BaseException) -> str:

@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from rpyc_host.cli import main
-from rpyc_host.config import expand_env, parse_config
+from rpyc_host.config import parse_config
 from rpyc_host.errors import ConfigError
 from rpyc_host.testing import PROJECT_ROOT, run_cli
+from rpyc_host.wire.configtext import expand_env
 
 DEMO = """
 services:

@@ -1,4 +1,4 @@
-"""rpyc_host.bulk's send path on real files and sockets: uncached ranges go by O_DIRECT reads into
+"""rpyc_host.wire.bulk's send path on real files and sockets: uncached ranges go by O_DIRECT reads into
 reused buffers, cached ones by sendfile; every offset and length arrives byte for byte."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rpyc_host import bulk
+from rpyc_host.wire import bulk
 
 SIZE = 3 * bulk.CHUNK + 12345  # several pieces and a tail that is not a multiple of ALIGN
 

@@ -1,4 +1,4 @@
-"""rpyc_host.storage: URL parsing, durability settings, lock contention and fork safety,
+"""services.ingest.storage: URL parsing, durability settings, lock contention and fork safety,
 on real SQLite files."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import rpyc
 
-from rpyc_host.storage import BACKENDS, BatchWrite, StoreBusy, StoreError, open_store
-from rpyc_host.storage.postgres import PostgresStore
-from rpyc_host.storage.sqlite import SQLiteStore
 from rpyc_host.testing import running_host
+from services.ingest.storage import BACKENDS, BatchWrite, StoreBusy, StoreError, open_store
+from services.ingest.storage.postgres import PostgresStore
+from services.ingest.storage.sqlite import SQLiteStore
 
 
 def batch(batch_id: str, *rows: str, topic: str = "t") -> BatchWrite:

@@ -26,10 +26,9 @@ from typing import Any
 import pytest
 
 import client
-from client.ingest import Collector
-from client.pool import PooledCollector
-from rpyc_host.storage import BatchWrite, StoreError, open_store
+from client.ingest import Collector, PooledCollector
 from rpyc_host.testing import ServerProcess
+from services.ingest.storage import BatchWrite, StoreError, open_store
 from tests.registry_helpers import RegistryProcess, wait_until
 
 HOW_TO = (

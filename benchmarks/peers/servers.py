@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from rpyc_host.security import recv_exact  # re-exported for the peer clients
+from rpyc_host.wire.handshake import recv_exact  # re-exported for the peer clients
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOKEN = "peers-benchmark-token-0123456789"

@@ -16,12 +16,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import client
-
 from ..config import Config, TLSSection
 from ..errors import StartupError
 from ..security import server_tls_context
-from ..transport import tune_socket
+from ..wire import dial
+from ..wire.transport import tune_socket
 from . import jsonrpc, xmlrpc
 from .calls import Catalog, Session
 from .http import ClientGone, HTTPConnection, HTTPError, Request
@@ -242,9 +241,7 @@ class Gateway:
 
     def _backend(self, service: str) -> Any:
         host, port = self._targets[service]
-        return client.connect(
-            host=host, port=port, timeout=self.section.timeout, retries=1, **self._connect_extra
-        )
+        return dial(host, port, timeout=self.section.timeout, retries=1, **self._connect_extra)
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:

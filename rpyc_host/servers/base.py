@@ -28,10 +28,11 @@ import rpyc
 from .. import logs
 from ..budget import CONFIG_KEY, Ledger, caps_from_limits
 from ..config import LimitsSection
+from ..errors import Refused
 from ..exposure import per_connection
 from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
-from ..security import Gatekeeper, Refused
-from ..transport import make_channel, tune_socket
+from ..security import Gatekeeper
+from ..wire.transport import make_channel, tune_socket
 
 _CONN_IDS = itertools.count(1)
 # Every live host server, so a forked child can drop the sockets it inherited from the others.

@@ -16,7 +16,7 @@ connection that drops mid-upload leaves its partial file for ``open_write(..., o
 resume; partials are removed at the next start, after ``partial_ttl`` seconds, or by ``abort()``.
 
 Bulk bytes do not travel over rpyc: ``bulk(length)`` on a transfer object returns a one-time
-ticket for a side connection (``rpyc_host.bulk``). ``read``/``write`` over rpyc stay available
+ticket for a side connection (``rpyc_host.wire.bulk``). ``read``/``write`` over rpyc stay available
 for small pieces and for clients without the side channel.
 
 Errors reach clients as ``PermissionError``, ``FileNotFoundError``, ``FileExistsError``,

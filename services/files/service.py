@@ -13,7 +13,7 @@ from typing import Any
 
 import rpyc
 
-from rpyc_host import bulk
+from rpyc_host.wire import bulk
 
 from .copies import copy_file, copy_size, copy_tree
 from .errors import GiB, MiB, client_error, err, exposed_op, human_size, reworded

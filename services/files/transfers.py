@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 
-from rpyc_host import bulk
+from rpyc_host.wire import bulk
 
 from .errors import err, exposed_op, human_size, reworded
 from .paths import (

@@ -17,6 +17,8 @@ import zlib
 from rpyc.core.channel import Channel
 from rpyc.core.stream import SocketStream
 
+from .errors import FrameTooLarge, PeerStalled
+
 _HEADER = Channel.FRAME_HEADER
 _FLUSHER = Channel.FLUSHER
 _RECV_CHUNK = 1 << 20
@@ -43,9 +45,9 @@ class FastSocketStream(SocketStream):
         super().__init__(sock)
         self.stall = stall if stall is not None and not _is_tls(sock) else None
 
-    def _stalled(self) -> EOFError:
+    def _stalled(self) -> PeerStalled:
         self.close()
-        return EOFError("peer stalled in the middle of a frame")
+        return PeerStalled("peer stalled in the middle of a frame")
 
     def _wait(self, event: int) -> None:
         assert self.stall is not None
@@ -169,10 +171,6 @@ class FastSocketStream(SocketStream):
 def _is_tls(sock: socket.socket) -> bool:
     # SSLSocket.sendmsg raises NotImplementedError; it has its own record framing anyway.
     return type(sock).__name__ == "SSLSocket"
-
-
-class FrameTooLarge(EOFError):
-    """The peer announced a frame over the limit; the connection is closed unread."""
 
 
 class FastChannel(Channel):

@@ -1,4 +1,7 @@
-"""A fast JSON encoder shared by the ingest client and service."""
+"""JSON lines, the payload format of batches: what an ingest collector sends and the service stores.
+
+Both ends of the wire encode records, so the encoder lives here rather than with either of them.
+"""
 
 from __future__ import annotations
 

@@ -81,7 +81,7 @@ class _PerProcess:
 
 
 class SQLiteStore:
-    """A :class:`~rpyc_host.storage.Store` in one SQLite file (see the module docstring)."""
+    """A :class:`~services.ingest.storage.Store` in one SQLite file (see the module docstring)."""
 
     def __init__(
         self, path: str | os.PathLike[str], synchronous: str = "full", busy_timeout: float = 30.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
 
-from ..errors import did_you_mean
+from rpyc_host.errors import did_you_mean
 
 
 class StoreError(OSError):

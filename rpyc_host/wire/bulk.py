@@ -44,7 +44,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .security import recv_exact
+from .handshake import recv_exact
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity

@@ -91,7 +91,7 @@ def _masked(url: str) -> str:
 
 
 class PostgresStore:
-    """A :class:`~rpyc_host.storage.Store` in a PostgreSQL database (see the module docstring)."""
+    """A :class:`~services.ingest.storage.Store` in a PostgreSQL database (see the module docstring)."""
 
     def __init__(self, conninfo: str, pool_size: int = 8, lock_timeout: float = 30.0) -> None:
         if pool_size < 1:

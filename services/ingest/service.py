@@ -33,8 +33,9 @@ from typing import Any
 
 import rpyc
 
-from rpyc_host.jsonenc import fast_json_encoder
-from rpyc_host.storage import BatchWrite, Store, StoreBusy, StoreError, open_store
+from rpyc_host.wire.jsonlines import fast_json_encoder
+
+from .storage import BatchWrite, Store, StoreBusy, StoreError, open_store
 
 log = logging.getLogger("services.ingest")
 
