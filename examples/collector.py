@@ -1,4 +1,4 @@
-"""The seed's server A: collect something real on this machine and send it to the ingest service.
+"""Collect something real on this machine and send it to the ingest service.
 
     python examples/collector.py                          # /proc load and memory, every 5 s, forever
     python examples/collector.py --interval 1 --count 10  # ten samples, one a second

@@ -1,4 +1,4 @@
-"""The demo service: the seed articles' RPyC example, done properly.
+"""The demo service: exposed methods, connection hooks, callbacks and a live object.
 
 Shows the pieces a real service uses: plain-value methods, per-connection state set in
 ``on_connect``, a server-to-client callback, and a live object the client drives by reference.

@@ -80,7 +80,7 @@ def serve_rpyc() -> None:
 
 
 def serve_xmlrpc() -> None:
-    """The seed articles' server: ``SimpleXMLRPCServer`` with ``ThreadingMixIn`` (HTTP/1.0)."""
+    """The classic stdlib server: ``SimpleXMLRPCServer`` with ``ThreadingMixIn`` (HTTP/1.0)."""
     from socketserver import ThreadingMixIn
     from xmlrpc.client import Binary
     from xmlrpc.server import SimpleXMLRPCServer

@@ -1,7 +1,7 @@
 """A one-time side connection for bulk bytes, beside an rpyc control connection.
 
-rpyc's data path tops out near 350 MB/s (every byte is copied several times in Python, see
-RPYC-NOTES.md); a file transfer does not need framing, only the bytes. So the service offers a
+rpyc's data path tops out near 350 MB/s (every byte is copied several times in Python); a file
+transfer does not need framing, only the bytes. So the service offers a
 *ticket* over rpyc, ``(host, port, token)``, and the client opens one TCP connection to it, sends
 the token, and then the raw bytes flow with ``os.sendfile`` (zero-copy from the page cache) on one
 side and ``recv_into`` a reused buffer on the other.

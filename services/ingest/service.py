@@ -1,5 +1,5 @@
 """The data-ingest service: collectors submit batches, the service validates, processes and
-stores them durably and exactly once (the seed's server B).
+stores them durably and exactly once.
 
 A batch travels as one payload: JSON lines (one JSON object per line) as ``bytes`` or ``str``.
 Lists and dicts would cross rpyc by reference, one round trip per element, so they are refused.

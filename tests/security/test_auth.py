@@ -1,4 +1,4 @@
-"""Tokens, TLS, mutual TLS and safe binding (catalogue category 4)."""
+"""Tokens, TLS, mutual TLS and safe binding."""
 
 from __future__ import annotations
 

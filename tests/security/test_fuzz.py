@@ -1,4 +1,4 @@
-"""Garbage on the wire (catalogue category 1): random and mutated rpyc frames against every
+"""Garbage on the wire: random and mutated rpyc frames against every
 shipped service's port, while a canary client keeps calling and the server's memory is sampled.
 
 Deterministic (seeded) and bounded: at least FRAMES frames per service, at most BUDGET seconds.

@@ -1,4 +1,4 @@
-"""Object-graph escapes and parameter abuse (catalogue categories 2 and 5)."""
+"""Object-graph escapes and parameter abuse."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Frames over the limit, a 4 GiB header, stalled half-frames, silent connections, connection
-caps and 2,000 connections at once (catalogue category 3)."""
+caps and 2,000 connections at once."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The seed articles' clients against ``python server.py`` with the gateway on: the stdlib
-``ServerProxy`` calling demo.add(8, 8), demo.echo, and the files service's pwd/ls/mkdir/cp plus
+"""Stdlib XML-RPC clients as people write them, against ``python server.py`` with the gateway
+on: ``ServerProxy`` calling demo.add(8, 8), demo.echo, and the files service's pwd/ls/mkdir/cp plus
 an image uploaded and downloaded as ``Binary``."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ gateway: {{enabled: true, port: 0, services: [demo, files]}}
 """
 
 
-def test_seed_clients_through_server_py(
+def test_stdlib_clients_through_server_py(
     tmp_path: Path, write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
 ) -> None:
     server = start_server(write_config(CONFIG.format(root=tmp_path / "files")))
