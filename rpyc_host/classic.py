@@ -62,7 +62,7 @@ class ClassicConsole:
         return self.server.host, self.server.port
 
     def start(self) -> None:
-        self.server._listen()
+        self.server._listen()  # rpyc's ThreadedServer: bind now, so the address is known
         self._thread = threading.Thread(target=self.server.start, name="classic-accept", daemon=True)
         self._thread.start()
         log.warning("classic console (remote code execution, for debugging) on %s:%d", *self.address)

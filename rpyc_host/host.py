@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rpyc
 
@@ -31,6 +31,11 @@ from .protocol import harden_netrefs
 from .reload import reload
 from .security import AuthThrottle, Gatekeeper, RefusalCounts
 from .servers import SERVER_TYPES, HostServerMixin, ServerSettings
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .metrics import MetricsServer
+    from .registry import Registrar
 
 log = logging.getLogger("rpyc_host")
 
@@ -80,8 +85,9 @@ class Host:
         self.config = config
         self.hosted: list[Hosted] = []
         self.classic: classic.ClassicConsole | None = None
-        self.gateway: Any = None  # rpyc_host.gateway.Gateway when gateway.enabled
-        self.registrar: Any = None  # rpyc_host.registry.Registrar when registry.enabled
+        # The optional components, imported only when enabled (see _start_extra).
+        self.gateway: Gateway | None = None
+        self.registrar: Registrar | None = None
         self._stopped = threading.Event()
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
@@ -89,7 +95,7 @@ class Host:
         self._stop_lock = threading.Lock()
         self.refusals = RefusalCounts()
         self.calls = CallBook() if config.metrics.enabled else None
-        self.metrics: Any = None  # rpyc_host.metrics.MetricsServer when metrics.enabled
+        self.metrics: MetricsServer | None = None
         self.throttle = AuthThrottle()
 
     def start(self) -> None:
@@ -123,7 +129,7 @@ class Host:
             self.hosted.clear()
             raise
         for hosted in self.hosted:
-            hosted.server._listen()
+            hosted.server.listen()
             hosted.thread = threading.Thread(
                 target=hosted.server.start, name=f"{hosted.config.name}-accept", daemon=True
             )

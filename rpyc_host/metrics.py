@@ -137,7 +137,7 @@ class HostCollector:
         admitted = CounterMetricFamily("rpyc_host_connections", "Connections admitted", labels=["service"])
         for hosted in self.host.hosted:
             name, server = hosted.config.name, hosted.server
-            in_flight.add_metric([name], server.tracker.count)
+            in_flight.add_metric([name], server.in_flight)
             open_.add_metric([name], server.admitted)
             admitted.add_metric([name], server.total_admitted)
         yield from (in_flight, open_, admitted)

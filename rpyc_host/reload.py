@@ -15,7 +15,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from . import logs
-from .budget import caps_from_limits
 from .config import Config, ServiceConfig, load_config
 from .errors import ConfigError
 from .security import server_tls_context
@@ -52,14 +51,7 @@ def reload(host: Host) -> bool:
         if fresh is None:
             applied_services.append(hosted.config)
             continue
-        server = hosted.server
-        gate = server.gatekeeper
-        gate.tokens = [t.encode("utf-8") for t in new.security.tokens]
-        if old.security.tls is not None and tls is not None:
-            gate.tls = tls  # re-read certificates; switching TLS on or off needs a restart
-        server.limits = gate.limits = fresh.limits
-        server.ledger.caps = caps_from_limits(fresh.limits)
-        server.protocol_config["sync_request_timeout"] = fresh.limits.call_timeout
+        hosted.server.reconfigure(fresh.limits, new.security, tls)
         options = dict(hosted.config.options)
         if dict(fresh.options) != options:
             options = _reload_options(hosted, fresh)

@@ -234,6 +234,16 @@ class Gatekeeper:
         self.throttle = throttle
         self.service = service
 
+    def reconfigure(
+        self, security: SecurityConfig, limits: LimitsSection, tls: ssl.SSLContext | None
+    ) -> None:
+        """New tokens, limits and (when TLS was on) certificates, for connections from now on;
+        turning TLS on or off needs a restart."""
+        self.tokens = [t.encode("utf-8") for t in security.tokens]
+        if self.tls is not None and tls is not None:
+            self.tls = tls
+        self.limits = limits
+
     @property
     def needed(self) -> bool:
         """Whether new connections have anything to do before rpyc takes over."""

@@ -27,7 +27,7 @@ import rpyc
 
 from .. import logs
 from ..budget import CONFIG_KEY, Ledger, caps_from_limits
-from ..config import LimitsSection
+from ..config import LimitsSection, SecurityConfig
 from ..errors import Refused
 from ..exposure import per_connection
 from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
@@ -239,6 +239,25 @@ class HostServerMixin:
                 self.accept()
         except EOFError:
             pass  # the listener was closed by stop_accepting()
+
+    def listen(self) -> None:
+        """Bind and listen (idempotent), so every listener is up before any accepts."""
+        self._listen()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being dispatched now."""
+        return self.tracker.count
+
+    def reconfigure(
+        self, limits: LimitsSection, security: SecurityConfig, tls: ssl.SSLContext | None
+    ) -> None:
+        """Apply reloaded limits and credentials: admission and budgets at once, timeouts and
+        credentials for new connections; open connections are left as they are."""
+        self.limits = limits
+        self.ledger.caps = caps_from_limits(limits)
+        self.protocol_config["sync_request_timeout"] = limits.call_timeout
+        self.gatekeeper.reconfigure(security, limits, tls)
 
     def stop_accepting(self) -> None:
         """Close the listener; connections already open keep being served."""
