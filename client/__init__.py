@@ -22,12 +22,16 @@ Modules: ``connection`` (:func:`connect`), ``settings`` (the light config reader
 
 from __future__ import annotations
 
+from rpyc_host.wire.context import current as current_context
+from rpyc_host.wire.context import deadline
+
 from .connection import DEFAULT_TIMEOUT, connect, describe, resolve, tls_context
 from .errors import (
     AuthError,
     ClientError,
     ConfigError,
     ConnectError,
+    DeadlineExceeded,
     NoInstanceError,
     describe_error,
     is_remote,
@@ -42,10 +46,13 @@ __all__ = [
     "ClientSettings",
     "ConfigError",
     "ConnectError",
+    "DeadlineExceeded",
     "NoInstanceError",
     "ServicePool",
     "connect",
     "connect_service",
+    "current_context",
+    "deadline",
     "describe",
     "describe_error",
     "is_remote",

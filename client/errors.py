@@ -12,6 +12,10 @@
     └── TransferError                     a file transfer went wrong
         └── ChecksumError (ValueError)    the bytes that arrived are not the bytes that were sent
 
+Beside it, from the wire layer below: ``DeadlineExceeded`` (a ``TimeoutError``): a call's
+deadline passed, before it was sent, while waiting, or at the service on arrival (which then
+did not start it). ``client.deadline(seconds)`` sets one for the calls in a block.
+
 Errors a *service* raised (``ValueError``, ``FileNotFoundError`` ...) are not in this tree: they
 arrive as their own type with the service's message and nothing else (no remote traceback text);
 :func:`is_remote` tells them apart, :func:`describe_error` gives the ``Type: message`` line.
@@ -19,6 +23,7 @@ arrive as their own type with the service's message and nothing else (no remote 
 
 from __future__ import annotations
 
+from rpyc_host.wire.errors import DeadlineExceeded
 from rpyc_host.wire.remote import describe as describe_error
 from rpyc_host.wire.remote import is_remote
 
@@ -29,6 +34,7 @@ __all__ = [
     "ClientError",
     "ConfigError",
     "ConnectError",
+    "DeadlineExceeded",
     "DeliveryError",
     "IngestError",
     "NoInstanceError",

@@ -24,6 +24,7 @@ import rpyc
 
 from .errors import ConfigError, did_you_mean
 from .protocol import HostConnection
+from .wire import context
 
 # rpyc.Service exposes these itself; describe() lists the service's own methods.
 _RPYC_BUILTINS = {"get_service_aliases", "get_service_name"}
@@ -155,6 +156,8 @@ def prepare_class(cls: type) -> type[rpyc.Service]:
         "__module__": base.__module__,
         "__doc__": base.__doc__,
     }
+    # Tells the client library this peer takes call contexts off (rpyc_host.wire.context).
+    namespace[EXPOSED_PREFIX + context.MARKER] = context.VERSION
     if not hasattr(base, EXPOSED_PREFIX + "describe"):
         namespace[EXPOSED_PREFIX + "describe"] = _exposed_describe
     if not hasattr(base, EXPOSED_PREFIX + "health"):

@@ -16,6 +16,8 @@ from rpyc.core import brine
 from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
 
+from .wire.remote import ContextCalls, ContextServing
+
 SAFE_PROTOCOL: dict[str, Any] = {
     "allow_safe_attrs": True,
     "allow_exposed_attrs": True,
@@ -119,8 +121,9 @@ def harden_netrefs() -> None:
     BaseNetref.__reduce_ex__ = refuse
 
 
-class HostConnection(Connection):
-    """An rpyc ``Connection`` that counts requests in flight and logs remote errors locally.
+class HostConnection(ContextServing, ContextCalls, Connection):
+    """An rpyc ``Connection`` that counts requests in flight and logs remote errors locally; calls
+    run in the call context their client sent (:mod:`rpyc_host.wire.context`).
 
     The host passes ``host_tracker`` (an :class:`InflightTracker`) and ``host_logger`` in the
     connection config.

@@ -123,3 +123,43 @@ class InspectService(rpyc.Service):
     @rpyc.exposed
     def echo(self, value: Any) -> Any:
         return value
+
+
+@rpyc.service
+class RelayService(rpyc.Service):
+    """Calls another host's SlowService through the client library, inside its own call."""
+
+    def __init__(self, target_port: int = 0) -> None:
+        self.target_port = target_port
+
+    @rpyc.exposed
+    def relay(self, seconds: float) -> float:
+        """Ask the target to sleep ``seconds``; returns what it answered."""
+        import client
+
+        with client.connect(host="127.0.0.1", port=self.target_port, timeout=30) as conn:
+            return float(conn.root.sleep(seconds))
+
+    @rpyc.exposed
+    def context_seen(self) -> tuple[Any, ...]:
+        """The request id and seconds left that this call arrived with, and what the target saw."""
+        import client
+        from rpyc_host.wire import context
+
+        ctx = context.current()
+        left = ctx.remaining() if ctx else None  # before the downstream call spends any of it
+        with client.connect(host="127.0.0.1", port=self.target_port, timeout=30) as conn:
+            downstream = tuple(conn.root.context_seen())
+        return (ctx.request_id if ctx else None, left, downstream)
+
+
+@rpyc.service
+class ContextProbeService(rpyc.Service):
+    """Reports the call context a call arrived with."""
+
+    @rpyc.exposed
+    def context_seen(self) -> tuple[Any, ...]:
+        from rpyc_host.wire import context
+
+        ctx = context.current()
+        return (ctx.request_id, ctx.remaining()) if ctx else (None, None)

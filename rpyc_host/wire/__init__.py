@@ -5,26 +5,31 @@ Nothing here imports the rest of the host, the services or the client; both stan
 - ``transport``: tuned socket streams and channels (TCP_NODELAY, gather writes, frame limits);
 - ``handshake``: the token frames sent before rpyc starts, and the refusal answers;
 - ``tls``: TLS contexts for servers and clients;
-- ``remote``: errors from the other side with their own type and a clean message;
+- ``remote``: errors from the other side with their own type and a clean message, and the
+  connection behaviour both ends share (call contexts out and in);
+- ``context``: the call context (deadline, trace context, request id) that travels with calls;
 - ``dial``: connect with retries, TLS, token and a tuned channel;
 - ``bulk``: the one-time side connection for file bytes (tickets, sending, receiving);
 - ``jsonlines``: the JSON-lines payload encoder of ingest batches;
 - ``errors``: the wire's exception tree.
 """
 
+from . import context
 from .dial import dial
-from .errors import CredentialsRefused, DialError, FrameTooLarge, PeerStalled, WireError
+from .errors import CredentialsRefused, DeadlineExceeded, DialError, FrameTooLarge, PeerStalled, WireError
 from .remote import WireConnection, describe, is_remote
 from .tls import client_context, server_context
 
 __all__ = [
     "CredentialsRefused",
+    "DeadlineExceeded",
     "DialError",
     "FrameTooLarge",
     "PeerStalled",
     "WireConnection",
     "WireError",
     "client_context",
+    "context",
     "describe",
     "dial",
     "is_remote",

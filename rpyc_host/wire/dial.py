@@ -25,6 +25,7 @@ from typing import Any
 
 import rpyc
 
+from . import context
 from .errors import CredentialsRefused, DialError
 from .handshake import client_handshake
 from .remote import WireConnection, message
@@ -75,7 +76,11 @@ def dial(
     conn_config = {**CLIENT_PROTOCOL, "sync_request_timeout": timeout, **(config or {})}
     conn = WireConnection(root, make_channel(sock, compress=compression), conn_config)
     try:
-        conn.root  # noqa: B018 - one round trip, so a refusal (limits, missing token) shows here
+        # The first round trip shows a refusal (limits, a missing token) here; the second asks
+        # whether the peer is a host that takes call contexts off (a stock rpyc server is not).
+        conn.peer_speaks_context = getattr(conn.root, context.MARKER, None) == context.VERSION
+    except AttributeError:
+        conn.peer_speaks_context = False
     except (ConnectionRefusedError, EOFError, TimeoutError) as exc:
         conn.close()
         text = message(exc) or "connection closed by the server"

@@ -3,6 +3,8 @@
     WireError                         base of everything raised here on purpose
     ├── FrameTooLarge (EOFError)      the peer announced a frame over the limit; closed unread
     ├── PeerStalled (EOFError)        the peer stopped in the middle of a frame or a reply
+    ├── DeadlineExceeded (TimeoutError)
+    │                                 a call's deadline passed (here, or at the service on arrival)
     └── DialError (ConnectionError)   no connection could be made: the message says where and why
         └── CredentialsRefused (ConnectionRefusedError)
                                       the server refused this side's token or certificate
@@ -29,6 +31,11 @@ class FrameTooLarge(WireError, EOFError):
 
 class PeerStalled(WireError, EOFError):
     """The peer stopped sending in the middle of a frame, or stopped reading a reply."""
+
+
+class DeadlineExceeded(WireError, TimeoutError):
+    """A call's deadline passed: before it was sent, while waiting, or when it reached the service
+    (which then did not start it)."""
 
 
 class DialError(WireError, ConnectionError):

@@ -18,15 +18,25 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from rpyc.core import consts
 from rpyc.core.protocol import Connection
 
+from . import context
+from .errors import DeadlineExceeded
+
 REMOTE_TB = "_remote_tb"
+_DEADLINE = (DeadlineExceeded.__module__, DeadlineExceeded.__name__)
 
 
 def clean(exc: Any, raw: Any) -> Any:
-    """``exc`` (what rpyc's vinegar made of ``raw``) as its plain type, attributes kept."""
+    """``exc`` (what rpyc's vinegar made of ``raw``) as its plain type, attributes kept; a
+    deadline the peer refused as :class:`DeadlineExceeded`."""
     if not isinstance(exc, BaseException) or not hasattr(exc, REMOTE_TB):
         return exc
+    if isinstance(raw, tuple) and raw and raw[0] == _DEADLINE:
+        rebuilt_deadline = DeadlineExceeded(*exc.args)
+        setattr(rebuilt_deadline, REMOTE_TB, getattr(exc, REMOTE_TB))
+        return rebuilt_deadline
     plain: Any = type(exc).__mro__[1]  # vinegar's subclass sits right above the real type
     try:
         rebuilt = plain.__new__(plain)
@@ -66,9 +76,71 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-class WireConnection(Connection):
-    """An rpyc ``Connection`` whose remote errors read cleanly and whose close never waits on a
-    busy peer; see the module docstring."""
+def split_context(kwargs: Any) -> tuple[context.CallContext | None, Any]:
+    """Take the call context off a call request's keyword arguments (pairs, as rpyc sends them)."""
+    if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
+        return context.CallContext.from_wire(kwargs[-1][1]), kwargs[:-1]
+    return None, kwargs
+
+
+class ContextCalls:
+    """Connection behaviour both ends share: every call request this side sends carries the
+    call context (:mod:`rpyc_host.wire.context`), bounded by the connection's call timeout, and
+    a call whose deadline has passed is not sent at all."""
+
+    _config: dict[str, Any]
+    peer_speaks_context = False  # set when the peer is known to take contexts off
+
+    def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
+        if handler == consts.HANDLE_CALL and self.peer_speaks_context and len(args) == 3:
+            limit = kwargs.get("timeout") or self._config.get("sync_request_timeout")
+            ctx = context.outgoing(limit)
+            left = ctx.remaining()
+            if left is not None:
+                if left <= 0:
+                    raise DeadlineExceeded("the call's deadline passed before it was sent")
+                kwargs["timeout"] = left
+            obj, call_args, call_kwargs = args
+            args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, ctx.to_wire())))
+        return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+
+    def sync_request(self, handler: int, *args: Any) -> Any:
+        try:
+            return super().sync_request(handler, *args)  # type: ignore[misc]
+        except TimeoutError as exc:
+            if handler == consts.HANDLE_CALL and not is_remote(exc) and not isinstance(exc, DeadlineExceeded):
+                raise DeadlineExceeded("no reply before the call's deadline") from None
+            raise
+
+
+class ContextServing:
+    """Connection behaviour both ends share: a call request that carries a call context is run
+    in it (:func:`rpyc_host.wire.context.current` inside the method), and refused unstarted with
+    :class:`DeadlineExceeded` when its deadline passed before it arrived. A request without one
+    is served exactly as rpyc serves it."""
+
+    @classmethod
+    def _request_handlers(cls) -> dict[int, Any]:
+        handlers: dict[int, Any] = super()._request_handlers()  # type: ignore[misc]
+        inner = handlers[consts.HANDLE_CALL]
+
+        def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
+            ctx, kwargs = split_context(kwargs)
+            if ctx is None:
+                return inner(self, obj, args, kwargs)
+            self.peer_speaks_context = True  # its callbacks may carry contexts too
+            if ctx.expired():
+                raise DeadlineExceeded("the call's deadline had passed when it arrived; it was not started")
+            with context.use(ctx):
+                return inner(self, obj, args, kwargs)
+
+        handlers[consts.HANDLE_CALL] = handle_call
+        return handlers
+
+
+class WireConnection(ContextServing, ContextCalls, Connection):
+    """An rpyc ``Connection`` whose remote errors read cleanly, whose calls carry their context,
+    and whose close never waits on a busy peer; see the module docstring."""
 
     def _unbox_exc(self, raw: Any) -> Any:
         return clean(super()._unbox_exc(raw), raw)

@@ -1,0 +1,127 @@
+"""The call context: a deadline, W3C trace context and a request id that travel with each call.
+
+rpyc frames carry no header, so the context rides as one extra keyword argument of an rpyc
+call request, named :data:`KWARG` (a name no service method takes). The host's connections take
+it off before the method runs; a call without it (a plain ``rpyc.connect`` client) is served
+exactly as before, and such a client is never sent one (see :data:`MARKER`). The client
+library's connections (:class:`~rpyc_host.wire.remote.WireConnection`) attach it to every
+call: the deadline is the connection's timeout, narrowed by any :func:`deadline` block and by
+the context of the call being served (so a service calling another service hands on the time
+its own caller has left).
+
+Usage::
+
+    with context.deadline(0.2):          # calls in this block: 200 ms each, at most
+        conn.root.slow()                 # DeadlineExceeded after 200 ms
+    ctx = context.current()              # inside a service method: the caller's context
+
+On the wire the context is ``(seconds left or None, traceparent, tracestate, request id)``:
+time left rather than a clock reading, so the two machines' clocks need not agree.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+KWARG = "__rpyc_host_context__"
+# A host's services answer this exposed attribute; a client sends contexts only to peers that
+# do (a stock rpyc server would hand the extra keyword to the method), and a host only to
+# clients that sent one first.
+MARKER = "rpyc_host_context"
+VERSION = 1
+MAX_TEXT = 512  # traceparent is 55 characters; tracestate at most 512 by the W3C spec
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """One call's context; ``deadline`` is a ``time.monotonic()`` reading on this machine."""
+
+    deadline: float | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    request_id: str | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left before the deadline (negative once passed), None without a deadline."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def narrowed(self, timeout: float | None) -> CallContext:
+        """This context with a deadline no later than ``timeout`` seconds from now."""
+        if timeout is None:
+            return self
+        candidate = time.monotonic() + timeout
+        if self.deadline is not None and self.deadline <= candidate:
+            return self
+        return replace(self, deadline=candidate)
+
+    def to_wire(self) -> tuple[float | None, str | None, str | None, str | None]:
+        return (self.remaining(), self.traceparent, self.tracestate, self.request_id)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> CallContext | None:
+        """The context a peer sent, or None if it is not one (anything malformed is ignored)."""
+        if type(value) is not tuple or len(value) != 4:
+            return None
+        left, parent, state, request_id = value
+        if left is not None and (type(left) not in (int, float) or left != left):  # NaN
+            return None
+        texts = (parent, state, request_id)
+        if any(t is not None and (type(t) is not str or len(t) > MAX_TEXT) for t in texts):
+            return None
+        deadline = None if left is None else time.monotonic() + max(-1.0, min(float(left), 86400.0 * 365))
+        return cls(deadline, parent, state, request_id)
+
+
+_CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("rpyc_host_call", default=None)
+
+
+def current() -> CallContext | None:
+    """The context of the call being served or made in this thread, if any."""
+    return _CURRENT.get()
+
+
+@contextmanager
+def use(ctx: CallContext | None) -> Iterator[CallContext | None]:
+    """Make ``ctx`` the current context for the block."""
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)
+
+
+@contextmanager
+def deadline(timeout: float, request_id: str | None = None) -> Iterator[CallContext]:
+    """Calls made in this block must finish within ``timeout`` seconds (or sooner, if the
+    enclosing context says so); ``request_id`` labels them in every service's log."""
+    base = current() or CallContext()
+    ctx = base.narrowed(timeout)
+    if request_id is not None:
+        ctx = replace(ctx, request_id=request_id)
+    with use(ctx):
+        yield ctx
+
+
+def new_request_id() -> str:
+    """16 hex digits: unique enough to find one request's lines in the logs of several hosts."""
+    return os.urandom(8).hex()
+
+
+def outgoing(timeout: float | None) -> CallContext:
+    """The context for a call about to be sent: the current one (or a new request id), with a
+    deadline no later than ``timeout`` from now."""
+    base = current()
+    if base is None:
+        base = CallContext(request_id=new_request_id())
+    elif base.request_id is None:
+        base = replace(base, request_id=new_request_id())
+    return base.narrowed(timeout)
