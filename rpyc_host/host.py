@@ -31,6 +31,7 @@ from .protocol import harden_netrefs
 from .reload import reload
 from .security import AuthThrottle, Gatekeeper, RefusalCounts
 from .servers import SERVER_TYPES, HostServerMixin, ServerSettings
+from .wire import tracing
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -106,6 +107,7 @@ class Host:
             StartupError: a listener cannot bind; everything already built is closed.
         """
         harden_netrefs()
+        tracing.configure()  # spans only when OpenTelemetry is installed and OTEL_* configured
         security = self.config.security
         if security.insecure:
             log.warning(

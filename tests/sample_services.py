@@ -163,3 +163,30 @@ class ContextProbeService(rpyc.Service):
 
         ctx = context.current()
         return (ctx.request_id, ctx.remaining()) if ctx else (None, None)
+
+
+@rpyc.service
+class ChainService(rpyc.Service):
+    """Calls a CallbackService on another host, handing it a function of this process to call."""
+
+    def __init__(self, target_port: int = 0) -> None:
+        self.target_port = target_port
+
+    @rpyc.exposed
+    def chain(self, text: str) -> str:
+        import client
+
+        def shout(value: str) -> str:
+            return value.upper()
+
+        with client.connect(host="127.0.0.1", port=self.target_port, timeout=30) as conn:
+            return str(conn.root.call_back(shout, text))
+
+
+@rpyc.service
+class CallbackService(rpyc.Service):
+    """Calls back into its caller once."""
+
+    @rpyc.exposed
+    def call_back(self, fn: Any, value: str) -> Any:
+        return fn(value)

@@ -25,7 +25,7 @@ from typing import Any
 
 import rpyc
 
-from . import context
+from . import context, tracing
 from .errors import CredentialsRefused, DialError
 from .handshake import client_handshake
 from .remote import WireConnection, message
@@ -72,8 +72,14 @@ def dial(
     except (ssl.SSLError, OSError) as exc:
         sock.close()
         raise DialError(f"cannot connect to {target}: {exc}") from None
+    tracing.configure()  # spans only when OpenTelemetry is installed and configured
     root = local_service() if isinstance(local_service, type) else local_service
-    conn_config = {**CLIENT_PROTOCOL, "sync_request_timeout": timeout, **(config or {})}
+    conn_config = {
+        **CLIENT_PROTOCOL,
+        "sync_request_timeout": timeout,
+        "peer_service": name or f"{host}:{port}",
+        **(config or {}),
+    }
     conn = WireConnection(root, make_channel(sock, compress=compression), conn_config)
     try:
         # The first round trip shows a refusal (limits, a missing token) here; the second asks

@@ -16,12 +16,13 @@ is shut first, so ``close()`` returns at once.
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 from typing import Any
 
 from rpyc.core import consts
 from rpyc.core.protocol import Connection
 
-from . import context
+from . import context, tracing
 from .errors import DeadlineExceeded
 
 REMOTE_TB = "_remote_tb"
@@ -83,41 +84,114 @@ def split_context(kwargs: Any) -> tuple[context.CallContext | None, Any]:
     return None, kwargs
 
 
+def _method_name(obj: Any) -> str:
+    name = str(getattr(obj, "__name__", None) or type(obj).__name__)
+    return name[len("exposed_") :] if name.startswith("exposed_") else name
+
+
 class ContextCalls:
     """Connection behaviour both ends share: every call request this side sends carries the
-    call context (:mod:`rpyc_host.wire.context`), bounded by the connection's call timeout, and
-    a call whose deadline has passed is not sent at all."""
+    call context (:mod:`rpyc_host.wire.context`), bounded by the connection's call timeout, to a
+    peer that takes it off; a call whose deadline has passed is not sent at all; with tracing on,
+    each call sent is a CLIENT span."""
 
     _config: dict[str, Any]
     peer_speaks_context = False  # set when the peer is known to take contexts off
+    _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
-        if handler == consts.HANDLE_CALL and self.peer_speaks_context and len(args) == 3:
-            limit = kwargs.get("timeout") or self._config.get("sync_request_timeout")
-            ctx = context.outgoing(limit)
-            left = ctx.remaining()
-            if left is not None:
-                if left <= 0:
-                    raise DeadlineExceeded("the call's deadline passed before it was sent")
-                kwargs["timeout"] = left
-            obj, call_args, call_kwargs = args
+        if handler != consts.HANDLE_CALL or len(args) != 3:
+            if handler == consts.HANDLE_GETATTR and tracing.active():
+                return self._remember_name(super().async_request(handler, *args, **kwargs), args)  # type: ignore[misc]
+            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+        traced = tracing.active()
+        if not self.peer_speaks_context and not traced:
+            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+        limit = kwargs.get("timeout") or self._config.get("sync_request_timeout")
+        ctx = context.outgoing(limit)
+        left = ctx.remaining()
+        if left is not None:
+            if left <= 0:
+                raise DeadlineExceeded("the call's deadline passed before it was sent")
+            kwargs["timeout"] = left
+        obj, call_args, call_kwargs = args
+        span = None
+        if traced:
+            span = tracing.start_client_span(
+                str(self._config.get("peer_service") or "rpyc"),
+                self._name_of(obj),
+                ctx.traceparent,
+                ctx.tracestate,
+            )
+            parent, state = tracing.headers_of(span)
+            ctx = replace(ctx, traceparent=parent, tracestate=state)
+        if self.peer_speaks_context:
             args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, ctx.to_wire())))
-        return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+        try:
+            result = super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+        except BaseException as exc:
+            tracing.end_span(span, exc)
+            raise
+        if span is not None:
+            self._open_spans[id(result)] = span
+            result.add_callback(lambda res: self._end_span(res, res._obj if res.error else None))
+        return result
 
     def sync_request(self, handler: int, *args: Any) -> Any:
+        # rpyc's own sync_request, with a deadline's timeout read as DeadlineExceeded.
+        result = self.async_request(handler, *args, timeout=self._config["sync_request_timeout"])
         try:
-            return super().sync_request(handler, *args)  # type: ignore[misc]
+            return result.value
         except TimeoutError as exc:
             if handler == consts.HANDLE_CALL and not is_remote(exc) and not isinstance(exc, DeadlineExceeded):
+                self._end_span(result, exc)
                 raise DeadlineExceeded("no reply before the call's deadline") from None
             raise
+
+    @property
+    def _open_spans(self) -> dict[int, Any]:
+        spans: dict[int, Any] | None = self.__dict__.get("_spans")
+        if spans is None:
+            spans = self.__dict__["_spans"] = {}
+        return spans
+
+    def _end_span(self, result: Any, error: BaseException | None) -> None:
+        span = self._open_spans.pop(id(result), None)
+        if span is not None:
+            tracing.end_span(span, error)
+
+    def _remember_name(self, result: Any, args: Any) -> Any:
+        names = self._method_names
+        if names is None:
+            names = self._method_names = {}
+        name = str(args[1]) if len(args) > 1 else "?"
+
+        def record(res: Any) -> None:
+            if not res.error and len(names) < 4096:
+                try:
+                    names[object.__getattribute__(res._obj, "____id_pack__")] = name
+                except (AttributeError, TypeError):
+                    pass  # a plain value, not a remote object
+
+        result.add_callback(record)
+        return result
+
+    def _name_of(self, obj: Any) -> str:
+        names = self._method_names
+        if names:
+            try:
+                return names.get(object.__getattribute__(obj, "____id_pack__"), "call")
+            except (AttributeError, TypeError):
+                pass
+        return "call"
 
 
 class ContextServing:
     """Connection behaviour both ends share: a call request that carries a call context is run
     in it (:func:`rpyc_host.wire.context.current` inside the method), and refused unstarted with
     :class:`DeadlineExceeded` when its deadline passed before it arrived. A request without one
-    is served exactly as rpyc serves it."""
+    is served exactly as rpyc serves it. With tracing on, each call served is a SERVER span,
+    child of the caller's span."""
 
     @classmethod
     def _request_handlers(cls) -> dict[int, Any]:
@@ -126,16 +200,31 @@ class ContextServing:
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
             ctx, kwargs = split_context(kwargs)
+            if ctx is not None:
+                self.peer_speaks_context = True  # its callbacks may carry contexts too
+                if ctx.expired():
+                    raise DeadlineExceeded(
+                        "the call's deadline had passed when it arrived; it was not started"
+                    )
+            if tracing.active():
+                return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
                 return inner(self, obj, args, kwargs)
-            self.peer_speaks_context = True  # its callbacks may carry contexts too
-            if ctx.expired():
-                raise DeadlineExceeded("the call's deadline had passed when it arrived; it was not started")
             with context.use(ctx):
                 return inner(self, obj, args, kwargs)
 
         handlers[consts.HANDLE_CALL] = handle_call
         return handlers
+
+
+def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
+    service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
+    parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
+    with tracing.span("server", service, _method_name(obj), parent, state) as span:
+        mine = tracing.headers_of(span)
+        child = replace(ctx or context.CallContext(), traceparent=mine[0], tracestate=mine[1])
+        with context.use(child):
+            return inner(conn, obj, args, kwargs)
 
 
 class WireConnection(ContextServing, ContextCalls, Connection):

@@ -1,0 +1,195 @@
+"""OpenTelemetry spans for calls, both ends: a SERVER span per exposed call, a CLIENT span per
+call sent, joined through the W3C ``traceparent``/``tracestate`` the call context carries.
+
+Optional: ``pip install 'rpyc-host[otel]'``. Spans are made only when the OpenTelemetry SDK is
+installed *and* an exporter is configured through the standard environment variables:
+
+- ``OTEL_TRACES_EXPORTER``: ``console`` (one JSON object per span and line on stdout), ``otlp``
+  (needs ``opentelemetry-exporter-otlp``; endpoint from ``OTEL_EXPORTER_OTLP_*``) or ``none``;
+- ``OTEL_SERVICE_NAME`` (default ``rpyc-host``);
+- or an application that set its own tracer provider: its provider is used as it is.
+
+Anything else costs one check per call: :func:`active` is a module attribute read.
+Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
+``rpc.method``, and the span status is ERROR when the call raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+log = logging.getLogger("rpyc_host.tracing")
+
+_tracer: Any = None
+_propagator: Any = None
+_configured = False
+
+
+def active() -> bool:
+    """Whether spans are being made (after :func:`configure`)."""
+    return _tracer is not None
+
+
+def configure(provider: Any = None) -> bool:
+    """Set up tracing once, from ``provider`` or the ``OTEL_*`` environment; True if active.
+
+    Safe to call again: later calls only switch to an explicitly given ``provider`` (tests
+    pass one with an in-memory exporter).
+    """
+    global _tracer, _propagator, _configured
+    if _configured and provider is None:
+        return active()
+    _configured = True
+    try:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:
+        return False
+    if provider is None:
+        provider = _provider_from_environment(trace)
+        if provider is None:
+            return False
+    _propagator = TraceContextTextMapPropagator()
+    _tracer = provider.get_tracer("rpyc_host")
+    return True
+
+
+def disable() -> None:
+    """Stop making spans (the provider is left to its owner)."""
+    global _tracer
+    _tracer = None
+
+
+def _provider_from_environment(trace: Any) -> Any:
+    existing = trace.get_tracer_provider()
+    if type(existing).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        return existing  # the application configured OpenTelemetry itself
+    exporter_name = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if exporter_name in ("", "none"):
+        return None
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            ConsoleSpanExporter,
+            SimpleSpanProcessor,
+        )
+    except ImportError:
+        log.warning("OTEL_TRACES_EXPORTER=%s but opentelemetry-sdk is not installed: no spans", exporter_name)
+        return None
+    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "rpyc-host")})
+    provider = TracerProvider(resource=resource)
+    if exporter_name == "console":
+        # One line per span, written at once: forked connection processes exit without flushing.
+        exporter = ConsoleSpanExporter(
+            out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+    elif exporter_name == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            log.warning("OTEL_TRACES_EXPORTER=otlp needs opentelemetry-exporter-otlp: no spans")
+            return None
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        log.warning("OTEL_TRACES_EXPORTER=%r is not one of console, otlp, none: no spans", exporter_name)
+        return None
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _parent(traceparent: str | None, tracestate: str | None) -> Any:
+    if not traceparent or _propagator is None:
+        return None
+    carrier = {"traceparent": traceparent}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return _propagator.extract(carrier)
+
+
+def headers_of(span: Any) -> tuple[str | None, str | None]:
+    """``(traceparent, tracestate)`` naming ``span`` as the parent of what comes next."""
+    from opentelemetry import trace
+
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent"), carrier.get("tracestate")
+
+
+@contextmanager
+def span(
+    kind: str,
+    service: str,
+    method: str,
+    traceparent: str | None,
+    tracestate: str | None,
+    attributes: dict[str, Any] | None = None,
+) -> Iterator[Any]:
+    """A SERVER or CLIENT span for one call, child of the given trace context; the span is
+    yielded (None when tracing is off), ended when the block ends, ERROR if it raised."""
+    if _tracer is None:
+        yield None
+        return
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    attrs = {"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method, **(attributes or {})}
+    with _tracer.start_as_current_span(
+        f"{service}/{method}",
+        context=_parent(traceparent, tracestate),
+        kind=SpanKind.SERVER if kind == "server" else SpanKind.CLIENT,
+        attributes=attrs,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
+            current.set_attribute("rpc.error", type(exc).__name__)
+            raise
+
+
+def start_client_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
+    """A CLIENT span for a call whose reply arrives later (end it with :func:`end_span`)."""
+    if _tracer is None:
+        return None
+    from opentelemetry.trace import SpanKind
+
+    return _tracer.start_span(
+        f"{service}/{method}",
+        context=_parent(traceparent, tracestate),
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method},
+    )
+
+
+def end_span(current: Any, error: BaseException | None) -> None:
+    if current is None:
+        return
+    if error is not None:
+        from opentelemetry.trace import Status, StatusCode
+
+        current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+        current.set_attribute("rpc.error", type(error).__name__)
+    current.end()
+
+
+def spans_from_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """The spans in console-exporter output (one JSON object per line), for tests and tools."""
+    found = []
+    for line in lines:
+        text = line.strip()
+        if text.startswith("{") and '"trace_id"' in text:
+            try:
+                found.append(json.loads(text))
+            except ValueError:
+                continue
+    return found
