@@ -820,12 +820,15 @@ def descriptor_limit(soft: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def processes(ctx: Any) -> Iterator[list[Any]]:
-    """Processes the caller starts; joined, then killed if still alive, on exit."""
+def processes(stop: Any, go: Any) -> Iterator[list[Any]]:
+    """Processes the caller starts; on exit told to stop (``stop`` before ``go``, so an attack
+    that has not begun never does), joined, then killed if still alive."""
     procs: list[Any] = []
     try:
         yield procs
     finally:
+        stop.set()
+        go.set()
         for p in procs:
             p.join(timeout=30)
             if p.is_alive():
@@ -858,7 +861,7 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
                 target=sample, args=(server.pid, Path(tmp) / "files", phase, peaks, sampler_stop), daemon=True
             )
             results: dict[str, Any] = {}
-            with processes(ctx) as procs:
+            with processes(stop, go) as procs:
                 for name in attacks:
                     procs.append(
                         ctx.Process(target=attack_main, args=(name, ports, token, go, stop, seconds, out))
@@ -890,7 +893,7 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
                     except queue.Empty:
                         break  # a process that never reported shows as empty in the report
                     results[item[1] if item[0] == "attack" else "honest"] = item[-1]
-            sampler_stop.set()
+                sampler_stop.set()
             sampler.join(10)
             alive = server.proc is not None and server.proc.poll() is None
             refusals = refusal_lines(metrics_port) if alive else ["the server exited during the soak"]
