@@ -260,6 +260,12 @@ def honest_calls(name: str, ports: Ports, token: str) -> tuple[Callable[[int], N
     return ingest_call, conn.close
 
 
+def answered(exc: BaseException) -> bool:
+    """Whether the server answered (a remote exception, a JSON-RPC error, a wrong result): the
+    connection is fine and is kept, as a real client would."""
+    return hasattr(exc, "_remote_tb") or isinstance(exc, RuntimeError | AssertionError)
+
+
 def honest_loop(name: str, ports: Ports, token: str, stop: Any, hard_end: float, log: HonestLog) -> None:
     """Call ``name`` every HONEST_INTERVAL s until ``stop``; reconnect after a failure."""
     call: Callable[[int], None] | None = None
@@ -277,9 +283,10 @@ def honest_loop(name: str, ports: Ports, token: str, stop: Any, hard_end: float,
         except Exception as exc:
             log.samples.append((wall, time.perf_counter() - t0, False))
             log.errors[first_line(exc)] += 1
-            with contextlib.suppress(Exception):
-                close()
-            call = None
+            if not answered(exc):  # the connection may be broken: start a new one
+                with contextlib.suppress(Exception):
+                    close()
+                call = None
         i += 1
         left = HONEST_INTERVAL - (time.monotonic() - started)
         if left > 0:
@@ -976,7 +983,9 @@ def report(r: dict[str, Any]) -> dict[str, Any]:
     if failures:
         print(f"honest failures (whole run): {', '.join(f'{k} {v:,}' for k, v in failures.items())}")
     for name, errs in errors.items():
-        for message, n in sorted(errs.items(), key=lambda kv: -kv[1])[:3]:
+        # Failures of the host first, then the most frequent clear refusals.
+        ranked = sorted(errs.items(), key=lambda kv: (bool(CLEAR_REFUSAL.search(kv[0])), -kv[1]))
+        for message, n in ranked[:4]:
             print(f"  {name} error x{n}: {message}")
     mib = 1 / MiB
     server_rows = [
