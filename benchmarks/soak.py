@@ -90,8 +90,9 @@ ATTACKS = {
 }
 HONEST = ("demo", "files", "ingest", "gateway")
 # A failed honest call whose message names a limit or quota was refused clearly (nothing lost);
-# anything else (a timeout, a cut connection) is a failure of the host.
-CLEAR_REFUSAL = re.compile(r"limit|quota|too many", re.IGNORECASE)
+# anything else (a timeout, a cut connection, a server out of descriptors) is a host failure.
+# "Too many open files" names no limit: the server ran out of descriptors.
+CLEAR_REFUSAL = re.compile(r"limit|quota", re.IGNORECASE)
 
 
 # -- the server ------------------------------------------------------------------------------------
