@@ -98,6 +98,7 @@ class Host:
         self.calls = CallBook() if config.metrics.enabled else None
         self.metrics: MetricsServer | None = None
         self.throttle = AuthThrottle()
+        self.reloads = 0  # configurations applied by SIGHUP
 
     def start(self) -> None:
         """Build and bind every service, then start accepting.

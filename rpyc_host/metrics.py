@@ -1,4 +1,5 @@
-"""Metrics and health over HTTP: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``.
+"""Metrics and health over HTTP: ``/metrics`` (Prometheus text), ``/healthz``, ``/readyz``, and
+the status page at ``/`` (:mod:`rpyc_host.status`).
 
 Calls are counted in plain per-(service, method) records under a small lock, and turned into
 Prometheus families only when scraped (a custom collector), which keeps the cost per call to
@@ -199,6 +200,9 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(HostCollector(host))
         self.started = time.time()
+        from .status import StatusPage  # it reads this module's histograms
+
+        self.status = StatusPage(host)
         handler = type("Handler", (_Handler,), {"owner": self})
         try:
             self.httpd = ThreadingHTTPServer((bind_host, port), handler)
@@ -217,7 +221,7 @@ class MetricsServer:
     def start(self) -> None:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
-        log.info("metrics on %s:%d (/metrics, /healthz, /readyz)", *self.address)
+        log.info("metrics on %s:%d (/ status page, /metrics, /healthz, /readyz)", *self.address)
 
     def close(self) -> None:
         self.httpd.shutdown()
@@ -239,7 +243,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
-        if path == "/metrics":
+        if path == "/":
+            self._send(200, self.owner.status.render().encode(), "text/html; charset=utf-8")
+        elif path == "/metrics":
             self._send(200, generate_latest(self.owner.registry), CONTENT_TYPE_LATEST)
         elif path == "/healthz":
             uptime = time.time() - self.owner.started
@@ -250,7 +256,7 @@ class _Handler(BaseHTTPRequestHandler):
                 200 if ready else 503, {"status": "ready" if ready else "not ready", "services": listeners}
             )
         else:
-            self._json(404, {"error": f"no such endpoint {path!r}; try /metrics, /healthz or /readyz"})
+            self._json(404, {"error": f"no such endpoint {path!r}; try /, /metrics, /healthz or /readyz"})
 
     def _json(self, status: int, data: dict[str, Any]) -> None:
         self._send(status, json.dumps(data).encode(), "application/json")

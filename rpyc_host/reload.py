@@ -67,6 +67,7 @@ def reload(host: Host) -> bool:
         ),
         services=tuple(applied_services),
     )
+    host.reloads += 1
     log.info("reloaded %s (%d change(s) need a restart and were ignored)", old.source, len(ignored))
     return True
 

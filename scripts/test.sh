@@ -17,6 +17,7 @@ need ss iproute2
 need ip iproute2
 need curl curl
 need node nodejs
+need chromium chromium  # the status page test renders it in a real headless browser
 # The PostgreSQL tests start a server of their own from Debian's binaries (not on PATH) unless
 # RPYC_HOST_TEST_POSTGRES names a reachable one.
 if [ -z "${RPYC_HOST_TEST_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
