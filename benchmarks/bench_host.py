@@ -7,6 +7,13 @@ Each system serves the same ``AddService.add`` from its own process on 127.0.0.1
 plain ``rpyc.connect`` with the bound method cached. Systems are measured in interleaved rounds
 and the median round is reported, so a noisy moment hits every system alike. Targets (ratios
 from this run): host ``threaded`` >= 0.95x bare calls/s; ``threadpool`` p50 <= 1.5x ``threaded``.
+
+Call contexts: the same threaded host called through ``client.connect`` with the call context
+off, on (the default), and on with OpenTelemetry tracing at both ends (in-memory exporters),
+every trace recorded or one in ten. Targets: context on >= 0.97x and tracing on >= 0.90x the
+calls/s with the context off. OpenTelemetry's SDK spends tens of microseconds making each span,
+and a traced call makes two, so recording every call cannot reach 0.90x of a 100 µs call; the
+sampled row shows the cost a deployment that samples pays.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.harness import (
     fmt,
     host_server,
+    library_sequential_calls,
     machine,
     median_of,
     parallel_calls,
@@ -47,6 +55,20 @@ services:
 {extra}
 """
 METRICS_ON = "metrics: {enabled: true, port: 0}"
+# The threaded host with tracing on at the server end, exported to memory.
+TRACED = """
+import sys, threading
+from benchmarks.harness import traced_in_memory
+from rpyc_host.testing import running_host
+exporter = traced_in_memory()
+config = "services:\\n  add: {class: benchmarks.bench_service:AddService, port: 0}\\n"
+with running_host(config) as host:
+    print("READY", host.address("add")[1], flush=True)
+    while True:
+        threading.Event().wait(1.0)
+        exporter.clear()
+"""
+CONTEXT_MODES = ("context off", "context on", "tracing on", "tracing, 1 in 10 sampled")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             ports[f"host {kind}"] = stack.enter_context(host_server(config, "add"))
         config = HOST_CONFIG.format(type="threaded", extra=METRICS_ON)
         ports["host threaded+metrics"] = stack.enter_context(host_server(config, "add"))
+        traced_port = stack.enter_context(python_server(TRACED))[0]
+        ctx: dict[str, list[dict[str, float]]] = {m: [] for m in CONTEXT_MODES}
         for round_ in range(rounds):
             # Rotate the order each round: whoever goes first or follows a heavy run is not
             # always the same system (identical servers differed by 10% in a fixed order).
@@ -83,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                 seq[name].append(sequential_calls(ports[name], seq_calls, seq_secs))
             for name in order:
                 par[name].append(parallel_calls(ports[name], args.clients, par_secs))
+            turn = round_ % len(CONTEXT_MODES)
+            for mode in CONTEXT_MODES[turn:] + CONTEXT_MODES[:turn]:
+                # The server end traces everything its callers sampled (it follows their decision).
+                port = traced_port if mode.startswith("tracing") else ports["host threaded"]
+                ctx[mode].append(library_sequential_calls(port, seq_calls, seq_secs, mode))
 
     s = {k: median_of(v) for k, v in seq.items()}
     p = {k: median_of(v) for k, v in par.items()}
@@ -113,6 +142,24 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print(table(rows))
+    c = {k: median_of(v) for k, v in ctx.items()}
+    off = c["context off"]["calls_per_s"]
+    ctx_rows = [["client.connect, host threaded", "seq p50 us", "seq p99 us", "seq calls/s", "x context off"]]
+    for mode in CONTEXT_MODES:
+        ctx_rows.append(
+            [
+                mode,
+                fmt(c[mode]["p50_us"]),
+                fmt(c[mode]["p99_us"]),
+                fmt(c[mode]["calls_per_s"]),
+                f"{c[mode]['calls_per_s'] / off:.3f}",
+            ]
+        )
+    print()
+    print(table(ctx_rows))
+    context_ratio = c["context on"]["calls_per_s"] / off
+    tracing_ratio = c["tracing on"]["calls_per_s"] / off
+    sampled_ratio = c["tracing, 1 in 10 sampled"]["calls_per_s"] / off
     threaded_ratio = s["host threaded"]["calls_per_s"] / bare_s["calls_per_s"]
     pool_ratio = s["host threadpool"]["p50_us"] / s["host threaded"]["p50_us"]
     metrics_ratio = s["host threaded+metrics"]["calls_per_s"] / s["host threaded"]["calls_per_s"]
@@ -126,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
             f"metrics on: {metrics_ratio:.3f}x the calls/s with metrics off (target >= 0.95: <= 5% overhead)",
             metrics_ratio >= 0.95,
         ),
+        (f"call context on: {context_ratio:.3f}x context off (target >= 0.97)", context_ratio >= 0.97),
+        (f"tracing on: {tracing_ratio:.3f}x context off (target >= 0.90)", tracing_ratio >= 0.90),
+        (
+            f"tracing, 1 in 10 sampled: {sampled_ratio:.3f}x context off (target >= 0.90)",
+            sampled_ratio >= 0.90,
+        ),
     ]
     print()
     for text, ok in checks:
@@ -137,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
             "sequential": s,
             "parallel": p,
+            "context": c,
             "checks": [{"check": t, "ok": ok} for t, ok in checks],
         },
     )

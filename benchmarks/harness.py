@@ -105,6 +105,61 @@ def sequential_calls(port: int, count: int, seconds: float) -> dict[str, float]:
     }
 
 
+def traced_in_memory(ratio: float = 1.0) -> Any:
+    """Turn on tracing in this process with an in-memory exporter, sampling ``ratio`` of the
+    traces (a child follows its parent's decision); returns the exporter."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    from rpyc_host.wire import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
+    provider.add_span_processor(BatchSpanProcessor(exporter))  # what a deployment would use
+    tracing.configure(provider)
+    return exporter
+
+
+def library_sequential_calls(port: int, count: int, seconds: float, mode: str) -> dict[str, float]:
+    """:func:`sequential_calls` through ``client.connect``: ``mode`` is ``context off`` (the
+    connection sends no call context), ``context on`` (the default), ``tracing on`` (context and
+    a CLIENT span per call, exported to memory) or ``tracing, 1 in 10 sampled``."""
+    import client
+    from rpyc_host.wire import tracing
+
+    exporter = None
+    if mode.startswith("tracing"):
+        exporter = traced_in_memory(1.0 if mode == "tracing on" else 0.1)
+    try:
+        with client.connect(host="127.0.0.1", port=port) as conn:
+            if mode == "context off":
+                conn.peer_speaks_context = False
+            add = conn.root.add
+            for _ in range(200):  # warm-up
+                add(1, 2)
+            lat: list[float] = []
+            start = time.perf_counter()
+            deadline = start + seconds
+            while len(lat) < count and time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                add(1, 2)
+                lat.append(time.perf_counter() - t0)
+                if exporter is not None and len(lat) % 1000 == 0:
+                    exporter.clear()  # keep memory flat; the spans were made and exported
+            elapsed = time.perf_counter() - start
+    finally:
+        if exporter is not None:
+            tracing.disable()
+    return {
+        "p50_us": percentile(lat, 50) * 1e6,
+        "p99_us": percentile(lat, 99) * 1e6,
+        "calls_per_s": len(lat) / elapsed,
+        "calls": len(lat),
+    }
+
+
 def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, out: Any) -> None:
     with rpyc.connect("127.0.0.1", port) as conn:
         add = conn.root.add

@@ -27,7 +27,6 @@ from typing import Any
 log = logging.getLogger("rpyc_host.tracing")
 
 _tracer: Any = None
-_propagator: Any = None
 _configured = False
 
 
@@ -42,20 +41,18 @@ def configure(provider: Any = None) -> bool:
     Safe to call again: later calls only switch to an explicitly given ``provider`` (tests
     pass one with an in-memory exporter).
     """
-    global _tracer, _propagator, _configured
+    global _tracer, _configured
     if _configured and provider is None:
         return active()
     _configured = True
     try:
         from opentelemetry import trace
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
     except ImportError:
         return False
     if provider is None:
         provider = _provider_from_environment(trace)
         if provider is None:
             return False
-    _propagator = TraceContextTextMapPropagator()
     _tracer = provider.get_tracer("rpyc_host")
     return True
 
@@ -107,21 +104,35 @@ def _provider_from_environment(trace: Any) -> Any:
 
 
 def _parent(traceparent: str | None, tracestate: str | None) -> Any:
-    if not traceparent or _propagator is None:
+    """An OpenTelemetry context whose current span is the remote parent ``traceparent`` names
+    (W3C ``00-<trace id>-<span id>-<flags>``); None when it is missing or malformed."""
+    if not traceparent or len(traceparent) != 55 or _tracer is None:
         return None
-    carrier = {"traceparent": traceparent}
-    if tracestate:
-        carrier["tracestate"] = tracestate
-    return _propagator.extract(carrier)
+    version, trace_hex, span_hex, flags_hex = (
+        traceparent.split("-") if traceparent.count("-") == 3 else ("",) * 4
+    )
+    try:
+        trace_id, span_id, flags = int(trace_hex, 16), int(span_hex, 16), int(flags_hex, 16)
+    except ValueError:
+        return None
+    if version != "00" or not trace_id or not span_id:
+        return None
+    from opentelemetry import trace
+
+    state = trace.TraceState.from_header([tracestate]) if tracestate else None
+    remote = trace.SpanContext(
+        trace_id, span_id, is_remote=True, trace_flags=trace.TraceFlags(flags), trace_state=state
+    )
+    return trace.set_span_in_context(trace.NonRecordingSpan(remote))
 
 
 def headers_of(span: Any) -> tuple[str | None, str | None]:
     """``(traceparent, tracestate)`` naming ``span`` as the parent of what comes next."""
-    from opentelemetry import trace
-
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, context=trace.set_span_in_context(span))
-    return carrier.get("traceparent"), carrier.get("tracestate")
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None, None
+    state = ctx.trace_state.to_header() if ctx.trace_state else None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}", state or None
 
 
 @contextmanager
@@ -141,20 +152,22 @@ def span(
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
     attrs = {"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method, **(attributes or {})}
-    with _tracer.start_as_current_span(
+    # Not start_as_current_span: the trace context travels in the call context, so attaching
+    # OpenTelemetry's own context on every call would be work for nothing.
+    current = _tracer.start_span(
         f"{service}/{method}",
         context=_parent(traceparent, tracestate),
         kind=SpanKind.SERVER if kind == "server" else SpanKind.CLIENT,
         attributes=attrs,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as current:
-        try:
-            yield current
-        except BaseException as exc:
-            current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
-            current.set_attribute("rpc.error", type(exc).__name__)
-            raise
+    )
+    try:
+        yield current
+    except BaseException as exc:
+        current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
+        current.set_attribute("rpc.error", type(exc).__name__)
+        raise
+    finally:
+        current.end()
 
 
 def start_client_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
