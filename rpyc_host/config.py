@@ -215,10 +215,6 @@ class SecurityConfig:
     tls: TLSSection | None = None
     insecure: bool = False
 
-    @property
-    def authenticated(self) -> bool:
-        return bool(self.tokens) or bool(self.tls and self.tls.ca)
-
 
 @dataclass(frozen=True)
 class ServiceConfig:
