@@ -31,6 +31,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", metavar="LEVEL", help="override logging.level (DEBUG, INFO, WARNING, ERROR)"
     )
+    parser.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help="for supervisors and scripts: once every listener accepts, atomically write JSON with "
+        "the pid and the real address of every service, the gateway, metrics and the console",
+    )
     return parser.parse_args(argv)
 
 
@@ -45,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logs.configure(
             (args.log_level or config.log_level).upper(), config.logging.format, config.logging.dict
         )
-        return Host(config).run()
+        return Host(config, ready_file=args.ready_file).run()
     except ConfigError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return EXIT_USAGE

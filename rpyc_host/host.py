@@ -13,7 +13,9 @@ Usage::
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -79,11 +81,46 @@ def close_services(services: Any) -> None:
                 log.exception("closing %s failed", type(service).__name__)
 
 
+def ready_event(host: Host) -> dict[str, Any]:
+    """What a started host listens on, for supervisors and scripts: the real ports, not the configured 0."""
+
+    def address(component: Any) -> list[Any] | None:
+        return None if component is None else list(component.address)
+
+    return {
+        "pid": os.getpid(),
+        "services": {
+            h.config.name: {"host": h.address[0], "port": h.address[1], "type": h.config.type}
+            for h in host.hosted
+        },
+        "gateway": address(host.gateway),
+        "metrics": address(host.metrics),
+        "classic": address(host.classic),
+    }
+
+
+def write_ready_file(host: Host, path: str) -> None:
+    """Write :func:`ready_event` as JSON to ``path`` atomically: a reader sees all of it or no file."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "w", encoding="utf-8") as out:
+            json.dump(ready_event(host), out)
+            out.write("\n")
+        os.replace(temporary, path)  # same directory, so the rename is atomic
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
 class Host:
     """Runs the configured services; see the module docstring."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, ready_file: str | None = None) -> None:
         self.config = config
+        self.ready_file = ready_file  # written by start() once every listener accepts
         self.hosted: list[Hosted] = []
         self.classic: classic.ClassicConsole | None = None
         # The optional components, imported only when enabled (see _start_extra).
@@ -154,6 +191,14 @@ class Host:
             self._start_extra("metrics", "rpyc_host.metrics", "MetricsServer")
         if self.config.registry.enabled:
             self._start_extra("registrar", "rpyc_host.registry", "Registrar")
+        if self.ready_file is not None:
+            try:
+                write_ready_file(self, self.ready_file)
+            except OSError as exc:
+                self.stop(grace=0)
+                raise StartupError(
+                    f"--ready-file: cannot write {self.ready_file}: {exc.strerror or exc}"
+                ) from None
         log.info("host ready: %d service(s)", len(self.hosted))
 
     def _start_extra(self, attr: str, module: str, cls: str) -> None:
