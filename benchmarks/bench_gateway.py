@@ -93,11 +93,9 @@ def gateway_server(timeout: float = 30) -> Iterator[int]:
     path.write_text(HOST_CONFIG)
     proc = ServerProcess(path, "--log-level", "INFO", ready_timeout=timeout)
     try:
-        proc.start()
-        line = proc.wait_for("gateway on ", timeout)
-        match = re.search(r"gateway on (\S+):(\d+)", line)
-        assert match, line
-        yield int(match[2])
+        ready = proc.start().ready
+        assert ready is not None and ready["gateway"] is not None, proc.log
+        yield int(ready["gateway"][1])
     finally:
         proc.stop()
         path.unlink(missing_ok=True)

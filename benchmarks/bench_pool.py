@@ -26,8 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import RESULTS, fmt, machine, save, table
-from rpyc_host.testing import ServerProcess
-from tests.registry_helpers import RegistryProcess, wait_until
+from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
 
 MAX_CALLS = 500_000
 

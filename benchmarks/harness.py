@@ -68,13 +68,13 @@ def python_server(code: str, *args: str, timeout: float = 30) -> Any:
 
 @contextmanager
 def host_server(config_text: str, name: str, timeout: float = 30) -> Iterator[int]:
-    """``python server.py`` with a config; yields the real port of service ``name``."""
+    """``python -m rpyc_host`` with a config; yields the real port of service ``name``."""
     from rpyc_host.testing import ServerProcess
 
     path = RESULTS / f"bench-{os.getpid()}-{name}.yaml"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(config_text)
-    proc = ServerProcess(path, ready_timeout=timeout)
+    proc = ServerProcess(path, cwd=ROOT, ready_timeout=timeout)  # cwd: benchmarks.* services import
     try:
         proc.start()
         yield proc.address(name)[1]

@@ -1,28 +1,35 @@
-"""Start hosts for tests: as a ``server.py`` subprocess or in this process, on port 0.
+"""Start hosts for tests and benchmarks: as a subprocess or in this process, on port 0.
 
 Usage::
 
-    with ServerProcess(config_path) as proc:          # python server.py --config config_path
-        host, port = proc.address("demo")             # the real port, read from the log
+    with ServerProcess(config_path) as proc:          # python -m rpyc_host --config config_path
+        host, port = proc.address("demo")             # the real port, from the host's ready file
 
     with running_host(config_text) as host:           # in-process Host
         conn = rpyc.connect(*host.address("demo"))
 
-Readiness is awaited with a deadline (the host logs ``host ready``); stopping sends SIGTERM to
-the process started here, by PID, and kills it only if it does not exit in time.
+    with RegistryProcess() as registry:               # python -m rpyc_host.registry on port 0
+        print(registry.spec)                          # "127.0.0.1:PORT" for registry.host
+
+Everything here runs the installed package: no source checkout is needed. Readiness is awaited
+with a deadline; stopping sends SIGTERM to the process started here, by PID, and kills it only
+if it does not exit in time.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +39,8 @@ from typing import Any
 from .config import parse_config
 from .host import Host
 
-SERVING = re.compile(
-    r"serving (?P<name>\S+) \((?P<cls>[^)]*)\) on (?P<host>\S+):(?P<port>\d+) "
-    r"\[(?P<type>\w+)\]"
-)
+# The directory above the installed package: a source checkout's root when running from one.
+# Nothing in this module depends on it.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -48,8 +53,36 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str
         time.sleep(0.01)
 
 
+class _LogPump:
+    """Reads a child's merged stdout/stderr into ``lines`` and a queue, on a daemon thread."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        self.done = threading.Event()
+        threading.Thread(target=self._pump, name=f"log-{proc.pid}", daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                line = line.rstrip("\n")
+                self.lines.append(line)
+                self.queue.put(line)
+        except ValueError:  # stdout closed while reading: the process is gone
+            pass
+        self.queue.put(None)
+        self.done.set()
+
+
 class ServerProcess:
-    """``python server.py --config PATH`` as a child process with its log captured."""
+    """``python -m rpyc_host --config PATH`` as a child process, its log captured.
+
+    The real addresses come from the host's ``--ready-file`` (JSON written once every listener
+    accepts): ``address(name)`` for a service, ``ready`` for the whole event (``pid``,
+    ``services``, ``gateway``, ``metrics``, ``classic``).
+    """
 
     def __init__(
         self,
@@ -60,48 +93,86 @@ class ServerProcess:
         ready_timeout: float = 20.0,
     ) -> None:
         self.config = str(config)
-        self.args = [sys.executable, str(PROJECT_ROOT / "server.py"), "--config", self.config, *extra_args]
-        self.cwd = str(cwd or PROJECT_ROOT)
+        self._ready_dir = tempfile.mkdtemp(prefix="rpyc-host-ready-")
+        self.ready_file = os.path.join(self._ready_dir, "ready.json")
+        self.args = [
+            sys.executable,
+            "-m",
+            "rpyc_host",
+            "--config",
+            self.config,
+            "--ready-file",
+            self.ready_file,
+            *extra_args,
+        ]
+        self.cwd = None if cwd is None else str(cwd)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.ready_timeout = ready_timeout
         self.lines: list[str] = []
         self.addresses: dict[str, tuple[str, int]] = {}
+        self.ready: dict[str, Any] | None = None
         self.proc: subprocess.Popen[str] | None = None
-        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._pump: _LogPump | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> ServerProcess:
-        env = dict(self.env)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        """Start the process; with ``wait``, return once its ready file is written (or fail with the log)."""
+        os.makedirs(self._ready_dir, exist_ok=True)
+        try:
+            os.unlink(self.ready_file)  # a restart must not read the previous process's file
+        except FileNotFoundError:
+            pass
+        self.ready, self.addresses = None, {}
         self.proc = subprocess.Popen(
             self.args,
             cwd=self.cwd,
-            env=env,
+            env=self.env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump = _LogPump(self.proc)
+        self.lines = self._pump.lines
         if wait:
-            self.wait_for("host ready", self.ready_timeout)
+            self.wait_ready(self.ready_timeout)
         return self
 
-    def _pump(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            self.lines.append(line)
-            match = SERVING.search(line)
-            if match:
-                self.addresses[match["name"]] = (match["host"], int(match["port"]))
-            self._queue.put(line)
-        self._queue.put(None)
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait for the ready file; AssertionError with the log if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not self._read_ready():
+            assert self.proc is not None, "not started"
+            if self.proc.poll() is not None:
+                self._drain(5.0)
+                raise AssertionError(
+                    f"server exited with status {self.proc.returncode} before it was ready:\n{self.log}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready within {timeout} s:\n{self.log}")
+            time.sleep(0.01)
+        assert self.ready is not None
+        return self.ready
+
+    def _read_ready(self) -> bool:
+        if self.ready is not None:
+            return True
+        try:
+            with open(self.ready_file, encoding="utf-8") as source:
+                event = json.load(source)
+        except FileNotFoundError:
+            return False
+        self.ready = event
+        self.addresses = {
+            name: (str(entry["host"]), int(entry["port"])) for name, entry in event["services"].items()
+        }
+        return True
 
     def wait_for(self, text: str, timeout: float = 10.0) -> str:
         """Wait for a log line containing ``text``; AssertionError with the log on timeout/exit."""
-        for line in self.lines:
+        assert self._pump is not None, "not started"
+        for line in list(self.lines):
             if text in line:
                 return line
         deadline = time.monotonic() + timeout
@@ -110,40 +181,45 @@ class ServerProcess:
             if left <= 0:
                 raise AssertionError(f"no log line with {text!r} within {timeout} s:\n{self.log}")
             try:
-                item = self._queue.get(timeout=left)
+                item = self._pump.queue.get(timeout=left)
             except queue.Empty:
                 continue
             if item is None:
-                self._queue.put(None)
+                self._pump.queue.put(None)
                 raise AssertionError(f"server exited before logging {text!r}:\n{self.log}")
             if text in item:
                 return item
 
+    def _drain(self, timeout: float) -> None:
+        """Let the pump finish reading what the exited process wrote."""
+        if self._pump is not None:
+            self._pump.done.wait(timeout)
+
     def wait_exit(self, timeout: float = 20.0) -> int:
         assert self.proc is not None
         code = self.proc.wait(timeout=timeout)
-        # Let the pump finish reading what the process wrote.
-        deadline = time.monotonic() + 5
-        while self.proc.stdout and not self.proc.stdout.closed and time.monotonic() < deadline:
-            if self._queue.queue and self._queue.queue[-1] is None:
-                self.proc.stdout.close()
-                break
-            time.sleep(0.01)
+        self._drain(5.0)
+        if self._pump is not None and self._pump.done.is_set() and self.proc.stdout is not None:
+            self.proc.stdout.close()
         return code
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         """Signal the process; kill it if it has not exited within ``timeout``."""
         if self.proc is None:
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                return self.wait_exit(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-                raise AssertionError(f"server did not stop within {timeout} s:\n{self.log}") from None
-        return self.proc.returncode
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(sig)
+                try:
+                    return self.wait_exit(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
+                    raise AssertionError(f"server did not stop within {timeout} s:\n{self.log}") from None
+            return self.proc.returncode
+        finally:
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
 
     @property
     def pid(self) -> int:
@@ -155,9 +231,88 @@ class ServerProcess:
         return "\n".join(self.lines)
 
     def address(self, name: str) -> tuple[str, int]:
-        return self.addresses[name]
+        """The real (host, port) of service ``name``, from the ready file."""
+        if not self._read_ready():
+            raise AssertionError(f"server is not ready yet (no {self.ready_file}):\n{self.log}")
+        try:
+            return self.addresses[name]
+        except KeyError:
+            raise KeyError(f"no service {name!r}; serving: {', '.join(self.addresses)}") from None
 
     def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+_LISTENING = re.compile(r"registry listening on (?P<host>\S+):(?P<port>\d+)")
+
+
+class RegistryProcess:
+    """``python -m rpyc_host.registry --host HOST --port PORT`` (rpyc's TCP registry server),
+    optionally behind a prefix command (``ip netns exec NS``); ``address`` is the real
+    (host, port), read from its start-up line."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, prefix: Sequence[str] = ()) -> None:
+        self.host, self.port, self.prefix = host, port, list(prefix)
+        self.proc: subprocess.Popen[str] | None = None
+        self.lines: list[str] = []
+        self.address: tuple[str, int] = (host, port)
+
+    def start(self, timeout: float = 15.0) -> RegistryProcess:
+        """Start the registry (again, after ``stop``, on the same port); AssertionError with its log."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        args = [sys.executable, "-m", "rpyc_host.registry", "--host", self.host, "--port", str(self.port)]
+        self.proc = subprocess.Popen(
+            [*self.prefix, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        pump = _LogPump(self.proc)  # a restart reads only the new process's lines
+        self.lines = pump.lines
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = pump.queue.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                line = ""
+            if line is None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("registry did not start:\n" + "\n".join(self.lines))
+            match = _LISTENING.search(line)
+            if match:
+                self.address = (match["host"], int(match["port"]))
+                self.port = self.address[1]
+                return self
+
+    def stop(self) -> None:
+        """SIGTERM by PID, SIGKILL if it is still running after 10 s."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        assert self.proc.poll() is not None
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    @property
+    def spec(self) -> str:
+        """``host:port``, as ``registry.host``/``--registry`` take it."""
+        return f"{self.address[0]}:{self.address[1]}"
+
+    def discover(self, name: str) -> tuple[tuple[str, int], ...]:
+        """The addresses registered under ``name``."""
+        from rpyc.utils.registry import TCPRegistryClient
+
+        return tuple(TCPRegistryClient(self.address[0], port=self.address[1], timeout=2).discover(name))
+
+    def __enter__(self) -> RegistryProcess:
         return self.start()
 
     def __exit__(
@@ -183,13 +338,11 @@ def run_cli(
     timeout: float = 60.0,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python <args>`` from the project root and capture its output."""
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), full_env.get("PYTHONPATH")]))
+    """Run ``python <args>`` (in ``cwd``, default the current directory) and capture its output."""
     return subprocess.run(
         [sys.executable, *args],
-        cwd=str(cwd or PROJECT_ROOT),
-        env=full_env,
+        cwd=None if cwd is None else str(cwd),
+        env={**os.environ, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,

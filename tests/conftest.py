@@ -1,7 +1,9 @@
-"""Fixtures: config files in tmp_path and server processes that are always stopped."""
+"""Fixtures shared by the test modules: config files in tmp_path, and server processes that are
+always stopped."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +11,11 @@ from pathlib import Path
 import pytest
 
 from rpyc_host.testing import ServerProcess
+from tests.helpers import ROOT
+
+# Server processes the tests start import tests.sample_services from this checkout, whatever
+# directory they run in.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture
@@ -24,9 +31,29 @@ def write_config(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
+def _stop_all(started: list[ServerProcess]) -> None:
+    """Stop every process (stop() kills one that ignores SIGTERM), then report any that had to be."""
+    failures = []
+    for proc in started:
+        try:
+            proc.stop(timeout=20)
+        except AssertionError as exc:
+            failures.append(str(exc))
+        assert proc.proc is None or proc.proc.poll() is not None, "server still running"
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[ServerProcess]]:
+    """A list for the server processes a test builds itself; each is stopped (by PID) at the end."""
+    started: list[ServerProcess] = []
+    yield started
+    _stop_all(started)
+
+
 @pytest.fixture
 def start_server() -> Iterator[Callable[..., ServerProcess]]:
-    """Start ``server.py`` processes; every one is stopped (by PID) when the test ends."""
+    """Start host processes; every one is stopped (by PID) when the test ends."""
     started: list[ServerProcess] = []
 
     def start(config: Path, *args: str, wait: bool = True, **kwargs: object) -> ServerProcess:
@@ -35,6 +62,4 @@ def start_server() -> Iterator[Callable[..., ServerProcess]]:
         return proc.start(wait=wait)
 
     yield start
-    for proc in started:
-        proc.stop(timeout=20)
-        assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
+    _stop_all(started)

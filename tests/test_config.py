@@ -12,8 +12,9 @@ import yaml
 from rpyc_host.cli import main
 from rpyc_host.config import parse_config
 from rpyc_host.errors import ConfigError
-from rpyc_host.testing import PROJECT_ROOT, run_cli
+from rpyc_host.testing import run_cli
 from rpyc_host.wire.configtext import expand_env
+from tests.helpers import ROOT
 
 DEMO = """
 services:
@@ -168,7 +169,7 @@ def test_yaml_error_names_line_and_column(write_config: Callable[[str], Path]) -
 
 def test_real_process_prints_no_traceback(write_config: Callable[[str], Path]) -> None:
     path = write_config("server:\n  type: threadpoll\n" + DEMO)
-    result = run_cli("server.py", "--config", str(path))
+    result = run_cli(str(ROOT / "server.py"), "--config", str(path))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith(f"Error: {path}: server.type: 'threadpoll'")
@@ -216,7 +217,7 @@ def test_default_config_is_valid_and_serves_demo_on_18861(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the services create their data folders relative to the cwd
-    code, out, err = run_check(PROJECT_ROOT / "config.yaml", capsys)
+    code, out, err = run_check(ROOT / "config.yaml", capsys)
     assert code == 0, err
     data = yaml.safe_load(out)
     demo = data["services"]["demo"]
@@ -240,7 +241,7 @@ def test_port_in_use_fails_cleanly(write_config: Callable[[str], Path]) -> None:
               second: {{class: services.demo:DemoService, port: {port}}}
             """
         )
-        result = run_cli("server.py", "--config", str(path), timeout=30)
+        result = run_cli(str(ROOT / "server.py"), "--config", str(path), timeout=30)
     assert result.returncode == 1
     assert (
         f"Error: services.second: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

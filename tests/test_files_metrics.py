@@ -11,8 +11,7 @@ import rpyc
 import client
 from client import files
 from rpyc_host.testing import running_host
-
-from .test_operate import get, metric, metrics_url
+from tests.helpers import get, metric, metrics_url
 
 SIZE = (5 << 20) + 1234  # more than one bulk piece, and not a multiple of anything
 

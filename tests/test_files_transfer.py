@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
@@ -18,8 +17,9 @@ import pytest
 
 import client
 from client import files
-from rpyc_host.testing import PROJECT_ROOT, running_host
+from rpyc_host.testing import running_host, wait_until
 from services.files import XATTR_SHA256
+from tests.helpers import ROOT
 
 MiB = 1 << 20
 
@@ -73,14 +73,6 @@ def random_file(path: Path, size: int) -> Path:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["side-connection", "rpyc-calls"])
@@ -283,7 +275,7 @@ up.write(b"k" * {MiB})
 print("written", flush=True)
 sys.stdin.read()
 """
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )

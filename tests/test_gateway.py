@@ -14,8 +14,7 @@ import pytest
 
 from rpyc_host.host import Host
 from rpyc_host.testing import running_host
-
-from .gateway_helpers import curl, http, jsonrpc, node_fetch, post, read_response
+from tests.helpers import curl, http, jsonrpc, node_fetch, post, read_response
 
 CONFIG = """
 services:

@@ -18,8 +18,7 @@ import pytest
 import client
 from rpyc_host.host import Host
 from rpyc_host.testing import make_certificates, running_host
-
-from .gateway_helpers import curl, http, jsonrpc, post
+from tests.helpers import curl, http, jsonrpc, post
 
 TOKEN = "gateway-test-token-0123456789"
 ADD = {"jsonrpc": "2.0", "method": "demo.add", "params": [8, 8], "id": 1}

@@ -4,14 +4,12 @@ an image uploaded and downloaded as ``Binary``."""
 
 from __future__ import annotations
 
-import re
 import xmlrpc.client
 from collections.abc import Callable
 from pathlib import Path
 
 from rpyc_host.testing import ServerProcess
-
-from .gateway_helpers import make_png
+from tests.helpers import make_png
 
 CONFIG = """
 services:
@@ -25,9 +23,9 @@ def test_stdlib_clients_through_server_py(
     tmp_path: Path, write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
 ) -> None:
     server = start_server(write_config(CONFIG.format(root=tmp_path / "files")))
-    match = re.search(r"gateway on (\S+):(\d+)", server.wait_for("gateway on "))
-    assert match, server.log
-    url = f"http://{match[1]}:{match[2]}/RPC2"
+    assert server.ready is not None and server.ready["gateway"] is not None, server.log
+    gateway_host, gateway_port = server.ready["gateway"]
+    url = f"http://{gateway_host}:{gateway_port}/RPC2"
 
     s = xmlrpc.client.ServerProxy(url)
     assert s.demo.add(8, 8) == 16

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,8 @@ import rpyc
 
 from client.ingest import BatchRejected, Collector, DeliveryError, Receipt, encode_batch, submit
 from rpyc_host.host import Host
-from rpyc_host.testing import PROJECT_ROOT, run_cli, running_host
+from rpyc_host.testing import run_cli, running_host, wait_until
+from tests.helpers import ROOT
 
 
 def config(db: Path, port: int = 0, **options: Any) -> str:
@@ -42,14 +43,6 @@ def ingest_host(db: Path, port: int = 0, **options: Any) -> Iterator[Host]:
 def count(address: tuple[str, int], topic: str | None = None) -> int:
     with rpyc.connect(*address) as conn:
         return int(conn.root.count(topic))
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -293,7 +286,7 @@ def test_example_collector_follows_a_log_file(tmp_path: Path, db: Path) -> None:
         args = ["--host", h, "--port", str(p), "--follow", str(log), "--count", "2", "--interval", "0.01"]
         proc = subprocess.Popen(
             [sys.executable, "examples/collector.py", *args, "--spool", str(tmp_path / "s")],
-            cwd=PROJECT_ROOT,
+            cwd=ROOT,
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -8,13 +8,12 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from client.ingest import Collector
-from rpyc_host.testing import ServerProcess
+from rpyc_host.testing import ServerProcess, wait_until
 
 
 def config(db: Path, port: int) -> str:
@@ -26,24 +25,6 @@ services:
     port: {port}
     options: {{database: "sqlite:///{db}"}}
 """
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
-
-
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    """Server processes started by the test; each is stopped (by PID) and checked to be gone."""
-    started: list[ServerProcess] = []
-    yield started
-    for proc in started:
-        proc.stop(timeout=20)
-        assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
 
 
 @pytest.mark.slow

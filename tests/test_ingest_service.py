@@ -16,6 +16,7 @@ import rpyc
 from rpyc_host.errors import ConfigError
 from rpyc_host.host import Host
 from rpyc_host.testing import run_cli, running_host
+from tests.helpers import ROOT
 
 
 def shout(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -316,7 +317,7 @@ def test_bad_options_are_config_errors(tmp_path: Path, options: dict[str, Any], 
 def test_server_exits_2_on_a_bad_database(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(config(tmp_path / "x.db").replace("sqlite:///", "mysql:///"))
-    result = run_cli("server.py", "--config", str(path), timeout=30)
+    result = run_cli(str(ROOT / "server.py"), "--config", str(path), timeout=30)
     assert result.returncode == 2
     assert "unknown scheme 'mysql'" in result.stderr
     assert "Traceback" not in result.stderr

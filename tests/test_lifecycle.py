@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -15,9 +16,8 @@ from pathlib import Path
 import pytest
 import rpyc
 
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess, run_cli
-
-from .test_serving import SERVER_TYPES, demo_config, wait_until
+from rpyc_host.testing import ServerProcess, run_cli, wait_until
+from tests.helpers import ROOT, SERVER_TYPES, demo_config
 
 
 def children_of(pid: int) -> dict[int, str]:
@@ -175,6 +175,51 @@ def test_startup_logs_one_line_per_service_with_the_real_port(
     assert lines[1].endswith("[forking]")
 
 
+def test_ready_file_names_every_real_address(write_config: Callable[[str], Path], tmp_path: Path) -> None:
+    extra = (
+        "metrics: {enabled: true, host: 127.0.0.1, port: 0}\n"
+        "gateway: {enabled: true, port: 0, services: [demo]}\n"
+        "debug:\n  classic: {enabled: true, host: 127.0.0.1, port: 0}\n"
+    )
+    ready = tmp_path / "run" / "ready.json"
+    ready.parent.mkdir()
+    args = [sys.executable, "-m", "rpyc_host", "--config", str(write_config(demo_config("forking", extra)))]
+    log = tmp_path / "host.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([*args, "--ready-file", str(ready)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, 20, "the ready file")
+        assert ready.exists(), log.read_text()
+        event = json.loads(ready.read_text())
+        assert event["pid"] == proc.pid
+        assert set(event) == {"pid", "services", "gateway", "metrics", "classic"}
+        demo = event["services"]["demo"]
+        assert (demo["host"], demo["type"]) == ("127.0.0.1", "forking") and demo["port"] > 0
+        with rpyc.connect(demo["host"], demo["port"]) as conn:
+            assert conn.root.add(2, 3) == 5  # the port is the one really accepting
+        for component in ("gateway", "metrics", "classic"):
+            host, port = event[component]
+            assert host == "127.0.0.1" and port > 0
+            socket.create_connection((host, port), timeout=5).close()
+        assert [p.name for p in ready.parent.iterdir()] == ["ready.json"]  # no temporary left
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_ready_file_that_cannot_be_written_stops_the_host(
+    write_config: Callable[[str], Path], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-dir" / "ready.json"
+    path = write_config(demo_config("threaded"))
+    result = run_cli("-m", "rpyc_host", "--config", str(path), "--ready-file", str(missing), timeout=30)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: --ready-file: cannot write {missing}: No such file or directory"
+    )
+    assert "Traceback" not in result.stderr and "host ready" not in result.stderr
+
+
 def test_cli_call_and_describe(
     write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
 ) -> None:
@@ -226,7 +271,7 @@ def test_cli_shell_binds_conn_and_root(
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=PROJECT_ROOT,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
     assert "sum 42" in result.stdout and "closed False" in result.stdout
@@ -239,7 +284,7 @@ def test_default_config_serves_plain_rpyc_clients(
     # The shipped config.yaml, with every port moved to 0 through its ${..._PORT} variables,
     # run from an empty folder (its data folders are relative to the working directory).
     ports = {name: "0" for name in ("DEMO_PORT", "FILES_PORT", "INGEST_PORT")}
-    proc = start_server(PROJECT_ROOT / "config.yaml", env=ports, cwd=tmp_path)
+    proc = start_server(ROOT / "config.yaml", env=ports, cwd=tmp_path)
     host, port = proc.address("demo")
     assert host == "127.0.0.1"
     assert rpyc.connect(host, port).root.add(1, 2) == 3

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess
-from tests.registry_helpers import RegistryProcess, demo_config
+from rpyc_host.testing import RegistryProcess, ServerProcess
+from tests.helpers import ROOT, registered_demo_config
 
 TOKEN = "netns-test-token-0123456789"
 HOSTS = {"reg": 1, "s1": 2, "s2": 3, "s3": 4, "cli": 9}
@@ -126,28 +126,18 @@ def network() -> Iterator[Network]:
         net.close()
 
 
-@pytest.fixture
-def servers() -> Iterator[list[ServerProcess]]:
-    """Server processes started in namespaces; each is stopped (by PID) at the end."""
-    started: list[ServerProcess] = []
-    yield started
-    for proc in started:
-        proc.stop(timeout=20)
-        assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
-
-
 class Driver:
     """The pool, running in the client namespace; each ``run`` makes up to n calls."""
 
     def __init__(self, net: Network, registry: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(
             [*net.exec("cli"), sys.executable, "-c", DRIVER, registry, TOKEN],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
             env=env,
-            cwd=PROJECT_ROOT,
+            cwd=ROOT,
         )
 
     def run(self, calls: int, limit: float = 30.0, pace: float = 0.0) -> dict[str, object]:
@@ -183,7 +173,7 @@ def test_pool_across_namespaces_survives_a_kill_and_a_cut_link(
             """
 
         def server(name: str, bind: str, advertise: str = "") -> ServerProcess:
-            path = demo_config(write_config, registry.address, name, host=bind, extra=extra)
+            path = registered_demo_config(write_config, registry.address, name, host=bind, extra=extra)
             if advertise:
                 path.write_text(
                     path.read_text().replace("timeout: 1}", f"timeout: 1, advertise_host: {advertise}}}")

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import re
 import signal
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,37 +14,12 @@ import pytest
 import rpyc
 
 import client
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess, run_cli, running_host
-
-from .sample_services import Calculator
-from .test_serving import wait_until
+from rpyc_host.testing import ServerProcess, run_cli, running_host, wait_until
+from tests.helpers import ROOT, get, metric, metrics_url
+from tests.sample_services import Calculator
 
 TOKEN_A = "token-a-0123456789abcdef"
 TOKEN_B = "token-b-0123456789abcdef"
-
-
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def metrics_url(host: Any) -> str:
-    address, port = host.metrics.address
-    return f"http://{address}:{port}"
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text; AssertionError if absent."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.index("}") + 1]))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
 
 
 METRICS_CONFIG = """
@@ -152,8 +125,7 @@ def test_json_logs_parse_and_carry_the_connection_id(
     proc.start(wait=False)
     try:
         line = proc.wait_for('"msg": "host ready')
-        port = int(re.search(r"127\.0\.0\.1:(\d+) \[threaded\]", proc.log).group(1))  # type: ignore[union-attr]
-        with rpyc.connect("127.0.0.1", port) as conn:
+        with rpyc.connect(*proc.address("demo")) as conn:
             conn.root.add(1, 2)
             connid = dict(conn.root.session())["connection_id"]
         proc.wait_for("disconnected from")
@@ -256,7 +228,7 @@ def test_the_plugin_runs_the_sample_user_test_in_examples() -> None:
         "-q",
         "-p",
         "no:cacheprovider",
-        str(PROJECT_ROOT / "examples" / "test_inventory.py"),
+        str(ROOT / "examples" / "test_inventory.py"),
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,8 +14,8 @@ import pytest
 
 import client
 from client.pool import NoInstanceError, ServicePool
-from rpyc_host.testing import ServerProcess, make_certificates, run_cli
-from tests.registry_helpers import RegistryProcess, demo_config, wait_until
+from rpyc_host.testing import RegistryProcess, ServerProcess, make_certificates, run_cli, wait_until
+from tests.helpers import registered_demo_config
 
 TOKEN = "pool-test-token-0123456789"
 
@@ -33,7 +33,8 @@ def start_instances(
     names: list[str],
     extra: str = "",
 ) -> list[ServerProcess]:
-    procs = [start_server(demo_config(write_config, registry.address, n, extra=extra)) for n in names]
+    configs = [registered_demo_config(write_config, registry.address, n, extra=extra) for n in names]
+    procs = [start_server(path) for path in configs]
     want = {p.address("demo") for p in procs}
     wait_until(lambda: want <= set(registry.discover("DEMO")), 10, f"{sorted(want)} in the registry")
     return procs

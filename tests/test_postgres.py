@@ -27,9 +27,8 @@ import pytest
 
 import client
 from client.ingest import Collector, PooledCollector
-from rpyc_host.testing import ServerProcess
+from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
 from services.ingest.storage import BatchWrite, StoreError, open_store
-from tests.registry_helpers import RegistryProcess, wait_until
 
 HOW_TO = (
     "run bash scripts/test.sh (it installs Debian's postgresql and psycopg), or set RPYC_HOST_TEST_POSTGRES"

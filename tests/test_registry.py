@@ -15,8 +15,7 @@ from rpyc.utils.registry import UDPRegistryClient, UDPRegistryServer
 from rpyc_host.config import parse_config
 from rpyc_host.errors import StartupError
 from rpyc_host.registry import Registrar
-from rpyc_host.testing import running_host
-from tests.registry_helpers import RegistryProcess, wait_until
+from rpyc_host.testing import RegistryProcess, running_host, wait_until
 
 
 @pytest.fixture

@@ -15,26 +15,8 @@ import rpyc
 from rpyc.utils import classic as rpyc_classic
 
 import client
-from rpyc_host.testing import ServerProcess, running_host
-
-SERVER_TYPES = ["threaded", "threadpool", "forking"]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def demo_config(server_type: str, extra: str = "") -> str:
-    return f"""
-server: {{type: {server_type}, pool_size: 4}}
-services:
-  demo: {{class: services.demo:DemoService, port: 0}}
-{extra}
-"""
+from rpyc_host.testing import ServerProcess, running_host, wait_until
+from tests.helpers import SERVER_TYPES, demo_config
 
 
 @pytest.mark.parametrize("server_type", SERVER_TYPES)

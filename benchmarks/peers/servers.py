@@ -190,7 +190,7 @@ FILES_SERVICE = "files: {{class: services.files:FileService, port: 0, options: {
 
 @contextmanager
 def host_server(kind: str, *, token: bool = False, files: bool = False) -> Iterator[tuple[int, int]]:
-    """``python server.py`` serving PeerService (or FileService with ``files``) with one server
+    """``python -m rpyc_host`` serving PeerService (or FileService with ``files``) with one server
     type; connection limits raised to 2,000 so the idle-connection test fits. Yields (port, pid)."""
     from rpyc_host.testing import ServerProcess
 
@@ -199,7 +199,7 @@ def host_server(kind: str, *, token: bool = False, files: bool = False) -> Itera
         security = f"security: {{tokens: [{TOKEN}]}}" if token else ""
         config = Path(tmp) / "host.yaml"
         config.write_text(textwrap.dedent(HOST_CONFIG).format(kind=kind, service=service, security=security))
-        proc = ServerProcess(config, ready_timeout=30)
+        proc = ServerProcess(config, cwd=ROOT, ready_timeout=30)  # cwd: benchmarks.* services import
         try:
             proc.start()
             yield proc.address("files" if files else "peer")[1], proc.pid

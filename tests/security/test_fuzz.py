@@ -18,9 +18,8 @@ import pytest
 from rpyc.core import brine, consts
 
 import client
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess
-
-from .test_limits import rss_kib
+from rpyc_host.testing import ServerProcess
+from tests.helpers import ROOT, rss_kib
 
 FRAMES = 10_000
 BUDGET = 90.0
@@ -120,7 +119,7 @@ def test_garbage_frames_against_every_shipped_service(
     tmp_path: Path, start_server: Callable[..., ServerProcess]
 ) -> None:
     ports = {name: "0" for name in ("DEMO_PORT", "FILES_PORT", "INGEST_PORT")}
-    proc = start_server(PROJECT_ROOT / "config.yaml", env=ports, cwd=tmp_path)
+    proc = start_server(ROOT / "config.yaml", env=ports, cwd=tmp_path)
     demo = proc.address("demo")
     baseline = rss_kib(proc.pid)
     stop = threading.Event()

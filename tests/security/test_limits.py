@@ -13,11 +13,8 @@ import pytest
 import rpyc
 
 import client
-from rpyc_host.testing import ServerProcess, running_host
-
-from ..test_serving import wait_until
-
-SERVER_TYPES = ["threaded", "threadpool", "forking"]
+from rpyc_host.testing import ServerProcess, running_host, wait_until
+from tests.helpers import SERVER_TYPES, rss_kib
 
 
 def config(server_type: str, limits: str) -> str:
@@ -40,14 +37,6 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
     except ConnectionResetError:
         return True
     return True
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def calls_work(address: tuple[str, int]) -> None:

@@ -1,0 +1,187 @@
+"""Helpers shared by the test modules (test-only; what benchmarks also need is in rpyc_host.testing).
+
+- configs: ``demo_config`` (one demo service on a server type), ``registered_demo_config``
+  (a demo instance that registers with a registry);
+- HTTP: ``http``/``read_response``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
+  ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
+- processes: ``rss_kib``;
+- data: ``make_png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import struct
+import subprocess
+import textwrap
+import urllib.error
+import urllib.request
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent  # the checkout under test
+SERVER_TYPES = ["threaded", "threadpool", "forking"]
+
+
+# -- configs --------------------------------------------------------------------------------------
+
+
+def demo_config(server_type: str, extra: str = "") -> str:
+    """One demo service on port 0 served by ``server_type`` (pool of 4), plus ``extra`` YAML."""
+    return f"""
+server: {{type: {server_type}, pool_size: 4}}
+services:
+  demo: {{class: services.demo:DemoService, port: 0}}
+{extra}
+"""
+
+
+def registered_demo_config(
+    write: Callable[[str], Path],
+    registry: tuple[str, int],
+    greeting: str,
+    *,
+    host: str = "127.0.0.1",
+    extra: str = "",
+    interval: float = 0.5,
+) -> Path:
+    """A config serving one demo instance (``ping()`` answers ``greeting``) that registers."""
+    base = f"""
+        server: {{host: {host}, grace_period: 0}}
+        services:
+          demo:
+            class: services.demo:DemoService
+            port: 0
+            options: {{greeting: {greeting}}}
+        registry:
+          {{enabled: true, host: {registry[0]}, port: {registry[1]}, interval: {interval}, timeout: 1}}
+        logging: {{level: INFO}}
+        """
+    return write(textwrap.dedent(base) + textwrap.dedent(extra))
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+
+def get(url: str) -> tuple[int, str]:
+    """GET ``url``: (status, body), also for error statuses."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metrics_url(host: Any) -> str:
+    """The base URL of an in-process Host's metrics server."""
+    address, port = host.metrics.address
+    return f"http://{address}:{port}"
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text; AssertionError if absent."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line[len(name) : line.index("}") + 1]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+NODE_FETCH = """
+const [url, body, ctype] = process.argv.slice(1);
+fetch(url, {method: "POST", headers: {"Content-Type": ctype}, body})
+  .then(async (r) => { console.log(JSON.stringify({status: r.status, body: await r.text()})); })
+  .catch((e) => { console.error(String(e)); process.exit(1); });
+"""
+
+
+def http(address: tuple[str, int], raw: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` on a new connection; read one response (status, headers, body)."""
+    with socket.create_connection(address, timeout=timeout) as sock:
+        sock.sendall(raw)
+        return read_response(sock)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed before a full response: {buf!r}")
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("closed mid-body")
+        body += data
+    return status, headers, body
+
+
+def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n{extra}"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def jsonrpc(address: tuple[str, int], payload: Any, headers: str = "") -> tuple[int, Any]:
+    body = json.dumps(payload).encode()
+    status, _, data = http(address, post("/jsonrpc", body, f"{address[0]}:{address[1]}", extra=headers))
+    return status, (json.loads(data) if data and status == 200 else data)
+
+
+def curl(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "15", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def node_fetch(url: str, body: str, ctype: str) -> dict[str, Any]:
+    done = subprocess.run(
+        ["node", "-e", NODE_FETCH, url, body, ctype], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def make_png(width: int = 8, height: int = 8) -> bytes:
+    """A real (valid) RGB PNG: signature, IHDR, IDAT, IEND with correct CRCs."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes((x * 30 % 256, y * 30 % 256, 128)) for x in range(width))
+        for y in range(height)
+    )
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
