@@ -220,6 +220,25 @@ def test_ready_file_that_cannot_be_written_stops_the_host(
     assert "Traceback" not in result.stderr and "host ready" not in result.stderr
 
 
+def test_server_process_reports_why_a_host_never_got_ready(
+    write_config: Callable[[str], Path], servers: list[ServerProcess]
+) -> None:
+    bad = write_config("services:\n  demo: {class: services.demo:DemoService, port: 70000}\n")
+    servers.append(proc := ServerProcess(bad))
+    with pytest.raises(AssertionError) as failed:
+        proc.start()
+    assert "server exited with status 2 before it was ready" in str(failed.value)
+    assert "services.demo.port: 70000 is not a port" in str(failed.value)  # the log is in the message
+
+    good = ServerProcess(write_config(demo_config("threaded")))
+    servers.append(good.start())
+    with pytest.raises(KeyError, match="no service 'dmeo'; serving: demo"):
+        good.address("dmeo")
+    ready_dir = Path(good.ready_file).parent
+    assert good.stop() == 0
+    assert not ready_dir.exists()  # nothing left in the temporary directory
+
+
 def test_cli_call_and_describe(
     write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
 ) -> None:
