@@ -10,12 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from rpyc_host.testing import ServerProcess
+from rpyc_host.testing import Certificates, ServerProcess, make_certificates
 from tests.helpers import ROOT
 
 # Server processes the tests start import tests.sample_services from this checkout, whatever
 # directory they run in.
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throwaway CA with server and client certificates (and a rogue CA's), made once per run."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 @pytest.fixture

@@ -14,15 +14,10 @@ import pytest
 
 import client
 from client import files
-from rpyc_host.testing import Certificates, make_certificates, running_host
+from rpyc_host.testing import Certificates, running_host
 
 MiB = 1 << 20
 TOKEN = "files-token-0123456789abcdef"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def config(root: Path, security: str) -> str:

@@ -17,7 +17,7 @@ import pytest
 
 import client
 from rpyc_host.host import Host
-from rpyc_host.testing import make_certificates, running_host
+from rpyc_host.testing import Certificates, running_host
 from tests.helpers import curl, http, jsonrpc, post
 
 TOKEN = "gateway-test-token-0123456789"
@@ -132,14 +132,15 @@ def test_listen_backlog_at_least_128(token_host: Host) -> None:
 
 
 @pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made now."""
-    made = make_certificates(tmp_path_factory.mktemp("certs"))
-    directory = made.ca.parent
+def pem_dir(certs: Certificates, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The suite's CA, server and client certificates as ca.pem, server.pem/.key, client.pem/.key."""
+    directory = tmp_path_factory.mktemp("pem")
     for source, name in (
-        (made.ca, "ca.pem"),
-        (made.server_cert, "server.pem"),
-        (made.client_cert, "client.pem"),
+        (certs.ca, "ca.pem"),
+        (certs.server_cert, "server.pem"),
+        (certs.server_key, "server.key"),
+        (certs.client_cert, "client.pem"),
+        (certs.client_key, "client.key"),
     ):
         shutil.copy(source, directory / name)
     return directory
@@ -151,25 +152,25 @@ def tls_call(address: tuple[str, int], context: ssl.SSLContext) -> int:
         return result
 
 
-def test_tls(certs: Path) -> None:
-    tls = f"security: {{tls: {{cert: {certs / 'server.pem'}, key: {certs / 'server.key'}}}}}"
+def test_tls(pem_dir: Path) -> None:
+    tls = f"security: {{tls: {{cert: {pem_dir / 'server.pem'}, key: {pem_dir / 'server.key'}}}}}"
     with running_host(gateway_config(tls)) as host:
         address = host.gateway.address
-        context = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        context = ssl.create_default_context(cafile=str(pem_dir / "ca.pem"))
         assert tls_call(address, context) == 16
         with pytest.raises(OSError):  # plain HTTP to a TLS port
             http(address, post("/jsonrpc", json.dumps(ADD).encode(), "h"), timeout=3)
         assert tls_call(address, context) == 16
 
 
-def test_tls_with_client_certificates(certs: Path) -> None:
-    files = f"cert: {certs / 'server.pem'}, key: {certs / 'server.key'}, ca: {certs / 'ca.pem'}"
+def test_tls_with_client_certificates(pem_dir: Path) -> None:
+    files = f"cert: {pem_dir / 'server.pem'}, key: {pem_dir / 'server.key'}, ca: {pem_dir / 'ca.pem'}"
     tls = f"security: {{tls: {{{files}}}}}"
     with running_host(gateway_config(tls)) as host:
         address = host.gateway.address
-        anonymous = ssl.create_default_context(cafile=str(certs / "ca.pem"))
+        anonymous = ssl.create_default_context(cafile=str(pem_dir / "ca.pem"))
         with pytest.raises((ssl.SSLError, ConnectionError)):
             tls_call(address, anonymous)
-        with_cert = ssl.create_default_context(cafile=str(certs / "ca.pem"))
-        with_cert.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+        with_cert = ssl.create_default_context(cafile=str(pem_dir / "ca.pem"))
+        with_cert.load_cert_chain(str(pem_dir / "client.pem"), str(pem_dir / "client.key"))
         assert tls_call(address, with_cert) == 16

@@ -13,15 +13,10 @@ import rpyc
 
 import client
 from rpyc_host.cli import main
-from rpyc_host.testing import Certificates, ServerProcess, make_certificates, running_host
+from rpyc_host.testing import Certificates, ServerProcess, running_host
 
 TOKEN = "s3cret-token-0123456789abcdef"
 DEMO = "services:\n  demo: {class: services.demo:DemoService, port: 0}\n"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
 
 
 def token_config(*tokens: str) -> str:
