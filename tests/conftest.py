@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rpyc_host.testing import Certificates, ServerProcess, make_certificates
+from rpyc_host.testing import Certificates, RegistryProcess, ServerProcess, make_certificates
 from tests.helpers import ROOT
 
 # Server processes the tests start import tests.sample_services from this checkout, whatever
@@ -22,6 +22,13 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.g
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     """A throwaway CA with server and client certificates (and a rogue CA's), made once per run."""
     return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def registry() -> Iterator[RegistryProcess]:
+    """A registry process on 127.0.0.1, port 0, stopped (by PID) when the test ends."""
+    with RegistryProcess() as reg:
+        yield reg
 
 
 @pytest.fixture

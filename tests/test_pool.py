@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,12 +18,6 @@ from rpyc_host.testing import RegistryProcess, ServerProcess, make_certificates,
 from tests.helpers import registered_demo_config
 
 TOKEN = "pool-test-token-0123456789"
-
-
-@pytest.fixture
-def registry() -> Iterator[RegistryProcess]:
-    with RegistryProcess() as reg:
-        yield reg
 
 
 def start_instances(

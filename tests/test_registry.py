@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,12 +15,6 @@ from rpyc_host.config import parse_config
 from rpyc_host.errors import StartupError
 from rpyc_host.registry import Registrar
 from rpyc_host.testing import RegistryProcess, running_host, wait_until
-
-
-@pytest.fixture
-def registry() -> Iterator[RegistryProcess]:
-    with RegistryProcess() as reg:
-        yield reg
 
 
 def config_text(registry: tuple[str, int], mode: str = "tcp", interval: float = 0.3) -> str:
