@@ -113,10 +113,11 @@ def soak_config(token: str) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def logged_address(proc: ServerProcess, prefix: str) -> int:
-    """The port in the server's ``<prefix> HOST:PORT`` log line."""
-    line = proc.wait_for(prefix, 10)
-    return int(line.split(prefix, 1)[1].split()[0].rsplit(":", 1)[1])
+def ready_port(proc: ServerProcess, component: str) -> int:
+    """The real port of ``gateway`` or ``metrics``, from the host's ready file."""
+    address = (proc.ready or {}).get(component)
+    assert address is not None, f"{component} is not listening:\n{proc.log}"
+    return int(address[1])
 
 
 @dataclass
@@ -858,9 +859,9 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
                 demo=server.address("demo")[1],
                 files=server.address("files")[1],
                 ingest=server.address("ingest")[1],
-                gateway=logged_address(server, "gateway on "),
+                gateway=ready_port(server, "gateway"),
             )
-            metrics_port = logged_address(server, "metrics on ")
+            metrics_port = ready_port(server, "metrics")
             out = ctx.Queue()
             ready, go, stop = ctx.Event(), ctx.Event(), ctx.Event()
             limit = baseline + seconds + 60
