@@ -76,6 +76,11 @@ class Ledger:
         with self._lock:
             return dict(self.refusals)
 
+    def count_refusal(self, limit: str) -> None:
+        """Count a refusal by a cap kept outside the ledger (a service's own option), for /metrics."""
+        with self._lock:
+            self.refusals[limit] += 1
+
     def _take(self, account: Account, resource: str, amount: int) -> None:
         cap = self.caps.get(resource)
         with self._lock:

@@ -64,6 +64,15 @@ class LimitsSection:
     call_timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
     # Seconds a new connection has to complete TLS and token authentication.
     handshake_timeout: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
+    # Files and transfers a service keeps open for its clients (each holds a descriptor, and
+    # every service in the process shares one descriptor limit); 0 turns a cap off.
+    max_open_transfers: int = field(default=512, metadata={"check": schema.at_least(0)})
+    max_open_transfers_per_connection: int = field(default=32, metadata={"check": schema.at_least(0)})
+    # Side connections that have not yet presented their ticket's token.
+    max_pending_side_connections: int = field(default=64, metadata={"check": schema.at_least(0)})
+    max_pending_side_connections_per_connection: int = field(
+        default=8, metadata={"check": schema.at_least(0)}
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,14 @@ class LimitsOverride:
     max_frame_bytes: int | None = field(default=None, metadata={"check": schema.at_least(1024)})
     call_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
     handshake_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
+    max_open_transfers: int | None = field(default=None, metadata={"check": schema.at_least(0)})
+    max_open_transfers_per_connection: int | None = field(
+        default=None, metadata={"check": schema.at_least(0)}
+    )
+    max_pending_side_connections: int | None = field(default=None, metadata={"check": schema.at_least(0)})
+    max_pending_side_connections_per_connection: int | None = field(
+        default=None, metadata={"check": schema.at_least(0)}
+    )
 
     def apply(self, base: LimitsSection) -> LimitsSection:
         changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
