@@ -1,50 +1,42 @@
 """A one-time side connection for bulk bytes, beside an rpyc control connection.
 
 rpyc's data path tops out near 350 MB/s (every byte is copied several times in Python); a file
-transfer does not need framing, only the bytes. So the service offers a
-*ticket* over rpyc, ``(host, port, token)``, and the client opens one TCP connection to it, sends
-the token, and then the raw bytes flow with ``os.sendfile`` (zero-copy from the page cache) on one
-side and ``recv_into`` a reused buffer on the other.
+transfer does not need framing, only the bytes. So the service offers a *ticket* over rpyc,
+``(host, port, token)``, and the client opens one TCP connection to it, sends the token, and then
+the raw bytes flow with ``os.sendfile`` (zero-copy from the page cache) on one side and
+``recv_into`` a reused buffer on the other.
 
-Usage (server side, inside an exposed method)::
+This module holds what both ends share and the client's end: the ticket, :func:`open_bulk`,
+:func:`client_wrapper`, :func:`send_file`, :func:`recv_to_file` and :func:`tune`. The server's
+end, the listener behind a ticket (its token check, deadlines and TLS), is the file service's
+``services.files.sidechannel``.
 
-    offer = BulkOffer(bind_host)             # listens on (bind_host, any free port)
-    return offer.ticket                      # plain values: (host, port, token)
-    ... later, in a worker thread:
-    sock = offer.accept()                    # waits for the client holding the token
-    send_file(sock, fd, offset, count)
+Usage (client side, with a ticket the service returned)::
 
-and on the client: ``sock = open_bulk(ticket); recv_to_file(sock, fd, count)``.
+    sock = open_bulk(ticket, wrap=client_wrapper(control_socket(conn)))
+    recv_to_file(sock, fd, 0, count)
 
-Security: the listener accepts one connection carrying the right 32-byte token (compared in
-constant time) within ``timeout`` seconds and then closes; wrong tokens are dropped. It binds the
-interface the control connection arrived on, never a wildcard. The side connection keeps the
-control connection's protection: when that one is TLS, so is this one, with the same contexts on
-both sides (:func:`server_wrapper`, :func:`client_wrapper`), so a host's certificate, its
-client-certificate CA and the client's CA all apply; the ticket is only handed out over the
-control connection, after its token handshake. ``send_file`` reads an uncached file with
-``O_DIRECT`` into reused buffers and ``sendall``s them; a cached one goes by ``sendfile``, except
-on a TLS socket, where the bytes are read and sent with ``sendall``.
+Security: the side connection keeps the control connection's protection: when that one is
+TLS, so is this one, with the client's context and server name (:func:`client_wrapper`); the
+ticket is only handed out over the control connection, after its token handshake.
+``send_file`` reads an uncached file with ``O_DIRECT`` into reused buffers and ``sendall``s
+them; a cached one goes by ``sendfile``, except on a TLS socket, where the bytes are read and
+sent with ``sendall``.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hmac
 import mmap
 import os
 import queue
-import secrets
 import selectors
 import socket
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
-
-from .handshake import recv_exact
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
@@ -54,64 +46,6 @@ SEND_CHUNK = 8 << 20
 
 Ticket = tuple[str, int, bytes]
 SocketWrapper = Callable[[socket.socket], socket.socket]
-
-
-class BulkOffer:
-    """A one-connection listener on ``bind_host``; see the module docstring."""
-
-    def __init__(self, bind_host: str, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> None:
-        family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-        self._listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            self._listener.bind((bind_host, 0))
-            self._listener.listen(4)
-        except BaseException:
-            self._listener.close()
-            raise
-        self.token = secrets.token_bytes(TOKEN_BYTES)
-        self.timeout = timeout
-        self._wrap = wrap
-        host, port = self._listener.getsockname()[:2]
-        self.ticket: Ticket = (host, port, self.token)
-
-    def accept(self) -> socket.socket:
-        """The client's connection, after it sent the token; TimeoutError if none came in time."""
-        deadline = time.monotonic() + self.timeout
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no data connection within {self.timeout:g} s")
-                self._listener.settimeout(left)
-                try:
-                    sock, _ = self._listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError as exc:  # closed by close(): the transfer was cancelled
-                    raise ConnectionAbortedError("data connection cancelled") from exc
-                try:
-                    sock.settimeout(max(0.1, deadline - time.monotonic()))
-                    if self._wrap is not None:
-                        sock = self._wrap(sock)
-                    got = recv_exact(sock, TOKEN_BYTES)
-                except (OSError, EOFError):
-                    sock.close()
-                    continue
-                if not hmac.compare_digest(got, self.token):
-                    sock.close()  # not our client: keep waiting for the right one
-                    continue
-                tune(sock)
-                return sock
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Stop listening (also wakes a thread blocked in accept())."""
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
 
 
 def open_bulk(ticket: Ticket, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> socket.socket:
@@ -135,28 +69,6 @@ def control_socket(conn: Any) -> socket.socket | None:
     return sock if isinstance(sock, socket.socket) else None
 
 
-def server_wrapper(control: socket.socket | None) -> SocketWrapper | None:
-    """TLS for a side connection exactly as on ``control``, the connection the ticket was asked on.
-
-    The same server context (certificate, minimum version, client-certificate CA), and with
-    mutual TLS the side connection must present a certificate with the control connection's
-    subject: a ticket is only good for the peer it was issued to. None when ``control`` is plain.
-    """
-    if not isinstance(control, ssl.SSLSocket):
-        return None
-    context = control.context
-    subject = _subject(control)
-
-    def wrap(sock: socket.socket) -> socket.socket:
-        tls = context.wrap_socket(sock, server_side=True)
-        if subject is not None and _subject(tls) != subject:
-            tls.close()
-            raise ssl.SSLError("the data connection's certificate is not the control connection's")
-        return tls
-
-    return wrap
-
-
 def client_wrapper(control: socket.socket | None) -> SocketWrapper | None:
     """TLS for a side connection with ``control``'s client context (CA, certificate) and server name."""
     if not isinstance(control, ssl.SSLSocket):
@@ -167,11 +79,6 @@ def client_wrapper(control: socket.socket | None) -> SocketWrapper | None:
         return context.wrap_socket(sock, server_hostname=hostname)
 
     return wrap
-
-
-def _subject(sock: ssl.SSLSocket) -> Any:
-    cert = sock.getpeercert()
-    return cert.get("subject") if cert else None
 
 
 def tune(sock: socket.socket) -> None:

@@ -8,7 +8,7 @@ import stat as stat_mod
 from .errors import MiB, client_error, err
 from .paths import (
     DIR_FLAGS,
-    TEMP_NAME,
+    hidden,
     kind_of,
     open_regular,
 )
@@ -42,7 +42,7 @@ def copy_tree(sfd: int, sname: str, dfd: int, dname: str, shown: str) -> None:
         dst = os.open(dname, DIR_FLAGS, dir_fd=dfd)
         try:
             for entry in sorted(os.listdir(src)):
-                if TEMP_NAME.match(entry):
+                if hidden(entry):
                     continue
                 path = f"{shown}/{entry}"
                 st = os.lstat(entry, dir_fd=src)

@@ -21,6 +21,8 @@ from .errors import client_error, err
 NAME_MAX = 255
 PATH_MAX = 4096
 TEMP_NAME = re.compile(r"^\.upload-[0-9a-f]{16}-[0-9a-f]{16}\.part$")
+# The quota's reservation records (see quota.py) and the file they are rewritten through.
+STATE_NAME = re.compile(r"^\.upload-reservations(\.tmp)?$")
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # NONBLOCK: a FIFO must not hang us
 
@@ -31,11 +33,19 @@ def shown_path(parts: tuple[str, ...]) -> str:
     return "/".join(parts) or "."
 
 
+def hidden(name: str) -> bool:
+    """Whether ``name`` is the service's own (partial uploads, reservations): never listed or copied."""
+    return bool(TEMP_NAME.match(name) or STATE_NAME.match(name))
+
+
 def check_name(name: str, path: str) -> None:
     if len(os.fsencode(name)) > NAME_MAX:
         raise ValueError(f"{path!r}: name {name[:24]!r}... is longer than {NAME_MAX} bytes")
-    if TEMP_NAME.match(name):
-        raise err(PermissionError, f"{path!r}: names of the form .upload-*.part are reserved for uploads")
+    if hidden(name):
+        raise err(
+            PermissionError,
+            f"{path!r}: names of the form .upload-*.part and .upload-reservations are reserved for uploads",
+        )
 
 
 class Sandbox:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import secrets
 import shutil
 import stat as stat_mod
 import time
@@ -13,6 +15,7 @@ from typing import Any
 
 import rpyc
 
+from rpyc_host import budget
 from rpyc_host.wire import bulk
 
 from .copies import copy_file, copy_size, copy_tree
@@ -22,16 +25,16 @@ from .paths import (
     Entry,
     Sandbox,
     entry_of,
+    hidden,
     lstat_or_none,
     name_hash,
     open_regular,
     shown_path,
     temp_name,
 )
-from .storage import (
-    sweep_partials,
-    tree_usage,
-)
+from .quota import Quota, QuotaExceeded
+from .sidechannel import ServerTLS, server_wrapper
+from .storage import sweep_partials
 from .transfers import Download, Transfer, TransferCounts, Upload
 
 log = logging.getLogger("services.files")
@@ -88,8 +91,11 @@ class FileService(rpyc.Service):
         if removed:
             log.info("removed %d unfinished upload(s) under %s", removed, self.root)
         self._cwd: tuple[str, ...] = ()
+        # Shared by every connection and process: reservations live under root (see quota.py).
+        self.quota = Quota(self.root, self.max_total_bytes) if self.max_total_bytes is not None else None
         self._bind_host = "127.0.0.1"
-        self._bulk_wrap: bulk.SocketWrapper | None = None
+        self._side_tls: ServerTLS | None = None
+        self._account: budget.Account | None = None  # what this connection holds (open transfers, ...)
         self._transfers: set[Transfer] = set()
         self.counts = TransferCounts()  # shared by every connection's copy of this instance
 
@@ -104,11 +110,12 @@ class FileService(rpyc.Service):
     def on_connect(self, conn: Any) -> None:
         self._cwd = ()
         self._transfers = set()
+        self._account = budget.account_of(conn)
         endpoints = conn._config.get("endpoints")
         if endpoints and endpoints[0]:
             self._bind_host = endpoints[0][0]  # side connections use the interface the client reached
         # A TLS control connection means TLS side connections, with the same server context.
-        self._bulk_wrap = bulk.server_wrapper(bulk.control_socket(conn))
+        self._side_tls = server_wrapper(bulk.control_socket(conn))
 
     def on_disconnect(self, conn: Any) -> None:
         for transfer in list(self._transfers):
@@ -145,7 +152,7 @@ class FileService(rpyc.Service):
         with self.sandbox.directory(parts) as fd, reworded(shown_path(parts)):
             entries: list[Any] = []
             for name in sorted(os.listdir(fd)):
-                if TEMP_NAME.match(name):
+                if hidden(name):
                     continue
                 if not long:
                     entries.append(name)
@@ -252,7 +259,7 @@ class FileService(rpyc.Service):
                 if lstat_or_none(dfd, dname, shown_path(dparts)) is not None:
                     raise err(FileExistsError, f"{shown_path(dparts)!r}: already exists")
                 size = copy_size(sfd, sname, shown_path(sparts)) if is_dir else sst.st_size
-                self._check_new_bytes(size, shown_path(dparts), largest=0 if is_dir else size)
+                hold = self._hold_new_bytes(size, shown_path(dparts), largest=0 if is_dir else size)
                 temp = temp_name(dname)
                 try:
                     with reworded(shown_path(sparts)):
@@ -272,6 +279,9 @@ class FileService(rpyc.Service):
                         else:
                             os.unlink(temp, dir_fd=dfd)
                     raise
+                finally:
+                    if hold is not None and self.quota is not None:
+                        self.quota.release(hold)  # the copy is in place (or gone): counted by size
         return shown_path(dparts)
 
     def _source(self, dir_fd: int, name: str, shown: str) -> os.stat_result:
@@ -294,19 +304,40 @@ class FileService(rpyc.Service):
                 return (*dparts, src_name)
         return dparts
 
-    def _check_new_bytes(self, size: int, shown: str, largest: int) -> None:
+    def _hold_new_bytes(self, size: int, shown: str, largest: int) -> str | None:
+        """Check the limits for ``size`` new bytes and reserve them; the reservation's key, if any."""
         if largest > self.max_file_size:
             raise ValueError(
                 f"{shown!r}: {human_size(largest)} is over the largest file allowed "
                 f"({human_size(self.max_file_size)})"
             )
-        if self.max_total_bytes is not None:
-            used = tree_usage(self.root)
-            if used + size > self.max_total_bytes:
-                raise ValueError(
-                    f"{shown!r}: {human_size(size)} more would exceed the storage quota "
-                    f"({human_size(self.max_total_bytes)}, {human_size(used)} in use); nothing was written"
-                )
+        if self.quota is None:
+            return None
+        key = f"cp-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            self.quota.reserve(key, size)
+        except QuotaExceeded as exc:
+            self.count_refusal("max_total_bytes")
+            raise ValueError(f"{shown!r}: {exc}; nothing was written") from None
+        return key
+
+    def count_refusal(self, limit: str) -> None:
+        """Count a refusal by one of this service's own caps in the host's /metrics."""
+        if self._account is not None:
+            self._account.ledger.count_refusal(limit)
+
+    def claim_transfer(self, shown: str) -> None:
+        """Take one open transfer from this connection's budget; EMFILE naming the limit past a cap."""
+        if self._account is None:
+            return
+        try:
+            self._account.acquire("open_transfers")
+        except budget.LimitExceeded as exc:
+            raise err(OSError, f"{shown!r}: not opened: {exc}", errno.EMFILE) from None
+
+    def release_transfer(self) -> None:
+        if self._account is not None:
+            self._account.release("open_transfers")
 
     # -- small files -------------------------------------------------------------------------------
 
@@ -358,13 +389,18 @@ class FileService(rpyc.Service):
             raise ValueError(f"open_read(path, offset): offset must be an int >= 0, got {offset!r}")
         parts = self._parts(path)
         shown = shown_path(parts)
-        with self.sandbox.parent(parts, "read") as (dfd, name):
-            fd = open_regular(dfd, name, shown)
-        size = os.fstat(fd).st_size
-        if offset > size:
-            os.close(fd)
-            raise ValueError(f"{shown!r}: offset {offset} is past the end of the file ({size} bytes)")
-        transfer = Download(self, fd, shown, offset)
+        self.claim_transfer(shown)  # before any descriptor is opened: a refusal costs nothing
+        try:
+            with self.sandbox.parent(parts, "read") as (dfd, name):
+                fd = open_regular(dfd, name, shown)
+            size = os.fstat(fd).st_size
+            if offset > size:
+                os.close(fd)
+                raise ValueError(f"{shown!r}: offset {offset} is past the end of the file ({size} bytes)")
+            transfer = Download(self, fd, shown, offset)  # owns the claim from here on
+        except BaseException:
+            self.release_transfer()
+            raise
         self._transfers.add(transfer)
         return transfer
 
@@ -380,6 +416,16 @@ class FileService(rpyc.Service):
             )
         parts = self._parts(path)
         shown = shown_path(parts)
+        self.claim_transfer(shown)
+        try:
+            upload = self._new_upload(parts, shown, overwrite, offset)  # owns the claim from here on
+        except BaseException:
+            self.release_transfer()
+            raise
+        self._transfers.add(upload)
+        return upload
+
+    def _new_upload(self, parts: tuple[str, ...], shown: str, overwrite: bool, offset: int) -> Upload:
         with self.sandbox.parent(parts, "replace") as (dfd, name):
             st = lstat_or_none(dfd, name, shown)
             if st is not None:
@@ -417,7 +463,6 @@ class FileService(rpyc.Service):
             os.close(fd)
             os.close(own_dfd)
             raise
-        self._transfers.add(upload)
         return upload
 
     def _create(self, dir_fd: int, name: str) -> tuple[int, str]:

@@ -8,13 +8,12 @@ import os
 import shutil
 import stat as stat_mod
 import time
+from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
 
 from .errors import MiB
-from .paths import (
-    TEMP_NAME,
-)
+from .paths import STATE_NAME, TEMP_NAME
 
 XATTR_SHA256 = "user.rpyc_host.sha256"  # "size:mtime_ns:hex", written by commit()
 HASH_CHUNK = 4 * MiB
@@ -57,19 +56,37 @@ def remember_sha256(fd: int, digest: str, st: os.stat_result | None = None) -> N
         pass
 
 
-def tree_usage(root: str) -> int:
-    """Bytes in regular files under ``root`` (links not followed)."""
+def tree_usage(
+    root: str, held: Mapping[tuple[int, int], int] | None = None, skip: tuple[int, int] | None = None
+) -> int:
+    """Bytes in regular files under ``root`` (links not followed).
+
+    ``held`` maps ``(st_dev, st_ino)`` of files being written to the bytes reserved for them:
+    such a file counts as the larger of its size and its reservation, and a reservation whose
+    file is not found counts too (it is still held). The file ``skip`` is not counted at all.
+    """
+    held = held or {}
     total = 0
+    seen: set[tuple[int, int]] = set()
     stack = [root]
     while stack:
         with suppress(OSError), os.scandir(stack.pop()) as it:
             for entry in it:
+                if STATE_NAME.match(entry.name):
+                    continue
                 st = entry.stat(follow_symlinks=False)
                 if stat_mod.S_ISREG(st.st_mode):
-                    total += st.st_size
+                    ident = (st.st_dev, st.st_ino)
+                    if ident == skip:
+                        continue
+                    if ident in held:
+                        seen.add(ident)
+                        total += max(st.st_size, held[ident])
+                    else:
+                        total += st.st_size
                 elif stat_mod.S_ISDIR(st.st_mode):
                     stack.append(entry.path)
-    return total
+    return total + sum(amount for ident, amount in held.items() if ident not in seen and ident != skip)
 
 
 def sweep_partials(root: str, older_than: float | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -14,15 +15,10 @@ import rpyc
 from rpyc_host.wire import bulk
 
 from .errors import err, exposed_op, human_size, reworded
-from .paths import (
-    shown_path,
-)
-from .storage import (
-    file_sha256,
-    hash_fd,
-    remember_sha256,
-    tree_usage,
-)
+from .paths import shown_path
+from .quota import QuotaExceeded, quota_text
+from .sidechannel import BulkOffer
+from .storage import file_sha256, hash_fd, remember_sha256
 
 if TYPE_CHECKING:
     from .service import FileService
@@ -67,7 +63,11 @@ class TransferCounts:
 
 
 class Transfer:
-    """What uploads and downloads share: the file, the position, and one bulk side transfer."""
+    """What uploads and downloads share: the file, the position, and one bulk side transfer.
+
+    A transfer holds one of its connection's ``open_transfers`` (claimed by the service before
+    the file was opened) until it is released.
+    """
 
     def __init__(self, service: FileService, fd: int, shown: str, pos: int) -> None:
         self._svc = service
@@ -76,7 +76,7 @@ class Transfer:
         self._pos = pos
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._offer: bulk.BulkOffer | None = None
+        self._offer: BulkOffer | None = None
         self._bulk_sock: Any = None
         self._bulk_done = 0
         self._bulk_error: BaseException | None = None
@@ -93,8 +93,11 @@ class Transfer:
 
     def _start_bulk(self, count: int, work: Callable[[Any, int], None]) -> bulk.Ticket:
         self._check_idle()
-        self._offer = offer = bulk.BulkOffer(
-            self._svc._bind_host, timeout=self._svc.transfer_timeout, wrap=self._svc._bulk_wrap
+        self._offer = offer = BulkOffer(
+            self._svc._bind_host,
+            timeout=self._svc.transfer_timeout,
+            tls=self._svc._side_tls,
+            account=self._svc._account,
         )
         self._bulk_done = 0
         self._bulk_error = None
@@ -152,9 +155,12 @@ class Transfer:
         if self._closed:
             return
         self._closed = True
-        self._stop_bulk()
-        os.close(self._fd)
-        self._svc._transfers.discard(self)
+        try:
+            self._stop_bulk()
+            os.close(self._fd)
+        finally:
+            self._svc.release_transfer()
+            self._svc._transfers.discard(self)
 
     @rpyc.exposed
     def tell(self) -> int:
@@ -255,17 +261,19 @@ class Upload(Transfer):
         self._name = name
         self._temp = temp
         self._overwrite = overwrite
-        self._start = offset
         self._hash = hash_fd(fd, 0, offset)
         self._prefix_sha256 = self._hash.hexdigest()
         os.lseek(fd, offset, os.SEEK_SET)
-        limit = service.max_total_bytes
-        self._base_usage = tree_usage(service.root) if limit is not None else 0
+        st = os.fstat(fd)
+        self._inode = (st.st_dev, st.st_ino)
+        # The quota counts the partial file by its size until the first reservation is made.
+        self._quota_key = f"up-{os.getpid()}-{secrets.token_hex(8)}"
+        self._reserved = 0
 
     # -- limits ----------------------------------------------------------------------------------
 
     def _check_room(self, extra: int) -> None:
-        """ValueError (and the upload aborted) if ``extra`` more bytes would pass a limit."""
+        """Reserve room for ``extra`` more bytes; ValueError (and the upload aborted) past a limit."""
         svc = self._svc
         new_size = self._pos + extra
         problem = None
@@ -274,12 +282,14 @@ class Upload(Transfer):
                 f"{human_size(new_size)} would exceed the largest file allowed "
                 f"({human_size(svc.max_file_size)})"
             )
-        elif svc.max_total_bytes is not None:
-            used = self._base_usage + (self._pos - self._start) + extra
-            if used > svc.max_total_bytes:
+        elif svc.quota is not None and new_size > self._reserved:
+            try:
+                svc.quota.reserve(self._quota_key, new_size, self._inode)
+                self._reserved = new_size
+            except QuotaExceeded as exc:
+                svc.count_refusal("max_total_bytes")
                 problem = (
-                    f"{human_size(extra)} more would exceed the storage quota "
-                    f"({human_size(svc.max_total_bytes)}, {human_size(self._base_usage)} in use)"
+                    f"{human_size(extra)} more would exceed {quota_text(exc.limit, exc.others + self._pos)}"
                 )
         if problem:
             self._discard()
@@ -359,19 +369,20 @@ class Upload(Transfer):
             remember_sha256(self._fd, digest)
             self._check_same_directory()
             with reworded(shown):
-                if self._overwrite:
-                    os.replace(self._temp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+                quota = self._svc.quota
+                if quota is None:
+                    self._publish()
                 else:
-                    # link() fails if the name exists: of two racing uploads, one wins whole.
-                    os.link(
-                        self._temp,
-                        self._name,
-                        src_dir_fd=self._dir_fd,
-                        dst_dir_fd=self._dir_fd,
-                        follow_symlinks=False,
-                    )
-                    os.unlink(self._temp, dir_fd=self._dir_fd)
-                os.fsync(self._dir_fd)
+                    # Once more under the quota's lock: the file appears only if it still fits.
+                    quota.commit(self._quota_key, self._pos, self._inode, self._publish)
+                    self._reserved = 0
+        except QuotaExceeded as exc:
+            self._svc.count_refusal("max_total_bytes")
+            self._discard()
+            raise ValueError(
+                f"{shown!r}: {human_size(self._pos)} would exceed {quota_text(exc.limit, exc.others)}; "
+                "upload aborted, nothing was written"
+            ) from None
         except BaseException:
             self._discard()
             raise
@@ -381,6 +392,21 @@ class Upload(Transfer):
         self._svc.counts.add(uploads=1)
         log.info("committed %s: %d bytes", shown, size)
         return size, digest
+
+    def _publish(self) -> None:
+        if self._overwrite:
+            os.replace(self._temp, self._name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+        else:
+            # link() fails if the name exists: of two racing uploads, one wins whole.
+            os.link(
+                self._temp,
+                self._name,
+                src_dir_fd=self._dir_fd,
+                dst_dir_fd=self._dir_fd,
+                follow_symlinks=False,
+            )
+            os.unlink(self._temp, dir_fd=self._dir_fd)
+        os.fsync(self._dir_fd)
 
     def _check_same_directory(self) -> None:
         """The target directory must still be where its path leads (no symlink swapped in)."""
@@ -428,6 +454,12 @@ class Upload(Transfer):
 
     def _release(self) -> None:
         was_closed = self._closed
-        super()._release()
-        if not was_closed:
-            os.close(self._dir_fd)
+        try:
+            super()._release()
+        finally:
+            if not was_closed:
+                os.close(self._dir_fd)
+                if self._reserved and self._svc.quota is not None:
+                    self._reserved = 0
+                    # A partial kept for resuming now counts by its size, like any file.
+                    self._svc.quota.release(self._quota_key)
