@@ -16,15 +16,24 @@ connection that drops mid-upload leaves its partial file for ``open_write(..., o
 resume; partials are removed at the next start, after ``partial_ttl`` seconds, or by ``abort()``.
 
 Bulk bytes do not travel over rpyc: ``bulk(length)`` on a transfer object returns a one-time
-ticket for a side connection (``rpyc_host.wire.bulk``). ``read``/``write`` over rpyc stay available
-for small pieces and for clients without the side channel.
+ticket for a side connection (``sidechannel``; the bytes move with ``rpyc_host.wire.bulk``).
+``read``/``write`` over rpyc stay available for small pieces and for clients without the side
+channel.
+
+No client can take the service down for the others: the quota (``max_total_bytes``) is
+reserved when an upload announces its bytes and holds across threads and processes
+(``quota``); open transfers count against ``limits.max_open_transfers`` and
+``..._per_connection`` (OSError EMFILE past a cap); side connections that have not shown their
+token are served side by side, each for at most 2 s, and count against
+``limits.max_pending_side_connections``.
 
 Errors reach clients as ``PermissionError``, ``FileNotFoundError``, ``FileExistsError``,
 ``IsADirectoryError``, ``NotADirectoryError``, ``ValueError`` or ``TypeError`` whose message
 names the path as the client sees it (relative to ``root``), never the server's own paths.
 
 Modules, by responsibility: ``paths`` (sandboxed resolution), ``errors`` (what clients see),
-``storage`` (checksum xattrs, usage, partial uploads), ``copies`` (``cp``), ``transfers``
+``storage`` (checksum xattrs, usage, partial uploads), ``quota`` (reservations shared by every
+process), ``copies`` (``cp``), ``sidechannel`` (the listener behind a ticket), ``transfers``
 (:class:`Download`, :class:`Upload`) and ``service`` (:class:`FileService`).
 """
 

@@ -122,6 +122,7 @@ class BulkOffer:
         self._lock = threading.Lock()
         self._closed = False
         self._looping = False
+        self._paused_until = 0.0  # accepting stopped until then (the process is out of descriptors)
         host, port = self._listener.getsockname()[:2]
         self.ticket: Ticket = (host, port, self.token)
 
@@ -146,7 +147,12 @@ class BulkOffer:
                     self._drop(sel, pending)
                 if now >= deadline:
                     raise TimeoutError(f"no data connection within {self.timeout:g} s")
-                wake_at = min([deadline, *(p.deadline for p in self._pending)])
+                if self._paused_until and now >= self._paused_until:
+                    self._paused_until = 0.0
+                    sel.register(self._listener, selectors.EVENT_READ)
+                wake_at = min(
+                    [deadline, *(p.deadline for p in self._pending), self._paused_until or deadline]
+                )
                 for key, _ in sel.select(max(0.0, wake_at - now)):
                     if key.fileobj is self._listener:
                         self._accept_new(sel)
@@ -196,7 +202,11 @@ class BulkOffer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
-                return  # e.g. out of descriptors: those connections wait in the backlog
+                # Out of descriptors: the connections wait in the backlog; stop watching the
+                # listener for a moment rather than spin on it.
+                sel.unregister(self._listener)
+                self._paused_until = time.monotonic() + 0.1
+                return
             raw.setblocking(False)
             try:
                 sock: socket.socket = self._tls.wrap(raw) if self._tls is not None else raw
