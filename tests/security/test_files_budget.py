@@ -8,6 +8,8 @@ import errno
 import os
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -19,8 +21,9 @@ import pytest
 import client
 from client import files
 from rpyc_host.host import Host
-from rpyc_host.testing import Certificates, make_certificates, running_host, wait_until
+from rpyc_host.testing import PROJECT_ROOT, Certificates, make_certificates, running_host, wait_until
 from services.files.paths import TEMP_NAME
+from services.files.quota import Quota, QuotaExceeded
 
 from ..test_operate import get, metric, metrics_url
 
@@ -182,6 +185,42 @@ def test_quota_reservations_are_released_on_disconnect_abort_and_commit(serve: A
     if server_type != "forking":  # a forking child's counts stay in the child
         assert served.ledger.refusal_counts()["max_total_bytes"] == 4
     assert sorted(os.listdir(served.root)) == [*served.partials(), "c.bin", "d.bin"]
+
+
+def test_a_reservation_dies_with_its_process(tmp_path: Path) -> None:
+    """A connection process killed mid-upload (no on_disconnect) frees what it reserved."""
+    root = tmp_path / "root"
+    root.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from services.files.quota import Quota; "
+            f"Quota({str(root)!r}, {QUOTA}).reserve('held', 900_000); print('held', flush=True); "
+            "sys.stdin.read()",
+        ],
+        cwd=PROJECT_ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        quota = Quota(str(root), QUOTA)
+        with pytest.raises(QuotaExceeded) as refused:
+            quota.reserve("mine", 200_000)
+        assert refused.value.others == 900_000
+    finally:
+        holder.kill()
+        holder.wait(20)
+        if holder.stdin is not None:
+            holder.stdin.close()
+        if holder.stdout is not None:
+            holder.stdout.close()
+    quota.reserve("mine", 200_000)  # the dead process's record is dropped at this look
+    assert quota.in_use() == 200_000
+    quota.release("mine")
+    assert os.listdir(root) == []
 
 
 # -- open transfers --------------------------------------------------------------------------------
