@@ -183,7 +183,8 @@ def test_quota_reservations_are_released_on_disconnect_abort_and_commit(serve: A
         c.root.cp("c.bin", "c2.bin")
     assert served.stored() == QUOTA
     if server_type != "forking":  # a forking child's counts stay in the child
-        assert served.ledger.refusal_counts()["max_total_bytes"] == 4
+        # At least the four above; waiting for the disconnect may have been refused a few more.
+        assert served.ledger.refusal_counts()["max_total_bytes"] >= 4
     assert sorted(os.listdir(served.root)) == [*served.partials(), "c.bin", "d.bin"]
 
 
