@@ -1,9 +1,9 @@
 """The server end of a transfer's bulk side connection: a one-time listener per ticket.
 
 ``bulk(length)`` hands the client a ticket ``(host, port, token)``; the client connects to it,
-sends the 32-byte token and the raw bytes follow (:mod:`rpyc_host.wire.bulk` moves them). Anyone who
-can reach the port can connect too, so the listener must never let such a connection stand in
-the ticket holder's way:
+sends the 32-byte token and the raw bytes follow (:mod:`rpyc_host.wire.bulk` moves them).
+Anyone who can reach the port can connect too, so the listener must never let such a
+connection stand in the ticket holder's way:
 
 - every pending connection (accepted, token not yet read) is served by one selector loop, side
   by side, never one after the other: a silent one is simply never ready;
