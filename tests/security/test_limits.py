@@ -73,7 +73,9 @@ def test_frame_over_the_limit_from_a_real_client() -> None:
 
 @pytest.mark.parametrize("server_type", SERVER_TYPES)
 def test_stalled_half_frame_and_silent_connections_block_nobody(server_type: str) -> None:
-    limits = "handshake_timeout: 1, idle_timeout: 2"
+    # The stall limit is well above the time allowed for the honest calls, so a call that
+    # waited for a staller to be cut would fail here, and a loaded machine still has margin.
+    limits = "handshake_timeout: 6, idle_timeout: 7"
     with running_host(config(server_type, limits)) as host:
         address = host.address("demo")
         stalled, silent = [], []
@@ -86,11 +88,11 @@ def test_stalled_half_frame_and_silent_connections_block_nobody(server_type: str
             silent.append(socket.create_connection(address))
         started = time.monotonic()
         calls_work(address)  # other clients and new connections are served meanwhile
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 3.0
         for sock in stalled:
-            assert closed_by_server(sock, 10), "a stalled half-frame was never closed"
+            assert closed_by_server(sock, 20), "a stalled half-frame was never closed"
         for sock in silent:
-            assert closed_by_server(sock, 10), "a silent connection was never closed"
+            assert closed_by_server(sock, 20), "a silent connection was never closed"
         for sock in stalled + silent:
             sock.close()
         calls_work(address)
