@@ -14,7 +14,7 @@ from rpyc.utils.server import ThreadedServer
 
 import client
 from rpyc_host.host import Host
-from rpyc_host.testing import running_host
+from rpyc_host.testing import running_host, wait_until
 from rpyc_host.wire import DeadlineExceeded, context
 
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
@@ -104,6 +104,8 @@ def test_the_client_sends_no_context_to_a_stock_rpyc_server() -> None:
     try:
         with client.connect(host="127.0.0.1", port=server.port) as conn:
             assert conn.root.add(2, 3) == 5  # an extra keyword would be a TypeError here
+        # Let the server's connection thread see the close before the server closes its socket.
+        wait_until(lambda: not server.clients, 10, "the stock server to notice the close")
     finally:
         server.close()
         thread.join(5)
