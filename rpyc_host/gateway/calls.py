@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from rpyc.core.netref import BaseNetref
@@ -67,15 +67,22 @@ class Method:
     signature: inspect.Signature | None
     doc: str
     display: str  # the signature as describe() shows it
+    _positional: tuple[int, float] | None = field(init=False, repr=False, compare=False)
 
     @property
     def full_name(self) -> str:
         return f"{self.service}.{self.name}"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_positional", _positional_range(self.signature))
+
     def check_params(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """RPCError(-32602) if the arguments do not fit the signature."""
         if self.signature is None:
             return
+        fits = self._positional
+        if fits is not None and not kwargs and fits[0] <= len(args) <= fits[1]:
+            return  # the common case, without Signature.bind's cost
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -100,6 +107,23 @@ class Catalog:
         if method is None:
             raise RPCError(METHOD_NOT_FOUND, f"no method {name!r}{_suggest(name, self.methods)}")
         return method
+
+
+def _positional_range(sig: inspect.Signature | None) -> tuple[int, float] | None:
+    """``(fewest, most)`` positional arguments that bind, when no keyword-only one is required."""
+    if sig is None:
+        return None
+    fewest, most = 0, 0.0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if p.default is p.empty:
+                fewest += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            most = float("inf")
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return fewest, most
 
 
 def _signature(member: Callable[..., Any]) -> inspect.Signature | None:
