@@ -113,9 +113,12 @@ fetch(url, {method: "POST", headers: {"Content-Type": ctype}, body})
 """
 
 
-def http(address: tuple[str, int], raw: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send ``raw`` on a new connection; read one response (status, headers, body)."""
-    with socket.create_connection(address, timeout=timeout) as sock:
+def http(
+    address: tuple[str, int], raw: bytes, timeout: float = 10.0, source: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` on a new connection (from loopback address ``source``); read one response."""
+    bind = (source, 0) if source else None
+    with socket.create_connection(address, timeout=timeout, source_address=bind) as sock:
         sock.sendall(raw)
         return read_response(sock)
 
@@ -147,9 +150,12 @@ def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", 
     ).encode() + body
 
 
-def jsonrpc(address: tuple[str, int], payload: Any, headers: str = "") -> tuple[int, Any]:
+def jsonrpc(
+    address: tuple[str, int], payload: Any, headers: str = "", source: str | None = None
+) -> tuple[int, Any]:
     body = json.dumps(payload).encode()
-    status, _, data = http(address, post("/jsonrpc", body, f"{address[0]}:{address[1]}", extra=headers))
+    raw = post("/jsonrpc", body, f"{address[0]}:{address[1]}", extra=headers)
+    status, _, data = http(address, raw, source=source)
     return status, (json.loads(data) if data and status == 200 else data)
 
 

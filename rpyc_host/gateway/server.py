@@ -148,6 +148,11 @@ class Gateway:
             self._thread.join(timeout=5.0)
         log.info("gateway closed")
 
+    def open_connections(self, ip: str | None = None) -> int:
+        """HTTP connections being served, in all or from one address."""
+        with self._lock:
+            return len(self._peers) if ip is None else self._per_ip.get(ip, 0)
+
     def refusal_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self.refusals)
