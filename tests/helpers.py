@@ -2,7 +2,7 @@
 
 - configs: ``demo_config`` (one demo service on a server type), ``registered_demo_config``
   (a demo instance that registers with a registry);
-- HTTP: ``http``/``read_response``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
+- HTTP: ``http``/``read_response``/``read_responses``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
   ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
 - processes: ``rss_kib``;
 - data: ``make_png``.
@@ -141,6 +141,52 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
             raise ConnectionError("closed mid-body")
         body += data
     return status, headers, body
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` responses (status, body) read in order from one connection, pipelining-safe."""
+    buf, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed after {len(out)} responses")
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(buf) < length:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed mid-body")
+            buf += data
+        out.append((int(lines[0].split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` responses (status, body) read in order from one connection, pipelining-safe."""
+    buf, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed after {len(out)} responses")
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(buf) < length:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed mid-body")
+            buf += data
+        out.append((int(lines[0].split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
 
 
 def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", extra: str = "") -> bytes:

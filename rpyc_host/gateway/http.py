@@ -46,6 +46,12 @@ class HTTPError(Exception):
         self.reason = reason
 
 
+def too_long_headers() -> HTTPError:
+    return HTTPError(
+        431, f"request headers are longer than {MAX_HEADER_BYTES} bytes", reason="headers_too_large"
+    )
+
+
 class ClientGone(Exception):
     """The peer closed the connection or stayed silent between requests: close quietly."""
 
@@ -71,19 +77,23 @@ class _Parse:
         self.request: Request | None = None
         self.in_head = False
         self.head_bytes = 0
+        self.pending_bytes = 0
         self.error: HTTPError | None = None
 
     def on_message_begin(self) -> None:
         self.in_head = True
-        self.head_bytes = 0
+        self.head_bytes = 0  # of the request line and headers parsed so far
+        self.pending_bytes = 0  # received while the head was still incomplete
         self.url = b""
         self.headers = {}
         self.body = []
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1").strip()
         old = self.headers.get(key)
@@ -136,6 +146,11 @@ class _Parse:
         self.body = []
         self.request = None
         self.conn._ready.append(request)
+
+    def _count(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._fail(too_long_headers())
 
     def _fail(self, error: HTTPError) -> None:
         self.error = error
