@@ -6,39 +6,31 @@ Fault codes follow the JSON-RPC numbering the gateway uses everywhere (-32700 pa
 as ``<base64>`` and arrives at the method as ``bytes``; ``None`` as ``<nil/>``. A body with a
 ``<!DOCTYPE`` is refused (-32700): XML-RPC has no use for DTDs, and entities are what XML
 expansion bombs are made of.
-
-Decoding: a request under :data:`FAST_DECODE_BYTES` is parsed by ElementTree's C tree builder and
-read with :func:`_decode_fast` (no Python callback per element); anything it does not know
-(``dateTime.iso8601``, extension types, malformed XML) goes to ``xmlrpc.client.loads``, which
-decides exactly as the standard library's server does.
+Requests are decoded by :mod:`.xmldecode`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import xml.parsers.expat
 from typing import Any
-from xml.etree.ElementTree import Element, ParseError, fromstring
-from xmlrpc.client import Fault, dumps, loads
+from xmlrpc.client import Fault, dumps
 
 from .calls import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
-    MAX_DEPTH,
     PARSE_ERROR,
     RPCError,
     Session,
 )
 from .introspection import SYSTEM_METHODS, call_system, list_methods
+from .xmldecode import decode_request
 
 log = logging.getLogger("rpyc_host.gateway")
 
 CONTENT_TYPE = "text/xml; charset=utf-8"
 MULTICALL = "system.multicall"
-FAST_DECODE_BYTES = 64 * 1024  # larger bodies stream through expat without building a tree
 
 
 def handle(body: bytes, session: Session) -> bytes:
@@ -61,85 +53,6 @@ def handle(body: bytes, session: Session) -> bytes:
     except Exception:
         log.exception("XML-RPC %s failed inside the gateway", method)
         return _fault(RPCError(INTERNAL_ERROR, "internal error in the gateway (see the server log)"))
-
-
-def decode_request(body: bytes) -> tuple[tuple[Any, ...], str | None]:
-    """``(params, method name)`` of a ``<methodCall>``, as ``xmlrpc.client.loads`` returns them."""
-    if len(body) <= FAST_DECODE_BYTES:
-        try:
-            root = fromstring(body)
-            if root.tag == "methodCall":
-                return _decode_fast(root)
-        except (ParseError, _Unknown, ValueError, binascii.Error):
-            pass  # the standard library decides, with its own message
-    params, method = loads(body, use_builtin_types=True)
-    return params, method
-
-
-class _Unknown(Exception):
-    """Something the fast decoder leaves to ``xmlrpc.client``."""
-
-
-def _decode_fast(root: Element) -> tuple[tuple[Any, ...], str | None]:
-    method: str | None = None
-    params: tuple[Any, ...] = ()
-    for child in root:
-        if child.tag == "methodName" and method is None and not len(child):
-            method = child.text or ""
-        elif child.tag == "params" and not params:
-            values = []
-            for param in child:
-                if param.tag != "param" or len(param) != 1:
-                    raise _Unknown()
-                values.append(_value(param[0], 0))
-            params = tuple(values)
-        else:
-            raise _Unknown()
-    return params, method
-
-
-_INTS = frozenset({"int", "i4", "i8", "i1", "i2", "biginteger"})
-
-
-def _value(value: Element, depth: int) -> Any:
-    if value.tag != "value":
-        raise _Unknown()
-    if not len(value):
-        return value.text or ""  # a value without a type is a string
-    if len(value) != 1 or (value.text and value.text.strip()):
-        raise _Unknown()
-    typed = value[0]
-    tag, text = typed.tag, typed.text
-    if tag in _INTS:
-        return int(text or "")
-    if tag == "string":
-        return text or ""
-    if tag == "boolean":
-        if text not in ("0", "1"):
-            raise _Unknown()
-        return text == "1"
-    if tag in ("double", "float"):
-        return float(text or "")
-    if tag == "nil":
-        return None
-    if tag == "base64":
-        return base64.decodebytes((text or "").encode("ascii"))
-    if depth >= MAX_DEPTH:
-        raise RPCError(
-            INVALID_PARAMS, f"arguments nested deeper than {MAX_DEPTH} levels (the gateway's limit)"
-        )
-    if tag == "array":
-        if len(typed) != 1 or typed[0].tag != "data":
-            raise _Unknown()
-        return [_value(v, depth + 1) for v in typed[0]]
-    if tag == "struct":
-        members = {}
-        for member in typed:
-            if member.tag != "member" or len(member) != 2 or member[0].tag != "name":
-                raise _Unknown()
-            members[member[0].text or ""] = _value(member[1], depth + 1)
-        return members
-    raise _Unknown()
 
 
 def call(session: Session, method: str, params: tuple[Any, ...]) -> Any:
