@@ -72,6 +72,7 @@ class _Parse:
     def __init__(self, conn: HTTPConnection) -> None:
         self.conn = conn
         self.url = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.request: Request | None = None
@@ -85,7 +86,7 @@ class _Parse:
         self.head_bytes = 0  # of the request line and headers parsed so far
         self.pending_bytes = 0  # received while the head was still incomplete
         self.url = b""
-        self.headers = {}
+        self.raw_headers = []
         self.body = []
 
     def on_url(self, url: bytes) -> None:
@@ -94,17 +95,11 @@ class _Parse:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count(len(name) + len(value) + 4)
-        key = name.decode("latin-1").lower()
-        text = value.decode("latin-1").strip()
-        old = self.headers.get(key)
-        if old is not None:
-            if key in _SINGLE:
-                self._fail(HTTPError(400, f"header {name.decode('latin-1')!r} sent twice"))
-            text = f"{old}, {text}"
-        self.headers[key] = text
+        self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self.in_head = False
+        self.headers = headers = self._header_dict()
         parser = self.conn._parser
         version = _VERSIONS.get(parser.get_http_version())
         if version is None:
@@ -112,7 +107,6 @@ class _Parse:
                 HTTPError(505, f"HTTP/{parser.get_http_version()[:10]} is not supported; use HTTP/1.1")
             )
         method = parser.get_method().decode("ascii", "replace")
-        headers = self.headers
         if "transfer-encoding" in headers:
             self._fail(
                 HTTPError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
@@ -146,6 +140,19 @@ class _Parse:
         self.body = []
         self.request = None
         self.conn._ready.append(request)
+
+    def _header_dict(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in self.raw_headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1").strip()
+            old = headers.get(key)
+            if old is not None:
+                if key in _SINGLE:
+                    self._fail(HTTPError(400, f"header {name.decode('latin-1')!r} sent twice"))
+                text = f"{old}, {text}"
+            headers[key] = text
+        return headers
 
     def _count(self, size: int) -> None:
         self.head_bytes += size

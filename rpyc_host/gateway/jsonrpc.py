@@ -87,9 +87,7 @@ def _one(request: Any, session: Session) -> str | None:
         if not has_id:
             return None
         try:
-            return json.dumps(
-                {"jsonrpc": "2.0", "result": result, "id": req_id}, default=_bytes_out, allow_nan=False
-            )
+            return _RESULTS.encode({"jsonrpc": "2.0", "result": result, "id": req_id})
         except (TypeError, ValueError) as exc:
             raise RPCError(INTERNAL_ERROR, f"{method} returned a value JSON cannot carry: {exc}") from None
     except RPCError as exc:
@@ -138,6 +136,10 @@ def _bytes_out(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         return {BYTES_KEY: base64.b64encode(value).decode("ascii")}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# Built once: json.dumps with options builds a new encoder on every call.
+_RESULTS = json.JSONEncoder(default=_bytes_out, allow_nan=False)
 
 
 def _error(req_id: Any, exc: RPCError) -> dict[str, Any]:
