@@ -244,7 +244,7 @@ def stage_split(repeat: int = 20_000) -> dict[str, float]:
             ip = "127.0.0.1"
 
         gateway = host.gateway
-        session = Session(gateway.catalog, lambda name: gateway._open_link(name, Peer, a))
+        session = Session(gateway.catalog, lambda name: gateway._open_link(name, Peer, a, session))
         try:
             stages["dispatch (in-process)"] = _per_call(lambda: session.call("demo.add", (1, 2), {}), repeat)
             stages["XML-RPC handler (decode+dispatch+encode)"] = _per_call(

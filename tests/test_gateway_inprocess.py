@@ -14,9 +14,14 @@ import time
 from typing import Any
 
 import rpyc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from rpyc_host.budget import account_of
 from rpyc_host.testing import PROJECT_ROOT, running_host, wait_until
+from rpyc_host.wire import tracing
 
 from .helpers import jsonrpc, post, read_response
 
@@ -113,3 +118,27 @@ def test_the_host_package_does_not_import_the_client_library() -> None:
         [sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_calls_are_server_spans_under_the_requests_traceparent() -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    assert tracing.configure(provider)
+    try:
+        with running_host(CONFIG) as host:
+            address = host.gateway.address
+            trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+            header = f"traceparent: 00-{trace_id}-{parent_id}-01\r\n"
+            assert jsonrpc(address, WHOAMI, headers=header)[1]["result"][0] == os.getpid()
+            no_header = jsonrpc(
+                address, WHOAMI, source="127.0.0.8"
+            )  # another address: the slot is per address
+            assert no_header[1]["result"][0] == os.getpid()
+    finally:
+        tracing.disable()
+    spans = [s for s in memory.get_finished_spans() if s.name == "pid/whoami"]
+    assert len(spans) == 2 and all(s.kind is SpanKind.SERVER for s in spans)
+    child, root = spans
+    assert f"{child.context.trace_id:032x}" == trace_id and f"{child.parent.span_id:016x}" == parent_id
+    assert root.parent is None and root.attributes["rpc.method"] == "whoami"

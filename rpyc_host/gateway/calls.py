@@ -260,6 +260,8 @@ class Session:
         self._open = opener
         self._links: dict[str, Link] = {}
         self.authenticated = False  # a token was accepted on this connection
+        # The W3C trace context headers of the request being served (for tracing spans).
+        self.trace: tuple[str | None, str | None] = (None, None)
 
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``service.method`` and return its result as plain values.

@@ -6,7 +6,8 @@
   ``on_connect``/``on_disconnect`` called with a stand-in connection whose ``_config`` carries
   the connection id, endpoints, credentials and the connection's budget account; each call is
   counted in flight (so a graceful stop waits for it), timed for ``/metrics``, logged with the
-  connection's id and peer, and a service's exception is logged as the rpyc path logs it.
+  connection's id and peer, and a service's exception is logged as the rpyc path logs it; with
+  tracing on, each call is a SERVER span, child of the request's W3C ``traceparent`` header.
 - :class:`RemoteLink`: an rpyc connection to the service's own listener (``rpyc_host.wire.dial``:
   TLS, the token handshake, a tuned channel), for services on the ``forking`` server, whose
   per-connection process isolation an in-process call would lose.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .. import logs
@@ -24,7 +26,7 @@ from ..budget import CONFIG_KEY
 from ..errors import Refused
 from ..exposure import EXPOSED_PREFIX, per_connection
 from ..servers.base import format_peer
-from ..wire import DialError, dial, is_remote
+from ..wire import DialError, dial, is_remote, tracing
 from .calls import SERVER_ERROR, UNAVAILABLE, Method, RPCError, describe_exception
 
 _ROUTINE = (ValueError, TypeError, LookupError, OSError, AttributeError)
@@ -49,8 +51,10 @@ class LocalLink:
         local: tuple[str, int],
         credentials: dict[str, Any] | None,
         calls: Any,
+        trace: Callable[[], tuple[str | None, str | None]] = lambda: (None, None),
     ) -> None:
         server = hosted.server
+        self.trace = trace  # the current request's (traceparent, tracestate)
         self.name = hosted.config.name
         self.server = server
         self.peer = peer
@@ -98,7 +102,12 @@ class LocalLink:
         started = time.perf_counter()
         failed = True
         try:
-            result = func(*args, **kwargs)
+            if tracing.active():
+                parent, state = self.trace()
+                with tracing.span("server", self.name, method.name, parent, state):
+                    result = func(*args, **kwargs)
+            else:
+                result = func(*args, **kwargs)
             failed = False
             return result
         except Exception as exc:

@@ -207,7 +207,7 @@ class Gateway:
 
     def _serve(self, peer: _Peer) -> None:
         sock = peer.sock
-        session = Session(self.catalog, lambda service: self._open_link(service, peer, sock))
+        session = Session(self.catalog, lambda service: self._open_link(service, peer, sock, session))
         http: HTTPConnection | None = None
         try:
             tune_socket(sock)
@@ -270,6 +270,11 @@ class Gateway:
             if not session.authenticated:
                 session.authenticated = True
                 doorman.succeeded(peer.ip)
+        headers = request.headers
+        if "traceparent" in headers:
+            session.trace = (headers["traceparent"], headers.get("tracestate"))
+        elif session.trace[0] is not None:
+            session.trace = (None, None)
         route = ROUTES.get(request.path)
         if route is None:
             return (
@@ -286,7 +291,7 @@ class Gateway:
             return 204, b"", content_type, {}
         return 200, body, content_type, {}
 
-    def _open_link(self, service: str, peer: _Peer, sock: socket.socket) -> Link:
+    def _open_link(self, service: str, peer: _Peer, sock: socket.socket, session: Session) -> Link:
         remote = self._remote.get(service)
         if remote is not None:
             address, token, tls = remote
@@ -302,7 +307,14 @@ class Gateway:
             local = sock.getsockname()[:2]
         except OSError:
             local = ("?", 0)
-        return LocalLink(self._hosted[service], peer.address, local, credentials or None, self._calls)
+        return LocalLink(
+            self._hosted[service],
+            peer.address,
+            local,
+            credentials or None,
+            self._calls,
+            lambda: session.trace,
+        )
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
