@@ -166,29 +166,6 @@ def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
     return out
 
 
-def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
-    """``count`` responses (status, body) read in order from one connection, pipelining-safe."""
-    buf, out = b"", []
-    while len(out) < count:
-        while b"\r\n\r\n" not in buf:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"closed after {len(out)} responses")
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(buf) < length:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed mid-body")
-            buf += data
-        out.append((int(lines[0].split()[1]), buf[:length]))
-        buf = buf[length:]
-    return out
-
-
 def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", extra: str = "") -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n{extra}"

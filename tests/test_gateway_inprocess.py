@@ -22,8 +22,7 @@ from opentelemetry.trace import SpanKind
 from rpyc_host.budget import account_of
 from rpyc_host.testing import PROJECT_ROOT, running_host, wait_until
 from rpyc_host.wire import tracing
-
-from .helpers import jsonrpc, post, read_response
+from tests.helpers import jsonrpc, post, read_response
 
 
 @rpyc.service

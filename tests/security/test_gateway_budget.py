@@ -15,8 +15,7 @@ import pytest
 
 from rpyc_host.testing import running_host, wait_until
 from rpyc_host.wire.handshake import client_handshake
-
-from ..helpers import http, jsonrpc, post
+from tests.helpers import http, jsonrpc, post
 
 TOKEN = "gateway-budget-token-0123456789"
 ADD = {"jsonrpc": "2.0", "method": "demo.add", "params": [8, 8], "id": 1}
