@@ -129,7 +129,12 @@ class GatewaySection:
     port: int = field(default=8888, metadata={"check": schema.port_check})
     services: tuple[str, ...] = ()
     max_body_bytes: int = field(default=16 * MIB, metadata={"check": schema.at_least(1024)})
+    # Seconds a keep-alive connection may stay silent between requests, and any one read may wait.
     timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
+    # Seconds for a whole request (headers and body) once its first byte arrives: 408 after.
+    request_timeout: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
+    # Open HTTP connections from one address; more are answered 503.
+    max_connections_per_ip: int = field(default=32, metadata={"check": schema.at_least(1)})
     backlog: int = field(default=1024, metadata={"check": schema.at_least(128)})
 
 

@@ -14,6 +14,9 @@ Families:
 - ``rpyc_host_connections_refused_total{service,reason}`` (limit, auth, tls, throttle)
 - ``rpyc_host_limit_refusals_total{service,limit}``: requests refused by a ``limits:`` cap
 - ``rpyc_host_held{service,resource}``: what clients hold now (see :mod:`rpyc_host.budget`)
+- ``rpyc_host_gateway_refusals_total{reason}``: gateway refusals (``max_connections``,
+  ``max_connections_per_ip``, ``request_timeout``, ``auth``, ``throttled``, ``body_too_large``,
+  ``headers_too_large``, ``bad_request``)
 - ``rpyc_host_service_<name>{service}``: whatever a service's own ``metrics()`` returns
   (the file service's bytes in and out, the ingest service's records and rejects)
 
@@ -163,6 +166,17 @@ class HostCollector:
             for resource, amount in ledger.snapshot().items():
                 held.add_metric([hosted.config.name, resource], amount)
         yield from (limit_refusals, held)
+
+        gateway = self.host.gateway
+        if gateway is not None:
+            refused = CounterMetricFamily(
+                "rpyc_host_gateway_refusals",
+                "Gateway connections and requests refused, by reason",
+                labels=["reason"],
+            )
+            for reason, count in gateway.refusal_counts().items():
+                refused.add_metric([reason], count)
+            yield refused
 
         for hosted in self.host.hosted:
             own = getattr(hosted.service, "metrics", None)

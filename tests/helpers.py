@@ -2,7 +2,7 @@
 
 - configs: ``demo_config`` (one demo service on a server type), ``registered_demo_config``
   (a demo instance that registers with a registry);
-- HTTP: ``http``/``read_response``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
+- HTTP: ``http``/``read_response``/``read_responses``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
   ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
 - processes: ``rss_kib``;
 - data: ``make_png``.
@@ -113,9 +113,12 @@ fetch(url, {method: "POST", headers: {"Content-Type": ctype}, body})
 """
 
 
-def http(address: tuple[str, int], raw: bytes, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
-    """Send ``raw`` on a new connection; read one response (status, headers, body)."""
-    with socket.create_connection(address, timeout=timeout) as sock:
+def http(
+    address: tuple[str, int], raw: bytes, timeout: float = 10.0, source: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Send ``raw`` on a new connection (from loopback address ``source``); read one response."""
+    bind = (source, 0) if source else None
+    with socket.create_connection(address, timeout=timeout, source_address=bind) as sock:
         sock.sendall(raw)
         return read_response(sock)
 
@@ -140,6 +143,29 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     return status, headers, body
 
 
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """``count`` responses (status, body) read in order from one connection, pipelining-safe."""
+    buf, out = b"", []
+    while len(out) < count:
+        while b"\r\n\r\n" not in buf:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"closed after {len(out)} responses")
+            buf += data
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(buf) < length:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed mid-body")
+            buf += data
+        out.append((int(lines[0].split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
 def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", extra: str = "") -> bytes:
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {ctype}\r\n{extra}"
@@ -147,9 +173,12 @@ def post(path: str, body: bytes, host: str, *, ctype: str = "application/json", 
     ).encode() + body
 
 
-def jsonrpc(address: tuple[str, int], payload: Any, headers: str = "") -> tuple[int, Any]:
+def jsonrpc(
+    address: tuple[str, int], payload: Any, headers: str = "", source: str | None = None
+) -> tuple[int, Any]:
     body = json.dumps(payload).encode()
-    status, _, data = http(address, post("/jsonrpc", body, f"{address[0]}:{address[1]}", extra=headers))
+    raw = post("/jsonrpc", body, f"{address[0]}:{address[1]}", extra=headers)
+    status, _, data = http(address, raw, source=source)
     return status, (json.loads(data) if data and status == 200 else data)
 
 

@@ -18,7 +18,7 @@ import pytest
 import client
 from rpyc_host.host import Host
 from rpyc_host.testing import Certificates, running_host
-from tests.helpers import curl, http, jsonrpc, post
+from tests.helpers import curl, http, jsonrpc, post, read_response, read_responses
 
 TOKEN = "gateway-test-token-0123456789"
 ADD = {"jsonrpc": "2.0", "method": "demo.add", "params": [8, 8], "id": 1}
@@ -174,3 +174,56 @@ def test_tls_with_client_certificates(pem_dir: Path) -> None:
         with_cert = ssl.create_default_context(cafile=str(pem_dir / "ca.pem"))
         with_cert.load_cert_chain(str(pem_dir / "client.pem"), str(pem_dir / "client.key"))
         assert tls_call(address, with_cert) == 16
+
+
+# -- hostile HTTP ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def open_host() -> Iterator[Host]:
+    with running_host(gateway_config()) as host:
+        yield host
+
+
+def test_smuggling_shapes_are_refused_and_nothing_after_them_runs(open_host: Host) -> None:
+    address = open_host.gateway.address
+    body = json.dumps(ADD).encode()
+    hidden = post("/jsonrpc", body, "h")
+    shapes = {
+        b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n": (400, 411),
+        b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n": (400, 411),
+        b"Content-Length: 5\r\nContent-Length: 6\r\n": (400,),
+        b"Content-Length: +5\r\n": (400,),
+        b"Content-Length : 5\r\n": (400,),
+        b"Transfer-Encoding: identity, chunked\r\n": (400, 411),
+    }
+    for headers, allowed in shapes.items():
+        raw = b"POST /jsonrpc HTTP/1.1\r\nHost: h\r\n" + headers + b"\r\n0\r\n\r\n" + hidden
+        with socket.create_connection(address, timeout=10) as sock:
+            sock.sendall(raw)
+            status, reply_headers, _ = read_response(sock)
+            assert status in allowed and reply_headers["connection"] == "close", (headers, status)
+            rest = b""
+            while chunk := sock.recv(65536):
+                rest += chunk
+            assert rest == b"", (headers, rest)  # the request hidden behind it was not answered
+    assert jsonrpc(address, ADD)[1]["result"] == 16
+
+
+def test_huge_headers_get_431(open_host: Host) -> None:
+    address = open_host.gateway.address
+    raw = b"POST /jsonrpc HTTP/1.1\r\nHost: h\r\n" + b"X-Filler: " + b"a" * 70_000 + b"\r\n\r\n"
+    status, _, body = http(address, raw)
+    assert status == 431 and b"65536" in body
+    many = b"".join(b"X-%d: b\r\n" % i for i in range(10_000))
+    assert http(address, b"POST /jsonrpc HTTP/1.1\r\nHost: h\r\n" + many + b"\r\n")[0] == 431
+    assert jsonrpc(address, ADD)[1]["result"] == 16
+
+
+def test_pipelined_requests_are_answered_in_order(open_host: Host) -> None:
+    address = open_host.gateway.address
+    requests = [{"jsonrpc": "2.0", "method": "demo.echo", "params": [f"r{i}"], "id": i} for i in range(20)]
+    with socket.create_connection(address, timeout=10) as sock:
+        sock.sendall(b"".join(post("/jsonrpc", json.dumps(r).encode(), "h") for r in requests))
+        got = [json.loads(body)["result"] for _, body in read_responses(sock, len(requests))]
+    assert got == [f"r{i}" for i in range(20)]

@@ -3,8 +3,9 @@
 Modules, one job each:
 
 - ``server``: the listener, a thread per keep-alive connection, auth, TLS, shutdown;
-- ``http``: the minimal HTTP/1.1 request parser and response writer;
-- ``calls``: the method catalog, the rpyc sessions to the services, value rules, error codes;
+- ``http``: HTTP/1.1 requests parsed by httptools (llhttp), responses written in one send;
+- ``calls``: the method catalog, sessions, value rules, error codes; ``links``: in-process calls
+  (rpyc for forking services); ``auth``: Bearer tokens with the host's shared login throttle;
 - ``xmlrpc`` / ``jsonrpc``: the two wire formats; ``introspection``: ``system.*``.
 
 See docs/gateway.md for the user's view.

@@ -1,18 +1,18 @@
-"""What the gateway can call, and how a call crosses to the service over rpyc.
+"""What the gateway can call, the value rules, and the error codes.
 
 - :class:`Catalog`: every exposed method of the listed services as ``<service>.<method>``, with
   its signature (for ``-32602`` checks and introspection) and docstring, read from the served
   classes once at start-up.
-- :class:`Session`: the rpyc connections one HTTP connection uses, one per service, opened on
-  first use through :func:`client.connect` to the service's own listener, so ``on_connect``,
-  per-connection state (the file service's current directory), limits and authentication apply
-  exactly as for a Python client.
+- :class:`Session`: what one HTTP connection uses to reach the services, one link per service
+  opened on first use (see :mod:`.links`), so ``on_connect``, per-connection state (the file
+  service's current directory), limits and authentication apply exactly as for an rpyc client.
 - :class:`RPCError`: a call that failed, with the JSON-RPC code both protocols report.
 
-Values: arguments arrive as JSON or XML-RPC values; lists become tuples (rpyc would pass a list
-by reference, one round trip per element). Results must be plain values: tuples (and lists or
-dicts a service returns by reference) are copied, and anything else that arrives as a NetRef (a
-live object, a callback) fails that one call with a clear message.
+Values: arguments arrive as JSON or XML-RPC values; lists become tuples (what an rpyc client's
+lists turn into on the server), nested at most :data:`MAX_DEPTH` deep. Results must be plain
+values: tuples, lists, sets and dicts are copied (over rpyc, lists and dicts a service returns
+by reference too), and anything else (a live object, a callback) fails that one call with a
+clear message.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from rpyc.core.netref import BaseNetref
 
@@ -41,6 +41,10 @@ NOT_TRANSFERABLE = -32002  # the result holds a live object that cannot cross HT
 # Copying a by-reference container costs a round trip per element; past this it is refused.
 MAX_COPIED_ITEMS = 100_000
 _CONTAINERS = {"builtins.list": list, "builtins.tuple": tuple, "builtins.dict": dict, "builtins.set": list}
+# Exact types that cross as they are (as rpyc's brine carries them; subclasses do not).
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})
+MAX_DEPTH = 32  # arguments: as deep as the host copies an rpyc client's containers
+MAX_RESULT_DEPTH = 100
 
 
 class RPCError(Exception):
@@ -63,15 +67,22 @@ class Method:
     signature: inspect.Signature | None
     doc: str
     display: str  # the signature as describe() shows it
+    _positional: tuple[int, float] | None = field(init=False, repr=False, compare=False)
 
     @property
     def full_name(self) -> str:
         return f"{self.service}.{self.name}"
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_positional", _positional_range(self.signature))
+
     def check_params(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """RPCError(-32602) if the arguments do not fit the signature."""
         if self.signature is None:
             return
+        fits = self._positional
+        if fits is not None and not kwargs and fits[0] <= len(args) <= fits[1]:
+            return  # the common case, without Signature.bind's cost
         try:
             self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -98,6 +109,23 @@ class Catalog:
         return method
 
 
+def _positional_range(sig: inspect.Signature | None) -> tuple[int, float] | None:
+    """``(fewest, most)`` positional arguments that bind, when no keyword-only one is required."""
+    if sig is None:
+        return None
+    fewest, most = 0, 0.0
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            most += 1
+            if p.default is p.empty:
+                fewest += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            most = float("inf")
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return None
+    return fewest, most
+
+
 def _signature(member: Callable[..., Any]) -> inspect.Signature | None:
     try:
         sig = inspect.signature(member)
@@ -118,42 +146,73 @@ def _suggest(name: str, known: Iterable[str]) -> str:
 # -- values ----------------------------------------------------------------------------------------
 
 
-def to_call_value(value: Any) -> Any:
-    """A decoded JSON / XML-RPC argument as rpyc should carry it: lists become tuples."""
-    if isinstance(value, list):
-        return tuple(to_call_value(v) for v in value)
-    if isinstance(value, dict):
-        return {k: to_call_value(v) for k, v in value.items()}
+def to_call_value(value: Any, depth: int = 0) -> Any:
+    """A decoded JSON / XML-RPC argument as the service should get it: lists become tuples.
+
+    Raises:
+        RPCError: -32602 for arguments nested deeper than MAX_DEPTH.
+    """
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if depth >= MAX_DEPTH:
+        raise RPCError(
+            INVALID_PARAMS, f"arguments nested deeper than {MAX_DEPTH} levels (the gateway's limit)"
+        )
+    if kind is list or kind is tuple:
+        return tuple([to_call_value(v, depth + 1) for v in value])
+    if kind is dict:
+        return {k: to_call_value(v, depth + 1) for k, v in value.items()}
     return value
 
 
-def plain_result(value: Any, where: str) -> Any:
-    """A result with every NetRef resolved: containers copied, live objects refused."""
+def plain_result(value: Any, where: str, depth: int = 0) -> Any:
+    """A result as plain values: containers copied (a NetRef one too), live objects refused."""
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if depth >= MAX_RESULT_DEPTH:
+        raise RPCError(
+            INTERNAL_ERROR, f"{where} returned values nested deeper than {MAX_RESULT_DEPTH} levels"
+        )
     if isinstance(value, BaseNetref):
-        name_pack = object.__getattribute__(value, "____id_pack__")[0]
-        kind = _CONTAINERS.get(name_pack)
-        if kind is None:
-            shown = name_pack.rsplit(".", 1)[-1]
-            raise RPCError(
-                NOT_TRANSFERABLE,
-                f"{where} returned a live object ({shown}) that cannot cross XML-RPC or JSON-RPC; "
-                "only plain values can (str, bytes, numbers, bool, None, tuples, lists, dicts); "
-                "use rpyc to work with live objects",
-                kind="NotTransferable",
-            )
-        if len(value) > MAX_COPIED_ITEMS:
-            raise RPCError(
-                NOT_TRANSFERABLE,
-                f"{where} returned a {shown_of(name_pack)} of {len(value)} items by reference; "
-                f"the gateway copies at most {MAX_COPIED_ITEMS}; return a tuple",
-                kind="NotTransferable",
-            )
-        value = kind(value.items()) if kind is dict else kind(value)
-    if isinstance(value, tuple | list):
-        return [plain_result(v, where) for v in value]
-    if isinstance(value, dict):
-        return {str(plain_result(k, where)): plain_result(v, where) for k, v in value.items()}
-    return value
+        value = _copy_netref(value, where)
+        kind = type(value)
+    if kind is tuple or kind is list or kind is set or kind is frozenset:
+        return [plain_result(v, where, depth + 1) for v in value]
+    if kind is dict:
+        return {
+            str(plain_result(k, where, depth + 1)): plain_result(v, where, depth + 1)
+            for k, v in value.items()
+        }
+    if kind is complex:
+        return value  # refused by the encoders with their own message (-32603)
+    raise _live_object(where, kind.__name__)
+
+
+def _copy_netref(value: Any, where: str) -> Any:
+    name_pack = object.__getattribute__(value, "____id_pack__")[0]
+    kind = _CONTAINERS.get(name_pack)
+    if kind is None:
+        raise _live_object(where, shown_of(name_pack))
+    if len(value) > MAX_COPIED_ITEMS:
+        raise RPCError(
+            NOT_TRANSFERABLE,
+            f"{where} returned a {shown_of(name_pack)} of {len(value)} items by reference; "
+            f"the gateway copies at most {MAX_COPIED_ITEMS}; return a tuple",
+            kind="NotTransferable",
+        )
+    return kind(value.items()) if kind is dict else kind(value)
+
+
+def _live_object(where: str, shown: str) -> RPCError:
+    return RPCError(
+        NOT_TRANSFERABLE,
+        f"{where} returned a live object ({shown}) that cannot cross XML-RPC or JSON-RPC; "
+        "only plain values can (str, bytes, numbers, bool, None, tuples, lists, dicts); "
+        "use rpyc to work with live objects",
+        kind="NotTransferable",
+    )
 
 
 def shown_of(name_pack: str) -> str:
@@ -179,20 +238,30 @@ def describe_exception(exc: BaseException) -> tuple[str, str]:
 # -- sessions --------------------------------------------------------------------------------------
 
 
-Connector = Callable[[str], Any]
+class Link(Protocol):
+    """One HTTP connection's way into one service (in-process, or an rpyc connection)."""
+
+    def call(self, method: Method, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+Opener = Callable[[str], Link]
 
 
 class Session:
-    """The backend rpyc connections of one HTTP connection; see the module docstring.
+    """The links of one HTTP connection, one per service it has called; see the module docstring.
 
     Not shared between threads: one HTTP connection is served by one thread at a time.
     """
 
-    def __init__(self, catalog: Catalog, connector: Connector) -> None:
+    def __init__(self, catalog: Catalog, opener: Opener) -> None:
         self.catalog = catalog
-        self._connect = connector
-        self._conns: dict[str, Any] = {}
-        self._bound: dict[str, Any] = {}
+        self._open = opener
+        self._links: dict[str, Link] = {}
+        self.authenticated = False  # a token was accepted on this connection
+        # The W3C trace context headers of the request being served (for tracing spans).
+        self.trace: tuple[str | None, str | None] = (None, None)
 
     def call(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Call ``service.method`` and return its result as plain values.
@@ -203,57 +272,37 @@ class Session:
                 returned a live object (-32002).
         """
         method = self.catalog.get(name)
-        args = tuple(to_call_value(a) for a in args)
-        kwargs = {k: to_call_value(v) for k, v in kwargs.items()}
+        if args:
+            args = tuple([to_call_value(a) for a in args])
+        if kwargs:
+            kwargs = {k: to_call_value(v) for k, v in kwargs.items()}
         method.check_params(args, kwargs)
-        bound = self._bound.get(name)
-        if bound is None:
-            bound = getattr(self._connection(method.service).root, method.name)
-            self._bound[name] = bound
+        link = self._links.get(method.service)
+        if link is None:
+            link = self._links[method.service] = self._open(method.service)
         try:
-            result = bound(*args, **kwargs)
-        except (EOFError, ConnectionError, TimeoutError) as exc:
-            # The connection is gone or stuck: drop it so the next call reconnects. The call
-            # itself is not retried (it may have run).
-            self._drop(method.service)
-            kind, message = describe_exception(exc)
-            if isinstance(exc, TimeoutError):
-                raise RPCError(SERVER_ERROR, f"{name}: no reply in time ({message})", kind) from None
-            raise RPCError(UNAVAILABLE, f"{name}: connection to the service lost ({message})", kind) from None
-        except Exception as exc:
-            kind, message = describe_exception(exc)
-            raise RPCError(SERVER_ERROR, message, kind) from None
+            result = link.call(method, args, kwargs)
+        except RPCError:
+            if getattr(link, "broken", False):
+                self.drop(method.service)
+            raise
         return plain_result(result, name)
 
-    def _connection(self, service: str) -> Any:
-        conn = self._conns.get(service)
-        if conn is not None and not conn.closed:
-            return conn
-        try:
-            conn = self._connect(service)
-        except Exception as exc:
-            kind, message = describe_exception(exc)
-            raise RPCError(UNAVAILABLE, f"service {service!r} is unavailable: {message}", kind) from None
-        self._conns[service] = conn
-        return conn
-
-    def _drop(self, service: str) -> None:
-        conn = self._conns.pop(service, None)
-        for key in [k for k in self._bound if k.startswith(service + ".")]:
-            del self._bound[key]
-        if conn is not None:
-            _close_quietly(conn)
+    def drop(self, service: str) -> None:
+        """Forget a service's link (it broke): the next call opens a new one."""
+        link = self._links.pop(service, None)
+        if link is not None:
+            _close_quietly(link)
 
     def close(self) -> None:
-        """Close every backend connection (runs the services' ``on_disconnect``)."""
-        self._bound.clear()
-        conns, self._conns = list(self._conns.values()), {}
-        for conn in conns:
-            _close_quietly(conn)
+        """Close every link (runs the services' ``on_disconnect``, gives back their slots)."""
+        links, self._links = list(self._links.values()), {}
+        for link in links:
+            _close_quietly(link)
 
 
-def _close_quietly(conn: Any) -> None:
+def _close_quietly(link: Link) -> None:
     try:
-        conn.close()
+        link.close()
     except Exception:
-        log.debug("closing a backend connection failed", exc_info=True)
+        log.warning("closing a gateway session failed", exc_info=True)

@@ -1,15 +1,18 @@
-"""A minimal HTTP/1.1 server side for RPC bodies: requests in, responses out, on one socket.
+"""HTTP/1.1 for RPC bodies on one socket: requests in (parsed by httptools), responses out.
 
-Only what RPC clients send is understood: a request line, headers, and a body sized by
-``Content-Length`` (``Transfer-Encoding`` is refused with 411, which every XML-RPC and JSON-RPC
-client handles by sending a length). Keep-alive follows HTTP/1.1 (on unless ``Connection:
-close``) and HTTP/1.0 (off unless ``Connection: keep-alive``). ``Expect: 100-continue`` is
-answered, so ``curl`` sending a large body does not wait a second first, and an oversize body
-is refused with 413 before it is read.
+Parsing is llhttp's (Node.js's parser, through ``httptools``): strict about request lines,
+header syntax, ``Content-Length`` (a duplicate, a sign or an overflow is an error) and the
+``Content-Length`` + ``Transfer-Encoding`` pair that request smuggling relies on. On top of it,
+this module refuses ``Transfer-Encoding`` altogether (411: every XML-RPC and JSON-RPC client
+can send a length), a POST without a length (411), headers over :data:`MAX_HEADER_BYTES`
+(431), a body over ``max_body`` (413, before it is read, also after ``Expect: 100-continue``),
+a repeated ``Authorization`` or ``Host`` (400) and versions other than 1.0 and 1.1 (505).
 
-Why not ``http.server``: it parses headers with the ``email`` package and writes a response in
-several system calls; this parser does one ``split`` per request and one ``send`` per response,
-which is most of the gateway's speed-up over ``SimpleXMLRPCServer`` (benchmarks/bench_gateway.py).
+Time limits: a connection silent between requests for ``idle_timeout`` is closed quietly;
+once a request's first byte arrives, the whole request (headers and body) must arrive within
+``request_timeout`` and no single read may wait longer than ``idle_timeout``, otherwise 408.
+Keep-alive follows HTTP/1.1 (on unless ``Connection: close``) and HTTP/1.0 (off unless
+``Connection: keep-alive``); pipelined requests are answered in order.
 """
 
 from __future__ import annotations
@@ -19,18 +22,34 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
+import httptools
+
 MAX_HEADER_BYTES = 64 * 1024
 _RECV = 256 * 1024
+_VERSIONS = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0"}
+_SINGLE = ("content-length", "authorization", "host")
 
 
 class HTTPError(Exception):
-    """A request the server answers with an error status and then closes the connection."""
+    """A request the server answers with an error status and then closes the connection.
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    ``reason`` names the refusal for the gateway's refusal counts (``body_too_large``, ...).
+    """
+
+    def __init__(
+        self, status: int, message: str, headers: dict[str, str] | None = None, reason: str = "bad_request"
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
+        self.reason = reason
+
+
+def too_long_headers() -> HTTPError:
+    return HTTPError(
+        431, f"request headers are longer than {MAX_HEADER_BYTES} bytes", reason="headers_too_large"
+    )
 
 
 class ClientGone(Exception):
@@ -44,65 +63,203 @@ class Request:
     version: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    keep_alive: bool = True
 
-    @property
-    def keep_alive(self) -> bool:
-        connection = self.headers.get("connection", "").lower()
-        if self.version == "HTTP/1.1":
-            return "close" not in connection
-        return "keep-alive" in connection
+
+class _Parse:
+    """httptools callbacks: collects one request at a time into ``done``."""
+
+    def __init__(self, conn: HTTPConnection) -> None:
+        self.conn = conn
+        self.url = b""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers: dict[str, str] = {}
+        self.body: list[bytes] = []
+        self.request: Request | None = None
+        self.in_head = False
+        self.head_bytes = 0
+        self.pending_bytes = 0
+        self.error: HTTPError | None = None
+
+    def on_message_begin(self) -> None:
+        self.in_head = True
+        self.head_bytes = 0  # of the request line and headers parsed so far
+        self.pending_bytes = 0  # received while the head was still incomplete
+        self.url = b""
+        self.raw_headers = []
+        self.body = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.headers = headers = self._header_dict()
+        parser = self.conn._parser
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            self._fail(
+                HTTPError(505, f"HTTP/{parser.get_http_version()[:10]} is not supported; use HTTP/1.1")
+            )
+        method = parser.get_method().decode("ascii", "replace")
+        if "transfer-encoding" in headers:
+            self._fail(
+                HTTPError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
+            )
+        raw = headers.get("content-length")
+        if raw is None and method == "POST":
+            self._fail(HTTPError(411, "a POST needs a Content-Length header"))
+        length = int(raw) if raw is not None else 0  # llhttp has checked it is digits
+        max_body = self.conn.max_body
+        if length > max_body:
+            self._fail(
+                HTTPError(
+                    413,
+                    f"the body is {length} bytes; this gateway accepts at most {max_body} "
+                    "(gateway.max_body_bytes)",
+                    reason="body_too_large",
+                )
+            )
+        if length and headers.get("expect", "").lower() == "100-continue":
+            self.conn._continue = True
+        path = self.url.decode("latin-1").split("?", 1)[0]
+        self.request = Request(method, path, version or "HTTP/1.1", headers, b"", parser.should_keep_alive())
+
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        request.body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = []
+        self.request = None
+        self.conn._ready.append(request)
+
+    def _header_dict(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        for name, value in self.raw_headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1").strip()
+            old = headers.get(key)
+            if old is not None:
+                if key in _SINGLE:
+                    self._fail(HTTPError(400, f"header {name.decode('latin-1')!r} sent twice"))
+                text = f"{old}, {text}"
+            headers[key] = text
+        return headers
+
+    def _count(self, size: int) -> None:
+        self.head_bytes += size
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._fail(too_long_headers())
+
+    def _fail(self, error: HTTPError) -> None:
+        self.error = error
+        raise error
 
 
 class HTTPConnection:
-    """Reads requests from and writes responses to one connected socket (blocking, with the
-    socket's timeout)."""
+    """Reads requests from and writes responses to one connected socket; see the module docstring."""
 
-    def __init__(self, sock: socket.socket, max_body: int) -> None:
+    def __init__(
+        self, sock: socket.socket, max_body: int, idle_timeout: float = 60.0, request_timeout: float = 10.0
+    ) -> None:
         self.sock = sock
         self.max_body = max_body
-        self._buf = bytearray()
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self._callbacks = _Parse(self)
+        self._parser = httptools.HttpRequestParser(self._callbacks)
+        self._ready: list[Request] = []
+        self._deadline: float | None = None  # of the request being received
+        self._continue = False
+        self._timeout: float | None = None
+        self._set_timeout(idle_timeout)
 
     def read_request(self) -> Request:
         """The next request.
 
         Raises:
-            ClientGone: the peer closed, or sent nothing within the timeout, between requests.
+            ClientGone: the peer closed, or sent nothing within ``idle_timeout``, between requests.
             HTTPError: a malformed, oversize or too slow request (the caller answers and closes).
         """
-        buf = self._buf
-        start = 0
-        while True:
-            end = buf.find(b"\r\n\r\n", start)
-            if end >= 0:
-                break
-            if len(buf) > MAX_HEADER_BYTES:
-                raise HTTPError(431, f"request headers are longer than {MAX_HEADER_BYTES} bytes")
-            start = max(0, len(buf) - 3)
-            self._recv_more(partial=bool(buf))
-        head = bytes(buf[:end])
-        del buf[: end + 4]
-        request = _parse_head(head)
-        length = _content_length(request, self.max_body)
-        if length > len(buf) and request.headers.get("expect", "").lower() == "100-continue":
-            self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        while len(buf) < length:
-            self._recv_more(partial=True)
-        request.body = bytes(buf[:length])
-        del buf[:length]
+        ready = self._ready
+        while not ready:
+            data = self._recv()
+            if self._deadline is None:  # any byte, even a stray line break, starts the clock
+                self._deadline = time.monotonic() + self.request_timeout
+            self._feed(data)
+        request = ready.pop(0)
+        if not ready:
+            callbacks = self._callbacks
+            mid_request = callbacks.in_head or callbacks.request is not None
+            # A pipelined request already begun gets its own full deadline from now.
+            self._deadline = time.monotonic() + self.request_timeout if mid_request else None
         return request
 
-    def _recv_more(self, partial: bool) -> None:
+    def _recv(self) -> bytes:
+        deadline = self._deadline
+        if deadline is None:
+            self._set_timeout(self.idle_timeout)
+        else:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._too_slow()
+            self._set_timeout(min(self.idle_timeout, left))
         try:
             data = self.sock.recv(_RECV)
         except TimeoutError:
-            if partial:
-                raise HTTPError(408, "the request did not arrive within the gateway timeout") from None
+            if deadline is not None:
+                raise self._too_slow() from None
             raise ClientGone() from None
         except OSError:
             raise ClientGone() from None
         if not data:
             raise ClientGone()
-        self._buf += data
+        return data
+
+    def _too_slow(self) -> HTTPError:
+        return HTTPError(
+            408,
+            f"the request did not arrive in time (gateway.request_timeout {self.request_timeout:g} s, "
+            f"gateway.timeout {self.idle_timeout:g} s per read)",
+            reason="request_timeout",
+        )
+
+    def _feed(self, data: bytes) -> None:
+        callbacks = self._callbacks
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise HTTPError(400, "protocol upgrades and CONNECT are not supported") from None
+        except httptools.HttpParserCallbackError:
+            assert callbacks.error is not None
+            raise callbacks.error from None
+        except httptools.HttpParserError as exc:
+            raise HTTPError(400, f"malformed request: {exc}") from None
+        if callbacks.in_head:
+            callbacks.head_bytes += len(data)
+            if callbacks.head_bytes > MAX_HEADER_BYTES:
+                raise HTTPError(
+                    431,
+                    f"request headers are longer than {MAX_HEADER_BYTES} bytes",
+                    reason="headers_too_large",
+                )
+        if self._continue:
+            self._continue = False
+            if callbacks.request is not None:  # the body has not all arrived: ask for it
+                self.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def _set_timeout(self, timeout: float) -> None:
+        if timeout != self._timeout:
+            self.sock.settimeout(timeout)
+            self._timeout = timeout
 
     def send_response(
         self,
@@ -114,95 +271,70 @@ class HTTPConnection:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Send one response (one system call for bodies up to 64 kB)."""
-        lines = [
-            f"HTTP/1.1 {status} {_reason(status)}",
-            "Server: rpyc-host",
-            f"Content-Length: {len(body)}",
-        ]
+        head = [f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Length: {len(body)}\r\n"]
         if body or status != 204:
-            lines.append(f"Content-Type: {content_type}")
+            head.append(f"Content-Type: {content_type}\r\n")
         if not keep_alive:
-            lines.append("Connection: close")
+            head.append("Connection: close\r\n")
         elif version == "HTTP/1.0":
-            lines.append("Connection: keep-alive")
-        for name, value in (headers or {}).items():
-            lines.append(f"{name}: {value}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            head.append("Connection: keep-alive\r\n")
+        if headers:
+            head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
         if len(body) <= 65536:
-            self.sock.sendall(head + body)
+            self.sock.sendall(data + body)
         else:
-            self.sock.sendall(head)
+            self.sock.sendall(data)
             self.sock.sendall(body)
 
     def linger_close(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
         """Stop sending, read and drop what the client is still sending (up to ``limit`` bytes or
         ``seconds``), then close: closing with unread data would reset the connection and the
         client could lose the error response already sent."""
-        sock = self.sock
-        try:
-            sock.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + seconds
-            drained = 0
-            while drained < limit:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                sock.settimeout(left)
-                data = sock.recv(65536)
-                if not data:
-                    break
-                drained += len(data)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        linger_close(self.sock, seconds, limit)
+
+
+def linger_close(sock: socket.socket, seconds: float = 1.0, limit: int = 1 << 20) -> None:
+    """See :meth:`HTTPConnection.linger_close`."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + seconds
+        drained = 0
+        while drained < limit:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            if not data:
+                break
+            drained += len(data)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def plain_response(status: int, message: str, headers: dict[str, str] | None = None) -> bytes:
+    """A whole ``Connection: close`` text response, for refusals sent before any request is read."""
+    body = f"{message}\n".encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    return (
+        f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Length: {len(body)}\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n{extra}\r\n"
+    ).encode("latin-1") + body
+
+
+_REASONS: dict[int, str] = {}
 
 
 def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def _parse_head(head: bytes) -> Request:
-    try:
-        text = head.decode("latin-1")
-        lines = text.split("\r\n")
-        method, path, version = lines[0].split(" ")
-    except ValueError:
-        raise HTTPError(400, "malformed request line") from None
-    if version not in ("HTTP/1.1", "HTTP/1.0"):
-        raise HTTPError(505, f"{version[:20]!r} is not supported; use HTTP/1.1")
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise HTTPError(400, f"malformed header line {line[:40]!r}")
-        key = name.lower()
-        value = value.strip()
-        if key in headers:
-            if key in ("content-length", "authorization", "host"):
-                raise HTTPError(400, f"header {name!r} sent twice")
-            value = f"{headers[key]}, {value}"
-        headers[key] = value
-    return Request(method, path.split("?", 1)[0], version, headers)
-
-
-def _content_length(request: Request, max_body: int) -> int:
-    if "transfer-encoding" in request.headers:
-        raise HTTPError(411, "Transfer-Encoding is not supported; send the body with a Content-Length")
-    raw = request.headers.get("content-length")
-    if raw is None:
-        if request.method == "POST":
-            raise HTTPError(411, "a POST needs a Content-Length header")
-        return 0
-    if not raw.isdigit():
-        raise HTTPError(400, f"Content-Length {raw[:20]!r} is not a number")
-    length = int(raw)
-    if length > max_body:
-        raise HTTPError(
-            413,
-            f"the body is {length} bytes; this gateway accepts at most {max_body} (gateway.max_body_bytes)",
-        )
-    return length
+    phrase = _REASONS.get(status)
+    if phrase is None:
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        _REASONS[status] = phrase
+    return phrase

@@ -23,6 +23,7 @@ from .calls import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
     INVALID_REQUEST,
+    MAX_DEPTH,
     PARSE_ERROR,
     RPCError,
     Session,
@@ -43,6 +44,14 @@ def handle(body: bytes, session: Session) -> bytes | None:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         return _encode(_error(None, RPCError(PARSE_ERROR, f"Parse error: {exc}")))
+    except RecursionError:
+        # The C decoder recurses once per nesting level; a deep body must not end the thread.
+        return _encode(
+            _error(
+                None,
+                RPCError(PARSE_ERROR, "Parse error: the body is nested too deeply to decode"),
+            )
+        )
     if isinstance(data, list):
         if not data:
             return _encode(_error(None, RPCError(INVALID_REQUEST, "Invalid Request: empty batch")))
@@ -78,9 +87,7 @@ def _one(request: Any, session: Session) -> str | None:
         if not has_id:
             return None
         try:
-            return json.dumps(
-                {"jsonrpc": "2.0", "result": result, "id": req_id}, default=_bytes_out, allow_nan=False
-            )
+            return _RESULTS.encode({"jsonrpc": "2.0", "result": result, "id": req_id})
         except (TypeError, ValueError) as exc:
             raise RPCError(INTERNAL_ERROR, f"{method} returned a value JSON cannot carry: {exc}") from None
     except RPCError as exc:
@@ -99,9 +106,18 @@ def _params(params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     raise RPCError(INVALID_REQUEST, 'Invalid Request: "params" must be an array or an object')
 
 
-def bytes_in(value: Any) -> Any:
-    """Decode every ``{"__bytes__": "<base64>"}`` in an argument to ``bytes``."""
-    if isinstance(value, dict):
+def bytes_in(value: Any, depth: int = 0) -> Any:
+    """Decode every ``{"__bytes__": "<base64>"}`` in an argument to ``bytes``.
+
+    Raises:
+        RPCError: -32602 for bad base64, or arguments nested deeper than MAX_DEPTH.
+    """
+    kind = type(value)
+    if kind is not dict and kind is not list:
+        return value
+    if depth >= MAX_DEPTH:
+        raise RPCError(INVALID_PARAMS, f"params nested deeper than {MAX_DEPTH} levels (the gateway's limit)")
+    if kind is dict:
         if len(value) == 1 and BYTES_KEY in value:
             encoded = value[BYTES_KEY]
             try:
@@ -112,16 +128,18 @@ def bytes_in(value: Any) -> Any:
                 raise RPCError(
                     INVALID_PARAMS, f'{{"{BYTES_KEY}": ...}} must hold base64 text ({exc})'
                 ) from None
-        return {k: bytes_in(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [bytes_in(v) for v in value]
-    return value
+        return {k: bytes_in(v, depth + 1) for k, v in value.items()}
+    return [bytes_in(v, depth + 1) for v in value]
 
 
 def _bytes_out(value: Any) -> Any:
     if isinstance(value, bytes | bytearray):
         return {BYTES_KEY: base64.b64encode(value).decode("ascii")}
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+# Built once: json.dumps with options builds a new encoder on every call.
+_RESULTS = json.JSONEncoder(default=_bytes_out, allow_nan=False)
 
 
 def _error(req_id: Any, exc: RPCError) -> dict[str, Any]:

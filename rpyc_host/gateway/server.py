@@ -1,32 +1,35 @@
 """The gateway's listener: accepts HTTP connections and serves each on its own thread.
 
-A thread per keep-alive connection, as ``ThreadingMixIn`` does, but each thread keeps its
-connection's rpyc sessions (:class:`~.calls.Session`) for the connection's whole life, so a call
-costs one HTTP round trip plus one rpyc round trip, and never a reconnect.
+A thread per keep-alive connection, as ``ThreadingMixIn`` does. Admission (at accept, before
+anything is read): at most the services' ``limits.max_connections`` connections in all and
+``gateway.max_connections_per_ip`` from one address, others get 503 with the limit named. Each
+connection keeps its :class:`~.calls.Session` for its whole life: calls run in this process
+(:class:`~.links.LocalLink`), or over rpyc for a ``forking`` service (:class:`~.links.RemoteLink`).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config, TLSSection
 from ..errors import StartupError
 from ..security import server_tls_context
-from ..wire import dial
 from ..wire.transport import tune_socket
 from . import jsonrpc, xmlrpc
-from .calls import Catalog, Session
-from .http import ClientGone, HTTPConnection, HTTPError, Request
+from .auth import Doorman
+from .calls import Catalog, Link, Session
+from .http import ClientGone, HTTPConnection, HTTPError, Request, linger_close, plain_response
+from .links import LocalLink, RemoteLink
 
 if TYPE_CHECKING:
-    from ..host import Host
+    from ..host import Host, Hosted
 
 log = logging.getLogger("rpyc_host.gateway")
 
@@ -38,15 +41,18 @@ ROUTES: dict[str, tuple[Handler, str]] = {
     "/jsonrpc": (jsonrpc.handle, jsonrpc.CONTENT_TYPE),
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+_TEXT = "text/plain; charset=utf-8"
 
 
 class _Peer:
-    """One HTTP connection being served: its socket and whether it is between requests."""
+    """One HTTP connection being served: its socket, address and whether it is between requests."""
 
-    __slots__ = ("idle", "sock")
+    __slots__ = ("address", "idle", "ip", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, address: Any) -> None:
         self.sock = sock
+        self.address: tuple[str, int] = (str(address[0]), int(address[1])) if address else ("?", 0)
+        self.ip = self.address[0]
         self.idle = True
 
 
@@ -59,6 +65,8 @@ class Gateway:
         gateway.start()                   # accepts on a thread; logs "gateway on HOST:PORT"
         print(gateway.address)            # the real (host, port), also with port 0
         gateway.close()                   # stop accepting, finish calls in flight, disconnect
+
+    ``refusals`` counts refused connections and requests by reason (``/metrics``).
     """
 
     def __init__(self, config: Config, host: Host) -> None:
@@ -68,27 +76,32 @@ class Gateway:
         missing = [name for name in self.section.services if name not in hosted]
         if missing:
             raise StartupError(f"gateway.services: {', '.join(map(repr, missing))} not running in this host")
-        self.catalog = Catalog((name, type(hosted[name].service)) for name in self.section.services)
-        self._targets = {}
-        for name in self.section.services:
-            bound_host, port = host.address(name)
-            self._targets[name] = (_WILDCARDS.get(bound_host, bound_host), port)
+        self._hosted: dict[str, Hosted] = {name: hosted[name] for name in self.section.services}
+        self.catalog = Catalog((name, type(h.service)) for name, h in self._hosted.items())
+        self._calls = host.calls
         self._max_connections = max(
-            [hosted[name].config.limits.max_connections for name in self.section.services] or [1000]
+            [h.config.limits.max_connections for h in self._hosted.values()] or [1000]
         )
-        self._tokens = tuple(t.encode() for t in config.security.tokens)
+        self._max_per_ip = self.section.max_connections_per_ip
+        self.doorman = Doorman(config.security.tokens, host.throttle)
         tls = config.security.tls
         self._ssl = _server_context(config) if tls else None
-        # Backend connections authenticate like any client: the first token, and TLS pinned to
-        # the host's own certificate (the services listen with it).
-        self._connect_extra: dict[str, Any] = {}
-        if config.security.tokens:
-            self._connect_extra["token"] = config.security.tokens[0]
-        if tls:
-            self._connect_extra["tls"] = _backend_context(tls)
+        # A forking service is reached over rpyc, authenticating like any client: the first
+        # token, and TLS pinned to the host's own certificate (the services listen with it).
+        self._remote: dict[str, tuple[tuple[str, int], str | None, ssl.SSLContext | None]] = {}
+        for name, h in self._hosted.items():
+            if h.config.type == "forking":
+                bound_host, port = h.address
+                self._remote[name] = (
+                    (_WILDCARDS.get(bound_host, bound_host), port),
+                    config.security.tokens[0] if config.security.tokens else None,
+                    _backend_context(tls) if tls else None,
+                )
         self._sock = _listen(self.section.host, self.section.port, self.section.backlog)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._peers: set[_Peer] = set()
+        self._per_ip: Counter[str] = Counter()
+        self.refusals: Counter[str] = Counter()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
@@ -105,12 +118,12 @@ class Gateway:
             self.address[1],
             "https" if self._ssl else "http",
             ", ".join(self.section.services) or "(none)",
-            "; Bearer tokens required" if self._tokens else "",
+            "; Bearer tokens required" if self.doorman.needed else "",
         )
 
     def close(self, grace: float | None = None) -> None:
         """Stop accepting; close idle connections; let requests in flight finish (up to the grace
-        period), then close the rest. Every connection's rpyc sessions are closed."""
+        period), then close the rest. Every connection's sessions are closed."""
         grace = self.grace_period if grace is None else grace
         with self._lock:
             if self._closing:
@@ -135,12 +148,25 @@ class Gateway:
             self._thread.join(timeout=5.0)
         log.info("gateway closed")
 
-    # -- serving -----------------------------------------------------------------------------------
+    def open_connections(self, ip: str | None = None) -> int:
+        """HTTP connections being served, in all or from one address."""
+        with self._lock:
+            return len(self._peers) if ip is None else self._per_ip.get(ip, 0)
+
+    def refusal_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.refusals)
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.refusals[reason] += 1
+
+    # -- admission ---------------------------------------------------------------------------------
 
     def _accept_loop(self) -> None:
         while True:
             try:
-                sock, _addr = self._sock.accept()
+                sock, addr = self._sock.accept()
             except OSError as exc:
                 if self._closing:
                     return
@@ -148,53 +174,79 @@ class Gateway:
                 log.warning("gateway: accept failed: %s", exc)
                 time.sleep(0.05)
                 continue
+            peer = _Peer(sock, addr)
+            refusal = ""
             with self._lock:
                 if self._closing:
                     sock.close()
                     return
-                crowded = len(self._peers) >= self._max_connections
-                peer = _Peer(sock)
-                if not crowded:
+                if len(self._peers) >= self._max_connections:
+                    refusal, reason = (
+                        f"the gateway is at its connection limit ({self._max_connections}, the services' "
+                        "limits.max_connections); try again later",
+                        "max_connections",
+                    )
+                elif self._per_ip[peer.ip] >= self._max_per_ip:
+                    refusal, reason = (
+                        f"too many connections from {peer.ip} (gateway.max_connections_per_ip: "
+                        f"{self._max_per_ip}); close some and retry",
+                        "max_connections_per_ip",
+                    )
+                else:
                     self._peers.add(peer)
-            if crowded:
-                log.warning("gateway: %d connections open; refusing one (503)", self._max_connections)
-                threading.Thread(target=_refuse, args=(sock,), daemon=True).start()
+                    self._per_ip[peer.ip] += 1
+                if refusal:
+                    self.refusals[reason] += 1
+            if refusal:
+                log.warning("gateway: refused a connection from %s:%d: %s", *peer.address, refusal)
+                threading.Thread(target=_refuse, args=(sock, refusal), daemon=True).start()
                 continue
             threading.Thread(target=self._serve, args=(peer,), name="gateway-conn", daemon=True).start()
 
+    # -- serving -----------------------------------------------------------------------------------
+
     def _serve(self, peer: _Peer) -> None:
         sock = peer.sock
-        session = Session(self.catalog, self._backend)
+        session = Session(self.catalog, lambda service: self._open_link(service, peer, sock, session))
+        http: HTTPConnection | None = None
         try:
             tune_socket(sock)
-            sock.settimeout(self.section.timeout)
             if self._ssl is not None:
+                sock.settimeout(self.section.request_timeout)
                 sock = peer.sock = self._ssl.wrap_socket(sock, server_side=True)
-            http = HTTPConnection(sock, self.section.max_body_bytes)
+            http = HTTPConnection(
+                sock, self.section.max_body_bytes, self.section.timeout, self.section.request_timeout
+            )
             while not self._closing:
                 peer.idle = True
                 request = http.read_request()
                 peer.idle = False
-                status, body, content_type, headers = self._respond(request, session)
+                status, body, content_type, headers = self._respond(request, session, peer)
                 keep = request.keep_alive and not self._closing
                 http.send_response(status, body, content_type, keep, request.version, headers)
                 if not keep:
                     break
         except HTTPError as exc:
             peer.idle = False
+            self._count(exc.reason)
+            assert http is not None
             try:
-                http.send_response(
-                    exc.status,
-                    f"{exc.message}\n".encode(),
-                    "text/plain; charset=utf-8",
-                    False,
-                    headers=exc.headers,
-                )
+                http.send_response(exc.status, f"{exc.message}\n".encode(), _TEXT, False, headers=exc.headers)
             except OSError:
                 pass
             http.linger_close()
         except (ClientGone, OSError, ssl.SSLError):
             pass
+        except Exception:
+            # A gateway bug: the connection ends with a 500, the server and its other clients do not.
+            log.exception("gateway: serving %s:%d failed", *peer.address)
+            if http is not None:
+                try:
+                    http.send_response(
+                        500, b"internal error in the gateway (see the server log)\n", _TEXT, False
+                    )
+                except OSError:
+                    pass
         finally:
             session.close()
             try:
@@ -203,45 +255,66 @@ class Gateway:
                 pass
             with self._idle:
                 self._peers.discard(peer)
+                self._per_ip[peer.ip] -= 1
+                if self._per_ip[peer.ip] <= 0:
+                    del self._per_ip[peer.ip]
                 self._idle.notify_all()
 
-    def _respond(self, request: Request, session: Session) -> tuple[int, bytes, str, dict[str, str]]:
-        if self._tokens and not self._authorized(request.headers.get("authorization", "")):
-            raise HTTPError(
-                401,
-                "missing or wrong token: send 'Authorization: Bearer <token>'",
-                {"WWW-Authenticate": 'Bearer realm="rpyc-host"'},
-            )
+    def _respond(
+        self, request: Request, session: Session, peer: _Peer
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        doorman = self.doorman
+        if doorman.needed:
+            doorman.screen(peer.ip)
+            doorman.check(peer.ip, peer.address[1], request.headers.get("authorization", ""))
+            if not session.authenticated:
+                session.authenticated = True
+                doorman.succeeded(peer.ip)
+        headers = request.headers
+        if "traceparent" in headers:
+            session.trace = (headers["traceparent"], headers.get("tracestate"))
+        elif session.trace[0] is not None:
+            session.trace = (None, None)
         route = ROUTES.get(request.path)
         if route is None:
             return (
                 404,
                 f"no such path {request.path!r}; XML-RPC is at /RPC2, JSON-RPC at /jsonrpc\n".encode(),
-                "text/plain; charset=utf-8",
+                _TEXT,
                 {},
             )
         if request.method != "POST":
-            return 405, b"use POST\n", "text/plain; charset=utf-8", {"Allow": "POST"}
+            return 405, b"use POST\n", _TEXT, {"Allow": "POST"}
         handler, content_type = route
         body = handler(request.body, session)
         if body is None:
             return 204, b"", content_type, {}
         return 200, body, content_type, {}
 
-    def _authorized(self, header: str) -> bool:
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        given = token.strip().encode()
-        # Compare with every token, always, so the time taken does not say which one was close.
-        ok = False
-        for expected in self._tokens:
-            ok |= hmac.compare_digest(given, expected)
-        return ok
-
-    def _backend(self, service: str) -> Any:
-        host, port = self._targets[service]
-        return dial(host, port, timeout=self.section.timeout, retries=1, **self._connect_extra)
+    def _open_link(self, service: str, peer: _Peer, sock: socket.socket, session: Session) -> Link:
+        remote = self._remote.get(service)
+        if remote is not None:
+            address, token, tls = remote
+            return RemoteLink(service, address, self.section.timeout, token, tls)
+        credentials: dict[str, Any] = {}
+        if self.doorman.needed:
+            credentials["token"] = True
+        if isinstance(sock, ssl.SSLSocket):
+            cert: Any = sock.getpeercert()
+            if cert:
+                credentials["subject"] = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+        try:
+            local = sock.getsockname()[:2]
+        except OSError:
+            local = ("?", 0)
+        return LocalLink(
+            self._hosted[service],
+            peer.address,
+            local,
+            credentials or None,
+            self._calls,
+            lambda: session.trace,
+        )
 
 
 def _listen(host: str, port: int, backlog: int) -> socket.socket:
@@ -293,11 +366,10 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _refuse(sock: socket.socket) -> None:
-    http = HTTPConnection(sock, 0)
+def _refuse(sock: socket.socket, message: str) -> None:
     try:
         sock.settimeout(2.0)
-        http.send_response(503, b"too many connections; try again later\n", "text/plain", False)
+        sock.sendall(plain_response(503, message))
     except OSError:
         pass
-    http.linger_close()
+    linger_close(sock)

@@ -3,7 +3,10 @@
 Fault codes follow the JSON-RPC numbering the gateway uses everywhere (-32700 parse error,
 -32600 invalid request, -32601 unknown method, -32602 bad arguments, -32603 internal error,
 -32000 the method raised: ``faultString`` is ``"<ExceptionType>: <message>"``). Binary travels
-as ``<base64>`` and arrives at the method as ``bytes``; ``None`` as ``<nil/>``.
+as ``<base64>`` and arrives at the method as ``bytes``; ``None`` as ``<nil/>``. A body with a
+``<!DOCTYPE`` is refused (-32700): XML-RPC has no use for DTDs, and entities are what XML
+expansion bombs are made of.
+Requests are decoded by :mod:`.xmldecode`.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import logging
 import xml.parsers.expat
 from typing import Any
-from xmlrpc.client import Fault, dumps, loads
+from xmlrpc.client import Fault, dumps
 
 from .calls import (
     INTERNAL_ERROR,
@@ -22,6 +25,7 @@ from .calls import (
     Session,
 )
 from .introspection import SYSTEM_METHODS, call_system, list_methods
+from .xmldecode import decode_request
 
 log = logging.getLogger("rpyc_host.gateway")
 
@@ -31,8 +35,12 @@ MULTICALL = "system.multicall"
 
 def handle(body: bytes, session: Session) -> bytes:
     """The XML-RPC response body for one request body."""
+    if b"<!DOCTYPE" in body:
+        return _fault(RPCError(PARSE_ERROR, "parse error: a DOCTYPE is not accepted in an XML-RPC request"))
     try:
-        params, method = loads(body, use_builtin_types=True)
+        params, method = decode_request(body)
+    except RPCError as exc:
+        return _fault(exc)
     except (xml.parsers.expat.ExpatError, ValueError, TypeError, IndexError, KeyError) as exc:
         return _fault(RPCError(PARSE_ERROR, f"parse error: not a valid XML-RPC request ({exc})"))
     if not isinstance(method, str) or not method:
