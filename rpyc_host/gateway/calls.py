@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from rpyc.core.netref import BaseNetref
 
 from ..exposure import describe_class, exposed_methods
+from ..wire import context
 
 log = logging.getLogger("rpyc_host.gateway")
 
@@ -37,6 +38,7 @@ INTERNAL_ERROR = -32603
 SERVER_ERROR = -32000  # the method raised: data carries the exception type
 UNAVAILABLE = -32001  # the service could not be reached
 NOT_TRANSFERABLE = -32002  # the result holds a live object that cannot cross HTTP
+DEADLINE_EXCEEDED = -32003  # the request's deadline (X-Request-Timeout, grpc-timeout) passed
 
 # Copying a by-reference container costs a round trip per element; past this it is refused.
 MAX_COPIED_ITEMS = 100_000
@@ -260,6 +262,7 @@ class Session:
         self._open = opener
         self._links: dict[str, Link] = {}
         self.authenticated = False  # a token was accepted on this connection
+        self.deadline_hit = False  # a call of the request being served ran out of time
         # The W3C trace context headers of the request being served (for tracing spans).
         self.trace: tuple[str | None, str | None] = (None, None)
 
@@ -272,6 +275,14 @@ class Session:
                 returned a live object (-32002).
         """
         method = self.catalog.get(name)
+        ctx = context.current()
+        if ctx is not None and ctx.expired():
+            self.deadline_hit = True
+            raise RPCError(
+                DEADLINE_EXCEEDED,
+                f"{name}: the request's deadline passed before the call",
+                "DeadlineExceeded",
+            )
         if args:
             args = tuple([to_call_value(a) for a in args])
         if kwargs:
@@ -282,7 +293,10 @@ class Session:
             link = self._links[method.service] = self._open(method.service)
         try:
             result = link.call(method, args, kwargs)
-        except RPCError:
+        except RPCError as exc:
+            if exc.kind == "DeadlineExceeded":
+                self.deadline_hit = True
+                exc.code = DEADLINE_EXCEEDED
             if getattr(link, "broken", False):
                 self.drop(method.service)
             raise

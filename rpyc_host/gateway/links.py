@@ -19,6 +19,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from .. import logs
@@ -27,6 +28,9 @@ from ..errors import Refused
 from ..exposure import EXPOSED_PREFIX, per_connection
 from ..servers.base import format_peer
 from ..wire import DialError, dial, is_remote, tracing
+from ..wire.context import CallContext
+from ..wire.context import current as current_context
+from ..wire.context import use as use_context
 from .calls import SERVER_ERROR, UNAVAILABLE, Method, RPCError, describe_exception
 
 _ROUTINE = (ValueError, TypeError, LookupError, OSError, AttributeError)
@@ -104,8 +108,12 @@ class LocalLink:
         try:
             if tracing.active():
                 parent, state = self.trace()
-                with tracing.span("server", self.name, method.name, parent, state):
-                    result = func(*args, **kwargs)
+                with tracing.span("server", self.name, method.name, parent, state) as span:
+                    # Calls the method makes are children of this span, within the same deadline.
+                    mine = tracing.headers_of(span)
+                    base = current_context() or CallContext()
+                    with use_context(replace(base, traceparent=mine[0], tracestate=mine[1])):
+                        result = func(*args, **kwargs)
             else:
                 result = func(*args, **kwargs)
             failed = False

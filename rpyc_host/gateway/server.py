@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config, TLSSection
 from ..errors import StartupError
 from ..security import server_tls_context
+from ..wire import context
 from ..wire.transport import tune_socket
 from . import jsonrpc, xmlrpc
 from .auth import Doorman
 from .calls import Catalog, Link, Session
+from .deadlines import context_of
 from .http import ClientGone, HTTPConnection, HTTPError, Request, linger_close, plain_response
 from .links import LocalLink, RemoteLink
 
@@ -270,11 +272,8 @@ class Gateway:
             if not session.authenticated:
                 session.authenticated = True
                 doorman.succeeded(peer.ip)
-        headers = request.headers
-        if "traceparent" in headers:
-            session.trace = (headers["traceparent"], headers.get("tracestate"))
-        elif session.trace[0] is not None:
-            session.trace = (None, None)
+        ctx = context_of(request.headers)
+        session.trace = (ctx.traceparent, ctx.tracestate)
         route = ROUTES.get(request.path)
         if route is None:
             return (
@@ -286,10 +285,14 @@ class Gateway:
         if request.method != "POST":
             return 405, b"use POST\n", _TEXT, {"Allow": "POST"}
         handler, content_type = route
-        body = handler(request.body, session)
+        session.deadline_hit = False
+        with context.use(ctx):
+            body = handler(request.body, session)
+        # A deadline that passed is the HTTP answer too (the body says which call ran out).
+        status = 504 if session.deadline_hit or ctx.expired() else 200
         if body is None:
-            return 204, b"", content_type, {}
-        return 200, body, content_type, {}
+            return (504, b"", content_type, {}) if status == 504 else (204, b"", content_type, {})
+        return status, body, content_type, {"X-Request-Id": ctx.request_id or ""}
 
     def _open_link(self, service: str, peer: _Peer, sock: socket.socket, session: Session) -> Link:
         remote = self._remote.get(service)
