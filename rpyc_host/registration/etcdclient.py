@@ -71,11 +71,11 @@ class EtcdMembers:
             raise ValueError("etcd: no endpoints given")
         self.options = options or EtcdOptions()
         self.endpoints = tuple(endpoints)
-        self._clients: list[Any] = []
+        self.clients: list[Any] = []
         for text in self.endpoints:
             protocol, host, port = parse_endpoint(text)
             tls = protocol == "https" or self.options.ca is not None
-            self._clients.append(
+            self.clients.append(
                 etcd3gw.client(
                     host=host,
                     port=port,
@@ -111,9 +111,9 @@ class EtcdMembers:
         errors: list[str] = []
         with self._lock:
             start = self._current
-        for step in range(len(self._clients)):
-            index = (start + step) % len(self._clients)
-            client = self._clients[index]
+        for step in range(len(self.clients)):
+            index = (start + step) % len(self.clients)
+            client = self.clients[index]
             try:
                 self._authenticate(index, client)
                 result = operation(client)
@@ -128,8 +128,14 @@ class EtcdMembers:
             return result
         raise EtcdUnavailable(f"no etcd member answered: {'; '.join(errors)}")
 
+    def skip(self, index: int) -> None:
+        """Member ``index`` stopped answering: start with the next one from now on."""
+        with self._lock:
+            if self._current == index:
+                self._current = (index + 1) % len(self.clients)
+
     def close(self) -> None:
-        for client in self._clients:
+        for client in self.clients:
             try:
                 client.session.close()
             except Exception:
