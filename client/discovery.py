@@ -286,13 +286,21 @@ class DnsResolver(Resolver):
         import dns.resolver
 
         hosts: list[str] = []
+        failure: Exception | None = None
         for rdtype in ("A", "AAAA"):
             try:
                 answer = resolver.resolve(name, rdtype)
             except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
                 continue
+            except dns.resolver.NoNameservers as exc:
+                # Some servers refuse the type they hold no record of (dnsmasq without upstream
+                # servers refuses AAAA for an A-only name): fatal only if no type answered.
+                failure = exc
+                continue
             ttls.append(float(answer.rrset.ttl))
             hosts.extend(sorted(r.address for r in answer))
+        if failure is not None and not hosts:
+            raise failure
         return hosts
 
     def _srv(self, resolver: Any, ttls: list[float]) -> tuple[Endpoint, ...]:
