@@ -6,7 +6,9 @@ Targets::
                                       demo.default.svc.cluster.local:18861), re-resolved when
                                       their TTL runs out
     dns://[SERVER:PORT]/NAME          SRV records _rpyc._tcp.NAME (a headless Service's named
-                                      port "rpyc", Consul's DNS), priority and weight honoured
+                                      port "rpyc"), or NAME itself when it starts with "_"
+                                      (Consul: _demo._tcp.service.consul); priority and
+                                      weight honoured
     etcd://HOST:PORT[,HOST:PORT...]/PREFIX/SERVICE
                                       keys a host registered with registry.backend: etcd,
                                       kept current by a watch (joins and leaves arrive at once)
@@ -307,7 +309,7 @@ class DnsResolver(Resolver):
         import dns.resolver
 
         try:
-            answer = resolver.resolve(SRV_PREFIX + self.name, "SRV")
+            answer = resolver.resolve(self.srv_name, "SRV")
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
             return ()
         ttls.append(float(answer.rrset.ttl))
@@ -318,6 +320,12 @@ class DnsResolver(Resolver):
                 found.append(Endpoint(host, int(record.port), int(record.priority), int(record.weight)))
         return tuple(found)
 
+    @property
+    def srv_name(self) -> str:
+        """``_rpyc._tcp.NAME``; a name already in RFC 2782 form (``_demo._tcp.service.consul``)
+        is asked as given."""
+        return self.name if self.name.startswith("_") else SRV_PREFIX + self.name
+
     def answered(self, now: float, rediscover: float) -> None:
         # The records say how long they hold: re-resolve when the TTL runs out, not before.
         self._next = now + (self._ttl if self._ttl is not None else rediscover)
@@ -326,7 +334,7 @@ class DnsResolver(Resolver):
         return f"{self.server[0]}:{self.server[1]}" if self.server else "(system resolvers)"
 
     def describe(self) -> str:
-        kind = f"A/AAAA {self.name}" if self.port is not None else f"SRV {SRV_PREFIX}{self.name}"
+        kind = f"A/AAAA {self.name}" if self.port is not None else f"SRV {self.srv_name}"
         return f"DNS {self._where()} {kind}"
 
 
