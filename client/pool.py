@@ -237,6 +237,7 @@ class ServicePool:
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._failed_since_discovery = True  # ask the resolver at the first call
+        self._discovery_error = ""
         # Each pool starts its rotation somewhere else, so many clients do not all begin on one.
         self._turn = itertools.count(random.randrange(1 << 16))
         self._closed = False
@@ -259,8 +260,10 @@ class ServicePool:
                 endpoints = self.resolver.resolve()
             except DiscoveryError as exc:
                 log.warning("%s: %s; keeping known instances", self.service, exc)
+                self._discovery_error = str(exc)
                 self.resolver.answered(time.monotonic(), self.rediscover_interval)
                 return ()
+            self._discovery_error = ""
             self.resolver.answered(time.monotonic(), self.rediscover_interval)
             if not endpoints and not self.resolver.authoritative:
                 log.debug("%s lists no %s; keeping known instances", self.resolver.describe(), self.service)
@@ -352,6 +355,8 @@ class ServicePool:
         self._failed_since_discovery = True  # ask the resolver again at the next call
 
     def _no_instance(self, errors: list[str]) -> NoInstanceError:
+        if not errors and self._discovery_error:
+            return NoInstanceError(f"no instance of {self.service!r} known: {self._discovery_error}")
         if not errors:
             where = (
                 f"registered with {self.registry[0]}:{self.registry[1]}"

@@ -48,6 +48,19 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return int(sock.getsockname()[1])
 
 
+def free_udp_and_tcp_port(host: str) -> int:
+    """A port free for both UDP and TCP on ``host`` (a DNS server listens on both)."""
+    for _ in range(50):
+        port = free_port(host, socket.SOCK_DGRAM)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise AssertionError(f"no port free for UDP and TCP on {host}")
+
+
 def free_port_on_all(hosts: Sequence[str]) -> int:
     """A port free on every one of ``hosts`` (A records carry no port: instances share one)."""
     for _ in range(50):
@@ -255,7 +268,7 @@ class Dnsmasq(_Child):
         self.directory, self.ttl, self.address, self.prefix = directory, ttl, address, list(prefix)
         self.hosts_file = directory / "dnsmasq.hosts"
         self.srv: list[tuple[str, str, int, int, int]] = list(srv)
-        self.port = free_port(address, socket.SOCK_DGRAM)
+        self.port = free_udp_and_tcp_port(address)
         self.set_hosts(hosts or {})
 
     @property

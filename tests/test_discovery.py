@@ -274,3 +274,49 @@ def test_etcd_registration_watch_graceful_stop_and_kill(
 def test_static_resolver_answers_its_list() -> None:
     resolver = StaticResolver.parse("static:10.0.0.5:18861,[::1]:18862")
     assert resolver.resolve() == (Endpoint("10.0.0.5", 18861), Endpoint("::1", 18862))
+
+
+@pytest.mark.slow
+def test_etcd_with_authentication_on_takes_the_user_and_names_a_wrong_password(
+    etcd: EtcdCluster, start_server: Callable[..., ServerProcess], write_config: Callable[[str], Path]
+) -> None:
+    import etcd3gw
+
+    member = etcd.members[0]
+    admin = etcd3gw.client(host=member.host, port=member.client_port, api_path="/v3/", timeout=2)
+    for path, body in [
+        ("/auth/user/add", {"name": "root", "password": "root-secret"}),
+        ("/auth/user/grant", {"user": "root", "role": "root"}),
+        ("/auth/enable", {}),
+    ]:
+        admin.post(admin.get_url(path), json=body)
+
+    auth = "  user: root\n  password: root-secret\n"
+    config = demo_etcd_config(write_config, etcd.endpoints, "authed")
+    config.write_text(config.read_text().replace("  timeout: 1\n", "  timeout: 1\n" + auth))
+    proc = start_server(config)
+    proc.wait_for("registered demo at", 10)
+
+    target = f"etcd://{etcd.endpoints[0]}/rpyc-host/DEMO"
+    options = {"user": "root", "password": "root-secret"}
+    with client.connect_service(target, discovery_options=options) as pool:
+        assert count(pool, 5) == {"authed": 5}
+
+    wrong = client.connect_service(target, discovery_options={"user": "root", "password": "nope"})
+    with pytest.raises(
+        client.NoInstanceError, match=r"known: no etcd member answered: .*authentication failed"
+    ):
+        wrong.call("ping")
+    wrong.close()
+
+
+def test_srv_name_in_rfc2782_form_is_asked_as_given(tmp_path: Path) -> None:
+    port = free_port_on_all(["127.0.0.2"])
+    consul_like = "_demo._tcp.service.consul"
+    with running_host(demo_host("127.0.0.2", port, "c1")):
+        srv = [(consul_like, "node1.node.consul", port, 1, 1)]
+        with (
+            Dnsmasq(tmp_path, {"node1.node.consul": ["127.0.0.2"]}, srv=srv) as dns,
+            client.connect_service(f"dns://{dns.server}/{consul_like}") as pool,
+        ):
+            assert count(pool, 5) == {"c1": 5}

@@ -11,6 +11,7 @@ etcd3gw is imported only here, and only when an etcd backend is used.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -143,5 +144,16 @@ class EtcdMembers:
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+    """One line: etcd's own error text when it gave one (``authentication failed ...``)."""
+    detail = getattr(exc, "detail_text", None)
+    if isinstance(detail, str) and detail.strip():
+        try:
+            parsed = json.loads(detail)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and parsed.get("error"):
+            return str(parsed["error"])[:200]
+        if not detail.lstrip().startswith("<"):
+            return detail.strip().splitlines()[0][:200]
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
