@@ -41,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import client
 from benchmarks.harness import fmt, machine, save, table
-from rpyc_host.testing import ServerProcess, wait_until
-from tests.discovery_helpers import Dnsmasq, EtcdCluster, free_port_on_all
-from tests.registry_helpers import RegistryProcess
+from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
+from rpyc_host.testing_engines import Dnsmasq, EtcdCluster, free_port_on_all
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
 NAME = "demo.default.svc.cluster.local"

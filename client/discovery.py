@@ -365,7 +365,7 @@ class EtcdResolver(Resolver):
         self, target: str, endpoints: Sequence[str], prefix: str, service: str, **options: Any
     ) -> None:
         super().__init__(target, service.upper())
-        from rpyc_host.registration.etcdclient import EtcdMembers, EtcdOptions
+        from rpyc_host.wire.etcd import EtcdMembers, EtcdOptions
 
         self.prefix = f"{prefix}/{self.service}/"
         self.members = EtcdMembers(endpoints, EtcdOptions(**options))
@@ -394,7 +394,7 @@ class EtcdResolver(Resolver):
     # -- the watch thread -------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        from rpyc_host.registration.etcdclient import EtcdUnavailable
+        from rpyc_host.wire.etcd import EtcdUnavailable
 
         while not self._stop.is_set():
             try:
@@ -473,7 +473,7 @@ class EtcdResolver(Resolver):
     # -- the pool's side --------------------------------------------------------------------------
 
     def resolve(self) -> tuple[Endpoint, ...]:
-        from rpyc_host.registration.etcdclient import EtcdUnavailable
+        from rpyc_host.wire.etcd import EtcdUnavailable
 
         if not self._synced.is_set():
             try:

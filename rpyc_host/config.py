@@ -25,8 +25,8 @@ from typing import Any
 
 from . import schema
 from .errors import ConfigError, did_you_mean
-from .registration.etcdclient import parse_endpoint
 from .wire.configtext import ConfigTextError, read_text
+from .wire.etcd import parse_endpoint
 
 SERVER_TYPES = ("forking", "threaded", "threadpool")
 LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")

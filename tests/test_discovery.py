@@ -24,7 +24,7 @@ from client.errors import ConfigError
 from rpyc_host.config import parse_config
 from rpyc_host.errors import ConfigError as HostConfigError
 from rpyc_host.testing import ServerProcess, run_cli, running_host, wait_until
-from tests.discovery_helpers import Dnsmasq, EtcdCluster, demo_etcd_config, free_port_on_all
+from rpyc_host.testing_engines import Dnsmasq, EtcdCluster, demo_etcd_config, free_port_on_all
 
 NAME = "demo.default.svc.cluster.local"
 SRV = f"_rpyc._tcp.{NAME}"

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from rpyc_host.testing import PROJECT_ROOT, ServerProcess, wait_until
-from tests.discovery_helpers import EtcdCluster, demo_etcd_config, need
+from rpyc_host.testing_engines import EtcdCluster, demo_etcd_config, need
 
 TTL = 3
 TOKEN = "netns-etcd-test-token-0123456789"

@@ -30,7 +30,7 @@ from typing import Any
 from etcd3gw.lease import Lease
 
 from ..config import Config, is_loopback
-from .etcdclient import EtcdMembers, EtcdOptions, EtcdUnavailable, parse_endpoint
+from ..wire.etcd import EtcdMembers, EtcdOptions, EtcdUnavailable, parse_endpoint
 
 log = logging.getLogger("rpyc_host.registry")
 

@@ -1,10 +1,11 @@
 """etcd clients for several members: etcd3gw (etcd's gRPC gateway over HTTP) with failover.
 
-Shared by the host's registrar and the client's ``etcd://`` resolver, so both read endpoints,
-TLS and credentials the same way. etcd3gw talks to one member; :class:`EtcdMembers` keeps one
-client per member and moves to the next when a member does not answer, so a cluster that has
-lost a member (but kept its quorum) keeps serving. User and password go through etcd's own
-``/v3/auth/authenticate``: the token it returns is sent on every request.
+Shared by the host's registrar and the client's ``etcd://`` resolver (the wire layer is what
+both sides import), so both read endpoints, TLS and credentials the same way. etcd3gw talks to
+one member; :class:`EtcdMembers` keeps one client per member and moves to the next when a
+member does not answer, so a cluster that has lost a member (but kept its quorum) keeps
+serving. User and password go through etcd's own ``/v3/auth/authenticate``: the token it
+returns is sent on every request.
 
 etcd3gw is imported only here, and only when an etcd backend is used.
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-log = logging.getLogger("rpyc_host.registration.etcd")
+log = logging.getLogger("rpyc_host.wire.etcd")
 
 API_PATH = "/v3/"  # etcd >= 3.4 serves the gateway here; fixed, so no version probe per client
 DEFAULT_PORT = 2379

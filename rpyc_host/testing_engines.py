@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from rpyc_host.testing import wait_until
+from .testing import wait_until
 
 READY = "ready to serve client requests"
 
