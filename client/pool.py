@@ -496,6 +496,7 @@ def connect_service(
     """A :class:`ServicePool` for ``service`` (a target, or a name in rpyc's registry).
 
     ``options`` are :class:`ServicePool`'s (``strategy``, ``idempotent``, ``timeout``, ``token``,
-    ``tls``, ``ca``, ``cert``, ``key``, ...). Nothing is contacted until the first call.
+    ``tls``, ``ca``, ``cert``, ``key``, ``discovery_options``, ...). Nothing is contacted until
+    the first call, except that an ``etcd://`` target starts its watch at once.
     """
     return ServicePool(service, registry, **options)

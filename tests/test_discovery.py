@@ -211,6 +211,10 @@ def test_etcd_registry_config_is_checked() -> None:
         parse_config("registry: {enabled: true, backend: etcd, prefix: rpyc}")
     with pytest.raises(HostConfigError, match=r"registry.ttl: 1 is too small \(the minimum is 2\)"):
         parse_config("registry: {enabled: true, backend: etcd, ttl: 1}")
+    with pytest.raises(HostConfigError, match=r"registry.user: a password needs a user"):
+        parse_config("registry: {enabled: true, backend: etcd, password: pw}")
+    checked = parse_config("registry: {enabled: true, backend: etcd, user: u, password: etcd-secret}")
+    assert checked.to_dict()["registry"]["password"] == "***"
 
 
 @pytest.mark.slow
