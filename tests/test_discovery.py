@@ -324,3 +324,25 @@ def test_srv_name_in_rfc2782_form_is_asked_as_given(tmp_path: Path) -> None:
             client.connect_service(f"dns://{dns.server}/{consul_like}") as pool,
         ):
             assert count(pool, 5) == {"c1": 5}
+
+
+def test_pooled_collector_delivers_through_a_dns_target(tmp_path: Path) -> None:
+    from client.ingest import PooledCollector
+
+    port = free_port_on_all(["127.0.0.2"])
+    db = tmp_path / "ingest.db"
+    ingest = f"""
+        server: {{host: 127.0.0.2}}
+        services:
+          ingest: {{class: services.ingest:IngestService, port: {port}, options: {{database: "sqlite:///{db}"}}}}
+        """
+    with (
+        running_host(ingest) as host,
+        Dnsmasq(tmp_path, {NAME: ["127.0.0.2"]}) as dns,
+        client.connect_service(f"dns://{dns.server}/{NAME}:{port}") as pool,
+    ):
+        with PooledCollector(pool, topic="load", batch_records=10, spool=tmp_path / "spool") as collector:
+            for seq in range(25):
+                collector.add({"seq": seq})
+        with client.connect(host="127.0.0.2", port=host.address("ingest")[1]) as conn:
+            assert conn.root.count("load") == 25
