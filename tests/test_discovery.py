@@ -346,3 +346,39 @@ def test_pooled_collector_delivers_through_a_dns_target(tmp_path: Path) -> None:
                 collector.add({"seq": seq})
         with client.connect(host="127.0.0.2", port=host.address("ingest")[1]) as conn:
             assert conn.root.count("load") == 25
+
+
+@pytest.mark.slow
+def test_etcd_key_is_deleted_before_the_host_drains_a_call_in_flight(
+    etcd: EtcdCluster, start_server: Callable[..., ServerProcess], write_config: Callable[[str], Path]
+) -> None:
+    import threading
+
+    path = demo_etcd_config(write_config, etcd.endpoints, "draining", ttl=10)  # expiry cannot pass it
+    path.write_text(path.read_text().replace("grace_period: 0", "grace_period: 20"))
+    proc = start_server(path)
+    host, port = proc.address("demo")
+    key = f"/rpyc-host/DEMO/{host}:{port}"
+    wait_until(lambda: key in etcd.keys("/rpyc-host/DEMO/"), 10, "the host's key")
+
+    entered, release = threading.Event(), threading.Event()
+
+    def callback(n: int) -> None:  # runs on this side while the server's call is in flight
+        entered.set()
+        release.wait(30)
+
+    results: list[int] = []
+    conn = client.connect(host=host, port=port, timeout=30)
+    caller = threading.Thread(target=lambda: results.append(conn.root.countdown(1, callback)))
+    caller.start()
+    try:
+        assert entered.wait(10), "the call never reached its callback"
+        proc.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        wait_until(lambda: key not in etcd.keys("/rpyc-host/DEMO/"), 5, "the key deleted on SIGTERM")
+        assert proc.proc is not None and proc.proc.poll() is None, "the host must still be draining"
+    finally:
+        release.set()
+        caller.join(timeout=30)
+        conn.close()
+    assert results == [1]
+    assert proc.wait_exit(20) == 0
