@@ -180,8 +180,9 @@ class ServicePool:
     Args:
         service: a target (``dns://...``, ``etcd://...``, ``registry://...``, ``static:...``),
             or a name registered with rpyc's registry (case does not matter).
-        registry: for a bare name: ``"host:port"`` or ``(host, port)`` of rpyc's registry;
-            default ``$RPYC_HOST_REGISTRY``, then the config file's ``registry:`` section.
+        registry: for a bare name: ``"host:port"`` or ``(host, port)`` of rpyc's registry, or
+            a target the name is appended to (``"etcd://10.0.0.1:2379/rpyc-host"``); default
+            ``$RPYC_HOST_REGISTRY`` (either form), then the config file's ``registry:`` section.
         resolver: a :class:`~client.discovery.Resolver` to use instead of parsing ``service``.
         strategy: ``"round_robin"`` or ``"least_loaded"`` (fewest calls in flight).
         idempotent: method names safe to run twice; they are retried on another instance
@@ -220,6 +221,9 @@ class ServicePool:
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
         if resolver is None:
+            base = registry if registry is not None else os.environ.get("RPYC_HOST_REGISTRY")
+            if not is_target(service) and isinstance(base, str) and is_target(base):
+                service = f"{base.rstrip('/')}/{service}"  # etcd://HOST:PORT/PREFIX + the name
             if is_target(service):
                 resolver = resolver_for(service, timeout=registry_timeout, **dict(discovery_options or {}))
             else:

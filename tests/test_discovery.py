@@ -274,6 +274,11 @@ def test_etcd_registration_watch_graceful_stop_and_kill(
         result = run_cli("-m", "client", "services", target)
         assert result.returncode == 0 and f"{addr1[0]}:{addr1[1]}" in result.stdout, result
 
+    # A bare name with an etcd base (registry= or $RPYC_HOST_REGISTRY) is the same target.
+    with client.connect_service("demo", registry=f"etcd://{etcd.endpoints[0]}/rpyc-host") as by_name:
+        assert by_name.resolver.describe().endswith("/rpyc-host/DEMO/")
+        assert count(by_name, 5) == {"e1": 5}
+
 
 def test_static_resolver_answers_its_list() -> None:
     resolver = StaticResolver.parse("static:10.0.0.5:18861,[::1]:18862")
