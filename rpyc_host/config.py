@@ -26,6 +26,7 @@ from typing import Any
 from . import schema
 from .errors import ConfigError, did_you_mean
 from .wire.configtext import ConfigTextError, read_text
+from .wire.etcd import parse_endpoint
 
 SERVER_TYPES = ("forking", "threaded", "threadpool")
 LOG_LEVELS = ("CRITICAL", "DEBUG", "ERROR", "INFO", "WARNING")
@@ -139,13 +140,17 @@ class GatewaySection:
 
 
 REGISTRY_MODES = ("tcp", "udp")
+# Where services register: rpyc's registry, or etcd (leases and watches on a replicated store).
+REGISTRY_BACKENDS = ("etcd", "rpyc")
 
 
 @dataclass(frozen=True)
 class RegistrySection:
-    """``registry:``: register every service with rpyc's registry (``rpyc_registry``)."""
+    """``registry:``: register every service with rpyc's registry (``backend: rpyc``, the
+    default) or in etcd (``backend: etcd``: a key per instance under a lease)."""
 
     enabled: bool = False
+    backend: str = field(default="rpyc", metadata={"check": schema.one_of(REGISTRY_BACKENDS)})
     mode: str = field(default="tcp", metadata={"check": schema.one_of(REGISTRY_MODES)})
     # The registry's address; UDP mode needs an explicit unicast host (never broadcast).
     host: str = DEFAULT_HOST
@@ -155,6 +160,23 @@ class RegistrySection:
     # Seconds between registrations (rpyc's registry prunes entries not refreshed in 240 s).
     interval: float = field(default=10.0, metadata={"check": schema.at_least(0.1)})
     timeout: float = field(default=2.0, metadata={"check": schema.at_least(0.1)})
+    # etcd: members (host:port, or https://host:port), the key prefix, and the lease's TTL in
+    # seconds (a host that dies without deregistering is gone from etcd after at most ttl).
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    prefix: str = field(default="/rpyc-host", metadata={"check": lambda v: _prefix_check(v)})
+    ttl: int = field(default=10, metadata={"check": schema.at_least(2)})
+    # etcd's TLS (the CA that signed the members' certificates; a client certificate) and user.
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+
+def _prefix_check(value: str) -> str | None:
+    if not value.startswith("/") or value.endswith("/") or "//" in value:
+        return "must start with '/', not end with '/' and have no empty part (e.g. /rpyc-host)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -408,6 +430,20 @@ def _resolve(sections: FileSections, source: str) -> Config:
 
 
 def _check_registry(registry: RegistrySection) -> RegistrySection:
+    if registry.enabled and registry.backend == "etcd":
+        if not registry.endpoints:
+            raise ConfigError(
+                "backend etcd needs at least one endpoint (host:port)", path="registry.endpoints"
+            )
+        for endpoint in registry.endpoints:
+            try:
+                parse_endpoint(endpoint)
+            except ValueError as exc:
+                raise ConfigError(str(exc), path="registry.endpoints") from None
+        if (registry.cert is None) != (registry.key is None):
+            raise ConfigError("cert and key go together (etcd's client certificate)", path="registry.cert")
+        if registry.password is not None and registry.user is None:
+            raise ConfigError("a password needs a user", path="registry.user")
     if registry.enabled and registry.mode == "udp" and is_broadcast(registry.host):
         raise ConfigError(
             f"{registry.host!r}: UDP mode needs the registry's own unicast address; "

@@ -38,7 +38,7 @@ from .wire import tracing
 if TYPE_CHECKING:
     from .gateway import Gateway
     from .metrics import MetricsServer
-    from .registry import Registrar
+    from .registration import Registrar
 
 log = logging.getLogger("rpyc_host")
 
@@ -190,7 +190,7 @@ class Host:
         if self.config.metrics.enabled:
             self._start_extra("metrics", "rpyc_host.metrics", "MetricsServer")
         if self.config.registry.enabled:
-            self._start_extra("registrar", "rpyc_host.registry", "Registrar")
+            self._start_extra("registrar", "rpyc_host.registration", "make_registrar")
         if self.ready_file is not None:
             try:
                 write_ready_file(self, self.ready_file)

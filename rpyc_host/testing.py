@@ -256,8 +256,10 @@ class RegistryProcess:
     optionally behind a prefix command (``ip netns exec NS``); ``address`` is the real
     (host, port), read from its start-up line."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, prefix: Sequence[str] = ()) -> None:
-        self.host, self.port, self.prefix = host, port, list(prefix)
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, prefix: Sequence[str] = (), args: Sequence[str] = ()
+    ) -> None:
+        self.host, self.port, self.prefix, self.extra_args = host, port, list(prefix), list(args)
         self.proc: subprocess.Popen[str] | None = None
         self.lines: list[str] = []
         self.address: tuple[str, int] = (host, port)
@@ -266,6 +268,7 @@ class RegistryProcess:
         """Start the registry (again, after ``stop``, on the same port); AssertionError with its log."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         args = [sys.executable, "-m", "rpyc_host.registry", "--host", self.host, "--port", str(self.port)]
+        args += self.extra_args  # e.g. --prune SECONDS
         self.proc = subprocess.Popen(
             [*self.prefix, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

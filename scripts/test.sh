@@ -18,6 +18,9 @@ need ip iproute2
 need curl curl
 need node nodejs
 need chromium chromium  # the status page test renders it in a real headless browser
+# Discovery tests start etcd (a cluster of their own) and dnsmasq (an authoritative DNS server).
+need etcd etcd-server
+need dnsmasq dnsmasq-base
 # The PostgreSQL tests start a server of their own from Debian's binaries (not on PATH) unless
 # RPYC_HOST_TEST_POSTGRES names a reachable one.
 if [ -z "${RPYC_HOST_TEST_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
