@@ -57,11 +57,13 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import TracebackType
 from typing import Any
 
 from rpyc.utils.registry import REGISTRY_PORT
+
+from rpyc_host.wire import context, tracing
 
 from .connection import DEFAULT_TIMEOUT, connect
 from .discovery import DiscoveryError, Endpoint, RegistryResolver, Resolver, is_target, resolver_for
@@ -387,6 +389,17 @@ class ServicePool:
         if self._closed:
             raise ConfigError("the pool is closed")
         retry = method in self.idempotent if idempotent is None else idempotent
+        if not tracing.active():
+            return self._call(method, args, kwargs, retry, None)
+        # One CLIENT span for the pool's call, parent of the call sent to the instance chosen;
+        # the instance tried and every retry are events on it.
+        ctx = context.outgoing(self.timeout)
+        with tracing.span("client", self.service, method, ctx.traceparent, ctx.tracestate) as span:
+            parent, state = tracing.headers_of(span)
+            with context.use(replace(ctx, traceparent=parent, tracestate=state)):
+                return self._call(method, args, kwargs, retry, span)
+
+    def _call(self, method: str, args: Any, kwargs: Any, retry: bool, span: Any) -> Any:
         tried: set[tuple[str, int]] = set()
         errors: list[str] = []
         sent_failures = 0
@@ -399,6 +412,8 @@ class ServicePool:
                 raise self._no_instance(errors)
             instance = candidates[0]
             tried.add(instance.address)
+            if span is not None:
+                span.add_event("instance", {"address": "{}:{}".format(*instance.address)})
             try:
                 conn = self._connection(instance)
                 bound = instance.methods.get(method)
@@ -409,6 +424,8 @@ class ServicePool:
                     raise
                 errors.append(f"{instance.address[0]}:{instance.address[1]}: {describe_error(exc)}")
                 self._failed(instance, exc)
+                if span is not None:
+                    span.add_event("retry", {"reason": "not connected", "error": describe_error(exc)[:200]})
                 continue
             with self._lock:
                 instance.inflight += 1
@@ -423,6 +440,10 @@ class ServicePool:
                 if not retry or sent_failures > self.retries:
                     raise
                 last_sent = exc
+                if span is not None:
+                    span.add_event(
+                        "retry", {"reason": "failed after sending", "error": describe_error(exc)[:200]}
+                    )
                 continue
             finally:
                 with self._lock:

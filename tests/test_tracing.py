@@ -120,3 +120,33 @@ def test_a_plain_rpyc_client_is_served_as_before_with_a_root_span(
     statuses = sorted(s["status"]["status_code"] for s in _spans(demo) if s["name"] == "demo/add")
     assert statuses == ["ERROR", "UNSET"]  # the call that raised, and the one that did not
     assert all(s["parent_id"] is None for s in _spans(demo))
+
+
+def test_a_pool_call_is_one_span_with_the_instance_and_retries_as_events(
+    exporter: InMemorySpanExporter,
+) -> None:
+    import socket
+
+    from rpyc_host.testing import running_host
+
+    with socket.socket() as dead:  # a port nothing listens on: bound, never listening
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        with running_host("services:\n  demo: {class: services.demo:DemoService, port: 0}\n") as host:
+            live = host.address("demo")[1]
+            retried = None
+            for _ in range(20):  # each pool starts its rotation at random: one soon tries the dead one first
+                exporter.clear()
+                with client.connect_service(f"static:127.0.0.1:{dead_port},127.0.0.1:{live}") as pool:
+                    assert pool.root.add(1, 2) == 3
+                (span,) = [s for s in exporter.get_finished_spans() if s.name.endswith("/add") and s.events]
+                if any(e.name == "retry" for e in span.events):
+                    retried = span
+                    break
+            assert retried is not None, "no pool call tried the dead instance first in 20 pools"
+    events = [(e.name, dict(e.attributes or {})) for e in retried.events]
+    assert events[0] == ("instance", {"address": f"127.0.0.1:{dead_port}"})
+    assert events[1][0] == "retry" and events[1][1]["reason"] == "not connected"
+    assert events[2] == ("instance", {"address": f"127.0.0.1:{live}"})
+    (sent,) = [s for s in exporter.get_finished_spans() if s.name == f"127.0.0.1:{live}/add"]
+    assert sent.parent is not None and sent.parent.span_id == retried.context.span_id
