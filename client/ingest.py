@@ -224,9 +224,14 @@ class Collector:
             self._replay()
 
     def close(self) -> None:
-        """Flush, then disconnect."""
+        """Flush, then disconnect. A spool the flush left because the service had just failed
+        is given one more try once ``down_interval`` has passed (at most that long a wait), so a
+        service that is back by then gets everything; what still fails stays in the spool."""
         try:
             self.flush()
+            if self._spooled():
+                time.sleep(max(0.0, min(self.down_interval, self._down_until - time.monotonic())))
+                self._replay()
         finally:
             self._disconnect()
 
