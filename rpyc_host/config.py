@@ -73,6 +73,13 @@ class LimitsSection:
     max_pending_side_connections_per_connection: int = field(
         default=8, metadata={"check": schema.at_least(0)}
     )
+    # Seconds one request may spend, from its start, on all its round trips to its own client
+    # (pulling argument items, callbacks); each one is also bounded by call_timeout.
+    request_timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
+    # threadpool: requests waiting on their client (a worker hands its place to a spare thread
+    # meanwhile), for the service and nested on one connection.
+    max_waiting_requests: int = field(default=64, metadata={"check": schema.at_least(1)})
+    max_waiting_requests_per_connection: int = field(default=4, metadata={"check": schema.at_least(1)})
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,11 @@ class LimitsOverride:
     max_pending_side_connections: int | None = field(default=None, metadata={"check": schema.at_least(0)})
     max_pending_side_connections_per_connection: int | None = field(
         default=None, metadata={"check": schema.at_least(0)}
+    )
+    request_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
+    max_waiting_requests: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    max_waiting_requests_per_connection: int | None = field(
+        default=None, metadata={"check": schema.at_least(1)}
     )
 
     def apply(self, base: LimitsSection) -> LimitsSection:
