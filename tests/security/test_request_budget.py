@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import rpyc
 
+import client
 from rpyc_host.protocol import MAX_ARG_ITEMS
 from rpyc_host.testing import ServerProcess, running_host, wait_until
+from rpyc_host.wire import DeadlineExceeded, context
 
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
 CLIENT = {"sync_request_timeout": 30}
@@ -246,3 +248,22 @@ def test_waits_past_max_waiting_requests_fail_at_once() -> None:
             assert nesting.root.countdown(1, outer) == 1
             assert "inner" not in seen
             assert any("limits.max_waiting_requests_per_connection: 1" in s for s in seen), seen
+
+
+def test_a_callers_shorter_deadline_is_reported_as_its_own() -> None:
+    """A wait cut short by the call context's deadline is not a request_timeout refusal."""
+    with running_host(config("threaded", "request_timeout: 60", metrics=False)) as host:
+        with client.connect(host="127.0.0.1", port=host.address("demo")[1], timeout=30) as conn:
+            called: list[int] = []
+            pause = threading.Event()
+
+            def slow(i: int) -> None:
+                called.append(i)
+                pause.wait(0.5)
+
+            started = time.monotonic()
+            with pytest.raises(DeadlineExceeded), context.deadline(1.2):
+                conn.root.countdown(10, slow)
+            assert time.monotonic() - started < 10
+            assert len(called) < 10
+        assert "request_timeout" not in refusals(host)
