@@ -77,7 +77,8 @@ class Ledger:
             return dict(self.refusals)
 
     def count_refusal(self, limit: str) -> None:
-        """Count a refusal by a cap kept outside the ledger (a service's own option), for /metrics."""
+        """Count a refusal by a cap kept outside the ledger (a service's own option, or
+        ``request_timeout``), for /metrics."""
         with self._lock:
             self.refusals[limit] += 1
 

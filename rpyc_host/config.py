@@ -74,6 +74,13 @@ class LimitsSection:
     max_pending_side_connections_per_connection: int = field(
         default=8, metadata={"check": schema.at_least(0)}
     )
+    # Seconds one request may spend, from its start, on all its round trips to its own client
+    # (pulling argument items, callbacks); each one is also bounded by call_timeout.
+    request_timeout: float = field(default=60.0, metadata={"check": schema.at_least(0.1)})
+    # threadpool: requests waiting on their client (a worker hands its place to a spare thread
+    # meanwhile), for the service and nested on one connection.
+    max_waiting_requests: int = field(default=64, metadata={"check": schema.at_least(1)})
+    max_waiting_requests_per_connection: int = field(default=4, metadata={"check": schema.at_least(1)})
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,11 @@ class LimitsOverride:
     max_pending_side_connections: int | None = field(default=None, metadata={"check": schema.at_least(0)})
     max_pending_side_connections_per_connection: int | None = field(
         default=None, metadata={"check": schema.at_least(0)}
+    )
+    request_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
+    max_waiting_requests: int | None = field(default=None, metadata={"check": schema.at_least(1)})
+    max_waiting_requests_per_connection: int | None = field(
+        default=None, metadata={"check": schema.at_least(1)}
     )
 
     def apply(self, base: LimitsSection) -> LimitsSection:
@@ -204,6 +216,10 @@ class ClassicSection:
     enabled: bool = False
     host: str = DEFAULT_HOST
     port: int = field(default=18812, metadata={"check": schema.port_check})
+    # A non-loopback host needs both: the explicit switch, and a CA of the console's own whose
+    # client certificates alone open a console (rpyc_host.classic.check_console has the rule).
+    allow_remote: bool = False
+    ca: str | None = None
 
 
 @dataclass(frozen=True)
@@ -405,14 +421,10 @@ def _resolve(sections: FileSections, source: str) -> Config:
     classic = sections.debug.classic
     _check_ports(services, classic, sections.gateway, sections.metrics)
     security = _resolve_security(sections.security)
-    mutual_tls = security.tls is not None and security.tls.ca is not None
-    if classic.enabled and not is_loopback(classic.host) and not mutual_tls:
-        raise ConfigError(
-            f"{classic.host!r} is not a loopback address; the classic console runs any code a "
-            "client sends, so it only listens on 127.0.0.1, ::1 or localhost, or anywhere with "
-            "mutual TLS (security.tls with a ca)",
-            path="debug.classic.host",
-        )
+    if classic.enabled:
+        from .classic import check_console  # imports rpyc: only when the console is on
+
+        check_console(classic, security.tls)
     _check_exposure(services, sections.gateway, security)
     _check_gateway(sections.gateway, [s.name for s in services])
     return Config(

@@ -157,9 +157,7 @@ class Host:
             for svc, service in built:
                 self.hosted.append(Hosted(svc, service, self._bind(svc, service)))
             if self.config.classic.enabled:
-                self.classic = classic.ClassicConsole(
-                    self.config.classic.host, self.config.classic.port, self.config.security.tls
-                )
+                self.classic = classic.ClassicConsole(self.config.classic, self.config.security.tls)
         except BaseException:
             if self.classic is not None:
                 self.classic.close()

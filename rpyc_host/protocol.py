@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Protocol
 
 from rpyc.core import brine
+from rpyc.core.async_ import AsyncResultTimeout
 from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
 
+from .budget import CONFIG_KEY
+from .wire.errors import DeadlineExceeded
 from .wire.remote import ContextCalls, ContextServing
 
 SAFE_PROTOCOL: dict[str, Any] = {
@@ -74,36 +80,61 @@ PLAIN_CONTAINERS: dict[str, type] = {
     "builtins.frozenset": frozenset,
 }
 _SCALARS = frozenset({int, float, str, bytes, bool, type(None), complex})
+# Items copied for one request's arguments, all containers together.
 MAX_ARG_ITEMS = 100_000
 MAX_ARG_DEPTH = 32
 
 
-def to_plain(value: Any, depth: int = 0) -> Any:
+class _ItemCount:
+    """Items copied so far for one request; counted as they arrive, never from ``__len__``."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = MAX_ARG_ITEMS
+
+    def take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(
+                f"arguments hold more than {MAX_ARG_ITEMS} items in lists, dicts and sets "
+                f"(the limit is {MAX_ARG_ITEMS}); send one serialized payload instead"
+            )
+
+    def pull(self, remote: Any) -> Iterator[Any]:
+        """Iterate a remote container, counting each item before it is kept."""
+        for item in remote:  # a remote iterator: one round trip per item, each within the budget
+            self.take()
+            yield item
+
+
+def to_plain(value: Any, depth: int = 0, count: _ItemCount | None = None) -> Any:
     """Copy remote lists/dicts/sets (and tuples holding them) into local values.
 
+    Items are counted as they are pulled (a client's ``__len__`` may lie), across every
+    argument sharing ``count``.
+
     Raises:
-        ValueError: nesting deeper than MAX_ARG_DEPTH or a container over MAX_ARG_ITEMS.
+        ValueError: nesting deeper than MAX_ARG_DEPTH or more than MAX_ARG_ITEMS items.
         TypeError: one of this server's own objects passed back as an argument.
     """
     if depth > MAX_ARG_DEPTH:
         raise ValueError(f"argument nested deeper than {MAX_ARG_DEPTH} levels")
+    if count is None:
+        count = _ItemCount()
     if isinstance(value, BaseNetref):
         kind = PLAIN_CONTAINERS.get(object.__getattribute__(value, "____id_pack__")[0])
         if kind is None:
             return value  # a callback or live object of the client's: it stays remote
-        size = len(value)
-        if size > MAX_ARG_ITEMS:
-            raise ValueError(
-                f"argument has {size} items; the limit is {MAX_ARG_ITEMS} (send one serialized payload)"
-            )
         if kind is dict:
             # Only safe dunders (__iter__, __getitem__): the client's config refuses .items().
-            return {to_plain(k, depth + 1): to_plain(value[k], depth + 1) for k in tuple(value)}
-        return kind(to_plain(v, depth + 1) for v in tuple(value))
+            keys = [to_plain(k, depth + 1, count) for k in count.pull(value)]
+            return {k: to_plain(value[k], depth + 1, count) for k in keys}
+        return kind([to_plain(v, depth + 1, count) for v in count.pull(value)])
     if type(value) is tuple:
         if brine.dumpable(value):
             return value
-        return tuple(to_plain(v, depth + 1) for v in value)
+        return tuple(to_plain(v, depth + 1, count) for v in value)
     if not brine.dumpable(value):
         raise TypeError(
             f"an argument of type {type(value).__name__} is one of this server's own objects passed back; "
@@ -121,33 +152,134 @@ def harden_netrefs() -> None:
     BaseNetref.__reduce_ex__ = refuse
 
 
-class HostConnection(ContextServing, ContextCalls, Connection):
-    """An rpyc ``Connection`` that counts requests in flight and logs remote errors locally; calls
-    run in the call context their client sent (:mod:`rpyc_host.wire.context`).
+class RequestTimeout(TimeoutError):
+    """A request's round trips to its own client, together, outlasted ``limits.request_timeout``."""
 
-    The host passes ``host_tracker`` (an :class:`InflightTracker`) and ``host_logger`` in the
-    connection config.
+
+class RequestHost(Protocol):
+    """What a host server offers its connections (``host_server`` in the connection config)."""
+
+    @property
+    def limits(self) -> Any: ...  # a LimitsSection, read per request so a reload applies
+
+    def waiting(self, conn: Any) -> AbstractContextManager[object]:
+        """Held while a request waits on its client (may raise LimitExceeded)."""
+        ...
+
+
+class _Request:
+    """One request being handled on this thread: when it started, and whether its time ran out."""
+
+    __slots__ = ("expired", "started")
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self.expired = False
+
+
+# Requests being handled, per thread, by id(connection). A nested request (the client calling
+# back in while the server waits on it) runs on the same thread and shares the outer one's clock.
+_handling = threading.local()
+NO_WAIT: AbstractContextManager[object] = nullcontext()
+
+
+def _requests() -> dict[int, _Request]:
+    try:
+        return _handling.by_conn
+    except AttributeError:
+        _handling.by_conn = {}
+        return _handling.by_conn
+
+
+class HostConnection(ContextServing, ContextCalls, Connection):
+    """An rpyc ``Connection`` that counts requests in flight, bounds the time a request may
+    spend waiting on its client, and logs remote errors locally; calls run in the call context
+    their client sent (:mod:`rpyc_host.wire.context`), whose deadline may cut waits shorter.
+
+    The host passes ``host_tracker`` (an :class:`InflightTracker`), ``host_logger`` and
+    ``host_server`` (a :class:`RequestHost`) in the connection config. Every round trip the
+    server makes to the client while handling a request (pulling an argument's items, calling a
+    callback) waits at most ``limits.call_timeout``, and all of them together at most
+    ``limits.request_timeout`` from the request's start.
     """
 
     def _dispatch_request(self, seq: int, raw_args: Any) -> None:
-        tracker: InflightTracker | None = self._config.get("host_tracker")
+        config = self._config
+        tracker: InflightTracker | None = config.get("host_tracker")
         if tracker is None:
             super()._dispatch_request(seq, raw_args)
             return
+        handling = _requests()
+        key = id(self)
+        outer = key not in handling
+        if outer:
+            handling[key] = _Request(time.monotonic())
         tracker.enter()
         try:
             super()._dispatch_request(seq, raw_args)
         finally:
             tracker.exit()
+            if outer:
+                del handling[key]
+
+    def sync_request(self, handler: Any, *args: Any) -> Any:
+        """A round trip to the client, within the request's time budget."""
+        config = self._config
+        server: RequestHost | None = config.get("host_server")
+        if server is None:
+            return super().sync_request(handler, *args)
+        call_timeout = float(config["sync_request_timeout"])
+        timeout = call_timeout
+        request = _requests().get(id(self))
+        budget = 0.0
+        if request is not None:
+            budget = float(server.limits.request_timeout)
+            left = request.started + budget - time.monotonic()
+            if left <= 0:
+                raise self._out_of_time(request, budget)
+            timeout = min(call_timeout, left)
+        with server.waiting(self):
+            sent = time.monotonic()
+            # ContextCalls may shorten the wait to the call context's deadline.
+            pending = self.async_request(handler, *args, timeout=timeout)
+            try:
+                return pending.value
+            except AsyncResultTimeout:
+                if pending._is_ready:
+                    raise  # the client's own TimeoutError, passed on as it is
+        error: TimeoutError
+        if time.monotonic() - sent < timeout - 0.001:
+            error = DeadlineExceeded("no reply before the call's deadline")
+        elif request is not None and timeout < call_timeout:
+            error = self._out_of_time(request, budget)
+        else:
+            error = TimeoutError(f"the client did not answer within limits.call_timeout ({call_timeout:g} s)")
+        self._end_span(pending, error)
+        raise error
+
+    def _out_of_time(self, request: _Request, budget: float) -> RequestTimeout:
+        if not request.expired:  # counted once, however often the service retries
+            request.expired = True
+            account = self._config.get(CONFIG_KEY)
+            if account is not None:
+                account.ledger.count_refusal("request_timeout")
+        return RequestTimeout(
+            f"the request ran out of time waiting on the client (limits.request_timeout: {budget:g} s "
+            "for all of one request's round trips to its client: argument items, callbacks)"
+        )
 
     def _handle_call(self, obj: Any, args: Any, kwargs: Any = ()) -> Any:
         # Most calls carry only scalars: check types once instead of walking every argument.
         plain_args = args
+        count: _ItemCount | None = None  # one count for all of the request's arguments
         for a in args:
             if type(a) not in _SCALARS:
-                plain_args = tuple(to_plain(v) for v in args)
+                count = _ItemCount()
+                plain_args = tuple(to_plain(v, 0, count) for v in args)
                 break
-        plain_kwargs = {k: to_plain(v) for k, v in dict(kwargs).items()} if kwargs else {}
+        if kwargs and count is None:
+            count = _ItemCount()
+        plain_kwargs = {k: to_plain(v, 0, count) for k, v in dict(kwargs).items()} if kwargs else {}
         config = self._config
         book = config.get("host_calls")
         logger: logging.Logger | None = config.get("host_logger")
@@ -191,6 +323,9 @@ class HostConnection(ContextServing, ContextCalls, Connection):
                 val,
                 exc_info=(typ, val, tb),
             )
+        if isinstance(val, RequestTimeout):
+            # A plain TimeoutError, so any client (which cannot import ours) gets that type.
+            typ, val = TimeoutError, TimeoutError(*val.args)
         dumped = super()._box_exc(typ, val, tb)
         if isinstance(val, OSError) and isinstance(dumped, tuple) and len(dumped) == 4:
             # rpyc copies errno/strerror/filename even when None, and the client's rebuilt

@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections import Counter
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from ..budget import CONFIG_KEY, Ledger, caps_from_limits
 from ..config import LimitsSection, SecurityConfig
 from ..errors import Refused
 from ..exposure import per_connection
-from ..protocol import SAFE_PROTOCOL, HostConnection, InflightTracker
+from ..protocol import NO_WAIT, SAFE_PROTOCOL, HostConnection, InflightTracker
 from ..security import Gatekeeper
 from ..wire.transport import make_channel, tune_socket
 
@@ -91,6 +92,7 @@ class HostServerMixin:
             "host_logger": self.logger,
             "host_calls": settings.calls,
             "host_service": settings.name,
+            "host_server": self,
         }
         # Accepted sockets inherit TCP_NODELAY from the listener on Linux; set it on both anyway.
         tune_socket(self.listener)
@@ -143,6 +145,11 @@ class HostServerMixin:
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         raise NotImplementedError
+
+    def waiting(self, conn: HostConnection) -> AbstractContextManager[object]:
+        """Held while a request waits on its client; a thread or process per connection loses
+        nothing by waiting, so nothing to do (the thread pool hands the worker's place over)."""
+        return NO_WAIT
 
     # -- handshake and connection ------------------------------------------------------------------
 

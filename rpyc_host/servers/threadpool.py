@@ -9,14 +9,24 @@ A connection that needs a handshake is registered raw and handshaken by the work
 finds it readable, so a slow handshake never holds the accept thread. A client that stalls in
 the middle of a frame holds one worker for at most ``handshake_timeout`` seconds; a silent
 client holds none, and a sweeper thread closes it after ``idle_timeout``.
+
+A request that waits on its own client (a callback, pulling an argument's items) would hold a
+worker for as long as the client likes. Before such a wait the worker hands its place in the
+pool to a spare thread, so ``pool_size`` workers always serve ready connections; the worker
+returns to the pool (and the pool shrinks back) once the request is done. Waiting requests are
+held in the service's ledger (``limits.max_waiting_requests`` and ``..._per_connection``): past
+either cap the wait is refused at once, which bounds the spare threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import select
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +34,12 @@ import rpyc
 from rpyc.utils.server import Server
 
 from .. import logs
+from ..budget import CONFIG_KEY
 from ..protocol import HostConnection
 from .base import HostServerMixin, ServerSettings, close_quietly, format_peer, log_closed
 
 _MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
+WAITING = "waiting_requests"  # the ledger resource behind limits.max_waiting_requests
 
 
 @dataclass
@@ -51,15 +63,22 @@ class HostThreadPoolServer(HostServerMixin, Server):
         self._entries_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
+        # Workers alive, and how many of them are away waiting on their client; the pool keeps
+        # live - away == pool_size (more only for a moment, until an extra worker retires).
+        self._pool_lock = threading.Lock()
+        self._live = 0
+        self._away = 0
+        self._worker_ids = itertools.count()
+        self._me = threading.local()  # in a worker: .away, True while its place is handed over
 
     def _listen(self) -> None:
         if self.active:
             return
         Server._listen(self)
-        for i in range(self.pool_size):
-            worker = threading.Thread(target=self._work, name=f"{self.name}-worker-{i}", daemon=True)
-            worker.start()
-            self._workers.append(worker)
+        with self._pool_lock:
+            self._live = self.pool_size
+        for _ in range(self.pool_size):
+            self._spawn()
         self._sweeper = threading.Thread(target=self._sweep, name=f"{self.name}-sweeper", daemon=True)
         self._sweeper.start()
 
@@ -82,8 +101,64 @@ class HostThreadPoolServer(HostServerMixin, Server):
             self._entries[fd] = entry
             self._epoll.register(fd, _MASK)
 
+    def _spawn(self) -> None:
+        worker = threading.Thread(
+            target=self._work, name=f"{self.name}-worker-{next(self._worker_ids)}", daemon=True
+        )
+        with self._pool_lock:
+            self._workers = [w for w in self._workers if w.is_alive()]
+            self._workers.append(worker)
+        worker.start()
+
+    @contextmanager
+    def waiting(self, conn: HostConnection) -> Iterator[None]:
+        """Hand this worker's place to a spare while its request waits on the client.
+
+        Raises:
+            LimitExceeded: ``limits.max_waiting_requests`` (service) or its per-connection
+                share is reached; nothing was taken.
+        """
+        me = self._me
+        if not hasattr(me, "away"):  # not a pool worker (a service's own thread): no place to hand over
+            yield
+            return
+        account = conn._config.get(CONFIG_KEY)
+        if account is not None:
+            account.acquire(WAITING)
+        first = not me.away  # nested waits of one request share the place handed over once
+        spawn = False
+        if first:
+            me.away = True
+            with self._pool_lock:
+                self._away += 1
+                if self.active and self._live - self._away < self.pool_size:
+                    self._live += 1
+                    spawn = True
+            if spawn:
+                self._spawn()
+        try:
+            yield
+        finally:
+            if first:
+                me.away = False
+                with self._pool_lock:
+                    self._away -= 1
+            if account is not None:
+                account.release(WAITING)
+
+    def _retire(self) -> bool:
+        """True if the pool has a worker too many (one came back from waiting): this one leaves."""
+        with self._pool_lock:
+            if self._live - self._away > self.pool_size:
+                self._live -= 1
+                return True
+        return False
+
     def _work(self) -> None:
+        self._me.away = False
         while self.active or self._entries:
+            if self._retire():
+                return
             try:
                 events = self._epoll.poll(0.5, 1)
             except (OSError, ValueError):  # epoll closed under us: the server is stopping
@@ -180,6 +255,8 @@ class HostThreadPoolServer(HostServerMixin, Server):
         for fd, entry in stuck:  # a worker is stuck in a call: cut it loose
             self._drop(fd, entry)
         Server.close(self)
-        for worker in self._workers:
+        with self._pool_lock:
+            workers = list(self._workers)
+        for worker in workers:
             worker.join(timeout=5)
         self._epoll.close()

@@ -198,31 +198,3 @@ def test_non_loopback_bind_needs_security(
     assert "security.insecure is true" in proc.log
     with rpyc.connect("127.0.0.1", proc.address("demo")[1]) as conn:
         assert conn.root.ping() == "pong"
-
-
-def test_classic_console_logs_sessions_and_needs_loopback_or_mutual_tls(
-    certs: Certificates,
-    write_config: Callable[[str], Path],
-    capsys: pytest.CaptureFixture[str],
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    exposed = DEMO + "debug:\n  classic: {enabled: true, host: 0.0.0.0, port: 0}\n"
-    assert main(["--config", str(write_config(exposed + "security: {insecure: true}\n")), "--check"]) == 2
-    assert "debug.classic.host: '0.0.0.0' is not a loopback address" in capsys.readouterr().err
-    # With mutual TLS it may listen anywhere; only a certificate from the CA opens a session.
-    mutual = tls_config(certs, mutual=True) + "debug:\n  classic: {enabled: true, host: 127.0.0.1, port: 0}\n"
-    with running_host(mutual) as host:
-        assert host.classic is not None
-        address = host.classic.address
-        with pytest.raises((ssl.SSLError, EOFError, ConnectionError)):
-            rpyc.classic.ssl_connect(address[0], address[1], ca_certs=str(certs.ca)).eval("1")
-        conn = rpyc.classic.ssl_connect(
-            address[0],
-            address[1],
-            ca_certs=str(certs.ca),
-            certfile=str(certs.client_cert),
-            keyfile=str(certs.client_key),
-        )
-        assert conn.eval("6 * 7") == 42
-        conn.close()
-    assert "classic console session opened by ('127.0.0.1'" in caplog.text
