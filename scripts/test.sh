@@ -18,6 +18,8 @@ need ip iproute2
 need curl curl
 need node nodejs
 need chromium chromium  # the status page test renders it in a real headless browser
+need systemd-socket-activate systemd  # socket activation and sd_notify tests (tests/test_systemd.py)
+need systemd-analyze systemd
 # The PostgreSQL tests start a server of their own from Debian's binaries (not on PATH) unless
 # RPYC_HOST_TEST_POSTGRES names a reachable one.
 if [ -z "${RPYC_HOST_TEST_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
