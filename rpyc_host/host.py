@@ -392,8 +392,10 @@ class Host:
         while not self._stopped.wait(self.notifier.watchdog_interval):
             if self._draining.is_set() or all(h.thread is None or h.thread.is_alive() for h in self.hosted):
                 self.notifier.notify("WATCHDOG=1")
-            else:
-                log.error("an accept loop has died: no more systemd watchdog pings")
+                continue
+            dead = [h.config.name for h in self.hosted if h.thread is not None and not h.thread.is_alive()]
+            log.error("accept loop of %s has died: no more systemd watchdog pings", ", ".join(dead))
+            return
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         log.info(

@@ -18,7 +18,7 @@ import pytest
 import rpyc
 
 from rpyc_host import systemd
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess, wait_until
+from rpyc_host.testing import PROJECT_ROOT, ServerProcess, running_host, wait_until
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
@@ -251,3 +251,29 @@ def test_match_listeners_by_name_then_by_port_and_closes_the_rest() -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_watchdog_pings_stop_when_an_accept_loop_dies(notify_socket: NotifySocket) -> None:
+    with running_host(
+        """
+        services:
+          demo: {class: services.demo:DemoService, port: 0}
+        """
+    ) as host:
+        host.notifier = systemd.Notifier(notify_socket.address, watchdog_usec=100_000)  # every 50 ms
+        pinger = threading.Thread(target=host._watchdog)
+        pinger.start()
+        try:
+            notify_socket.wait_for("WATCHDOG=1", count=3)
+            host.hosted[0].server.stop_accepting()  # its accept loop ends, the host is not stopping
+            thread = host.hosted[0].thread
+            assert thread is not None
+            thread.join(timeout=10)
+            pinger.join(timeout=10)
+            assert not pinger.is_alive()
+            count = notify_socket.states().count("WATCHDOG=1")
+            with pytest.raises(AssertionError):
+                notify_socket.wait_for("WATCHDOG=1", count=count + 1, timeout=0.5)
+        finally:
+            host.stop(grace=0)
+            pinger.join(timeout=10)
