@@ -3,38 +3,23 @@
 from __future__ import annotations
 
 import json
-import re
 import signal
-import socket
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import rpyc
 
 from rpyc_host.testing import ServerProcess, running_host, wait_until
+from tests.helpers import get, refused
 
 DRAIN_DELAY = 4.0
-METRICS = re.compile(r"metrics on (?P<host>\S+):(?P<port>\d+) ")
 
 
 def readyz(base: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(base + "/readyz", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
-def refused(address: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, timeout=2).close()
-    except OSError:
-        return True
-    return False
+    status, body = get(base + "/readyz")
+    return status, json.loads(body)
 
 
 def line_index(proc: ServerProcess, text: str) -> int:
@@ -54,9 +39,9 @@ def test_sigterm_reports_draining_keeps_serving_for_drain_delay_then_refuses_the
         """
     )
     proc = start_server(path)
-    match = METRICS.search(proc.wait_for("metrics on"))
-    assert match is not None
-    base = f"http://{match['host']}:{match['port']}"
+    assert proc.ready is not None
+    metrics_host, metrics_port = proc.ready["metrics"]
+    base = f"http://{metrics_host}:{metrics_port}"
     address = proc.address("slow")
     assert readyz(base) == (200, {"status": "ready", "services": {"slow": "accepting"}})
 

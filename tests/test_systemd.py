@@ -7,7 +7,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import uuid
@@ -18,7 +17,8 @@ import pytest
 import rpyc
 
 from rpyc_host import systemd
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess, running_host, wait_until
+from rpyc_host.testing import PROJECT_ROOT, ServerProcess, _LogPump, running_host, wait_until
+from tests.helpers import refused
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate"
@@ -78,20 +78,22 @@ class ActivatedServer(ServerProcess):
         activate += [f"--fdname={self.fdname}"] if self.fdname else []
         # systemd-socket-activate passes on only LISTEN_* and the variables named with -E.
         activate += [f"--setenv={key}={value}" for key, value in self.extra_env.items()]
-        activate += [sys.executable, str(PROJECT_ROOT / "server.py"), "--config", self.config]
+        activate += self.args  # python -m rpyc_host --config ... --ready-file ...
         # The socket arrives as stdin and moves to fd 3; LISTEN_PID=$$ names the shell, which
         # exec keeps as the process of both programs.
         script = 'LISTEN_FDS=1 LISTEN_PID=$$ exec "$@" 3<&0 0</dev/null'
         self.proc = subprocess.Popen(
             ["sh", "-c", script, "sh", *activate],
             cwd=self.cwd,
+            env=self.env,
             stdin=self.listener.fileno(),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
         )
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pump = _LogPump(self.proc)
+        self.lines = self._pump.lines
         return self
 
 
@@ -121,14 +123,6 @@ def activate() -> Iterator[Callable[..., tuple[ActivatedServer, tuple[str, int]]
     for proc in started:
         proc.stop(timeout=20)
         assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
-
-
-def refused(address: tuple[str, int]) -> bool:
-    try:
-        socket.create_connection(address, timeout=2).close()
-    except OSError:
-        return True
-    return False
 
 
 @pytest.mark.parametrize(
@@ -161,7 +155,7 @@ def test_socket_activation_serves_on_the_passed_socket_and_notifies_each_state(
     # systemd-socket-activate starts the server at the first connection; it waits in the backlog.
     conn = rpyc.connect(*address, config={"sync_request_timeout": 30})
     try:
-        proc.wait_for("host ready", 30)
+        proc.wait_ready(30)
         assert conn.root.add(1, 2) == 3  # the connection that started the server is served
     finally:
         conn.close()
