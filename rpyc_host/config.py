@@ -45,6 +45,9 @@ class ServerSection:
     # incompressible data: off by default.
     compression: bool = False
     grace_period: float = field(default=10.0, metadata={"check": schema.at_least(0)})
+    # Seconds between /readyz turning 503 and the listeners closing on SIGTERM, so a load
+    # balancer stops routing here before connections are refused (0: close at once).
+    drain_delay: float = field(default=0.0, metadata={"check": schema.at_least(0)})
 
 
 MIB = 1024 * 1024
@@ -307,6 +310,7 @@ class Config:
     log_level: str
     grace_period: float
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    drain_delay: float = 0.0
     gateway: GatewaySection = field(default_factory=GatewaySection)
     registry: RegistrySection = field(default_factory=RegistrySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
@@ -328,6 +332,7 @@ class Config:
         data = {
             "source": self.source,
             "grace_period": self.grace_period,
+            "drain_delay": self.drain_delay,
             "security": {
                 "tokens": [f"*** ({len(t)} characters)" for t in self.security.tokens],
                 "tls": dataclasses.asdict(self.security.tls) if self.security.tls else None,
@@ -433,6 +438,7 @@ def _resolve(sections: FileSections, source: str) -> Config:
         classic=classic,
         log_level=sections.logging.level.upper(),
         grace_period=defaults.grace_period,
+        drain_delay=defaults.drain_delay,
         security=security,
         gateway=sections.gateway,
         registry=_check_registry(sections.registry),

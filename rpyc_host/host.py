@@ -7,7 +7,9 @@ Usage::
     ...
     host.stop()           # stop accepting, let calls finish (grace period), disconnect
 
-``run()`` does ``start()``, waits for SIGINT/SIGTERM and then ``stop()``.
+``run()`` does ``start()``, waits for SIGINT/SIGTERM and then ``stop()``, telling systemd
+each step when it runs under it (:mod:`rpyc_host.systemd`); listeners systemd passed in are
+used instead of binding.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 
-from . import classic
+from . import classic, systemd
 from .config import Config, ServiceConfig
 from .errors import ConfigError, StartupError
 from .exposure import import_class, instantiate, prepare_class
@@ -127,6 +130,8 @@ class Host:
         self.gateway: Gateway | None = None
         self.registrar: Registrar | None = None
         self._stopped = threading.Event()
+        self._draining = threading.Event()
+        self.notifier = systemd.Notifier.from_environment()
         self._stop_requested = threading.Event()
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
@@ -153,12 +158,18 @@ class Host:
                 "from other machines"
             )
         built = build_services(self.config)
+        inherited: dict[str, systemd.Inherited] = {}
         try:
+            inherited = self._take_inherited()
             for svc, service in built:
-                self.hosted.append(Hosted(svc, service, self._bind(svc, service)))
+                self.hosted.append(
+                    Hosted(svc, service, self._bind(svc, service, inherited.pop(svc.name, None)))
+                )
             if self.config.classic.enabled:
                 self.classic = classic.ClassicConsole(self.config.classic, self.config.security.tls)
         except BaseException:
+            for left in inherited.values():
+                left.sock.close()
             if self.classic is not None:
                 self.classic.close()
             for hosted in self.hosted:
@@ -210,7 +221,21 @@ class Host:
             self.stop(grace=0)
             raise
 
-    def _bind(self, svc: ServiceConfig, service: rpyc.Service) -> HostServerMixin:
+    def _take_inherited(self) -> dict[str, systemd.Inherited]:
+        """Listening sockets systemd passed in, by the service each belongs to."""
+        try:
+            found = systemd.inherited_listeners()
+        except OSError as exc:
+            raise StartupError(
+                f"socket activation: a descriptor in LISTEN_FDS is not a socket: {exc.strerror or exc}"
+            ) from None
+        if not found:
+            return {}
+        return systemd.match_listeners([(s.name, s.port) for s in self.config.services], found)
+
+    def _bind(
+        self, svc: ServiceConfig, service: rpyc.Service, inherited: systemd.Inherited | None = None
+    ) -> HostServerMixin:
         settings = ServerSettings(
             name=svc.name,
             limits=svc.limits,
@@ -227,12 +252,27 @@ class Host:
             "ipv6": ":" in svc.host,
             "logger": logging.getLogger(f"rpyc_host.{svc.name}"),
         }
+        if inherited is not None:
+            # rpyc binds a socket in __init__: a throwaway loopback one, replaced before listen().
+            ipv6 = inherited.sock.family == socket.AF_INET6
+            kwargs.update(hostname="::1" if ipv6 else "127.0.0.1", port=0, ipv6=ipv6)
         try:
-            return SERVER_TYPES[svc.type](service, settings, **kwargs)  # type: ignore[call-arg]
+            server = SERVER_TYPES[svc.type](service, settings, **kwargs)  # type: ignore[call-arg]
         except OSError as exc:
             raise StartupError(
                 f"{svc.key_path}: cannot listen on {svc.host}:{svc.port}: {exc.strerror or exc}"
             ) from None
+        if inherited is not None:
+            server.adopt_listener(inherited.sock)
+            log.info(
+                "%s: using the listening socket systemd passed (fd %d, name %r, %s:%d)",
+                svc.key_path,
+                inherited.fd,
+                inherited.name,
+                server.host,
+                server.port,
+            )
+        return server
 
     def address(self, name: str) -> tuple[str, int]:
         """The bound (host, port) of a service, with the real port when configured as 0."""
@@ -241,28 +281,41 @@ class Host:
                 return hosted.address
         raise KeyError(name)
 
-    def stop(self, grace: float | None = None) -> bool:
-        """Stop gracefully: stop accepting, wait up to ``grace`` seconds for calls in flight,
-        then disconnect everyone (running ``on_disconnect``). True if nothing was cut short."""
+    @property
+    def draining(self) -> bool:
+        """True from the start of :meth:`stop`: /readyz answers 503 from then on."""
+        return self._draining.is_set()
+
+    def stop(self, grace: float | None = None, drain_delay: float | None = None) -> bool:
+        """Stop gracefully, in the order a load balancer needs: unregister, report not ready,
+        keep serving for ``drain_delay`` seconds (``server.drain_delay``), stop accepting, wait
+        up to ``grace`` seconds for calls in flight, then disconnect everyone (running
+        ``on_disconnect``). True if nothing was cut short."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return True
             grace = self.config.grace_period if grace is None else grace
+            drain_delay = self.config.drain_delay if drain_delay is None else drain_delay
             started = time.monotonic()
             if self.classic is not None:
                 self.classic.close()
             if self.registrar is not None:
                 self.registrar.close()  # unregister first: clients stop picking this host
+                log.info("unregistered from the registry")
+            self._draining.set()
+            log.info("draining: /readyz answers 503; listeners close in %.1f s", drain_delay)
+            if drain_delay > 0:
+                # Connections keep being accepted and served while load balancers notice.
+                time.sleep(drain_delay)
             if self.gateway is not None:
                 self.gateway.close()
-            if self.metrics is not None:
-                self.metrics.close()
             for hosted in self.hosted:
                 hosted.server.stop_accepting()
             log.info("stopped accepting connections; waiting up to %.1f s for calls in flight", grace)
             clean = True
+            grace_started = time.monotonic()
             for hosted in self.hosted:
-                left = max(0.0, grace - (time.monotonic() - started))
+                left = max(0.0, grace - (time.monotonic() - grace_started))
                 if not hosted.server.drain(left):
                     clean = False
                     log.warning(
@@ -270,6 +323,8 @@ class Host:
                         hosted.config.name,
                         grace,
                     )
+            if clean:
+                log.info("calls in flight finished; disconnecting clients")
             for hosted in self.hosted:
                 hosted.server.close()
             for hosted in self.hosted:
@@ -277,6 +332,8 @@ class Host:
                     hosted.server.force_close()
                 if hosted.thread is not None:
                     hosted.thread.join(timeout=5.0)
+            if self.metrics is not None:
+                self.metrics.close()  # last: /healthz and /readyz answer until the end
             close_services(h.service for h in self.hosted)
             self._stopped.set()
             log.info("host stopped in %.2f s", time.monotonic() - started)
@@ -302,19 +359,41 @@ class Host:
         # Installed before start(): "host ready" is logged there, and a signal right after it
         # must already stop gracefully instead of killing the process.
         previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+        watchdog: threading.Thread | None = None
         try:
             self.start()
+            self.notifier.ready(f"serving {len(self.hosted)} service(s)")
+            if self.notifier.watchdog_interval:
+                watchdog = threading.Thread(target=self._watchdog, name="systemd-watchdog", daemon=True)
+                watchdog.start()
             while not self._stop_requested.is_set():
                 self._wake.wait(0.5)
                 self._wake.clear()
                 if self._reload_requested.is_set() and not self._stop_requested.is_set():
                     self._reload_requested.clear()
+                    self.notifier.reloading()
                     reload(self)  # here, not in the signal handler: it logs and takes locks
+                    self.notifier.ready(f"serving {len(self.hosted)} service(s)")
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        self.notifier.stopping()
         self.stop()
+        if watchdog is not None:
+            watchdog.join(timeout=5.0)
         return 0
+
+    def _watchdog(self) -> None:
+        """Ping systemd's watchdog while every accept loop is alive, through the whole stop too
+        (a long grace period must not look like a hang); a dead accept loop stops the pings, so
+        systemd restarts the host."""
+        while not self._stopped.wait(self.notifier.watchdog_interval):
+            if self._draining.is_set() or all(h.thread is None or h.thread.is_alive() for h in self.hosted):
+                self.notifier.notify("WATCHDOG=1")
+                continue
+            dead = [h.config.name for h in self.hosted if h.thread is not None and not h.thread.is_alive()]
+            log.error("accept loop of %s has died: no more systemd watchdog pings", ", ".join(dead))
+            return
 
     def _on_stop_signal(self, signum: int, frame: Any) -> None:
         log.info(

@@ -244,6 +244,10 @@ class MetricsServer:
             self._thread.join(timeout=5)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        """(ready, {service: state}): ``accepting`` or ``down``, and ``draining`` for every
+        service once the host is stopping, while its listeners still accept for drain_delay."""
+        if self.host.draining:
+            return False, {h.config.name: "draining" for h in self.host.hosted}
         listeners = {
             h.config.name: "accepting" if listener_accepting(h.server) else "down" for h in self.host.hosted
         }
@@ -266,9 +270,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "ok", "uptime": round(uptime, 3)})
         elif path == "/readyz":
             ready, listeners = self.owner.readiness()
-            self._json(
-                200 if ready else 503, {"status": "ready" if ready else "not ready", "services": listeners}
-            )
+            status = "ready" if ready else "draining" if self.owner.host.draining else "not ready"
+            self._json(200 if ready else 503, {"status": status, "services": listeners})
         else:
             self._json(404, {"error": f"no such endpoint {path!r}; try /, /metrics, /healthz or /readyz"})
 

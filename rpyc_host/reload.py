@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("rpyc_host.reload")
 
 _RESTART_FIELDS = ("class_path", "host", "port", "type", "pool_size", "backlog", "compression")
-_RESTART_SECTIONS = ("gateway", "metrics", "registry", "classic", "grace_period")
+_RESTART_SECTIONS = ("gateway", "metrics", "registry", "classic", "grace_period", "drain_delay")
 
 
 def reload(host: Host) -> bool:

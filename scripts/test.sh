@@ -21,6 +21,8 @@ need chromium chromium  # the status page test renders it in a real headless bro
 # Discovery tests start etcd (a cluster of their own) and dnsmasq (an authoritative DNS server).
 need etcd etcd-server
 need dnsmasq dnsmasq-base
+need systemd-socket-activate systemd  # socket activation and sd_notify tests (tests/test_systemd.py)
+need systemd-analyze systemd
 # The PostgreSQL tests start a server of their own from Debian's binaries (not on PATH) unless
 # RPYC_HOST_TEST_POSTGRES names a reachable one.
 if [ -z "${RPYC_HOST_TEST_POSTGRES:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then

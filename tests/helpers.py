@@ -4,7 +4,7 @@
   (a demo instance that registers with a registry);
 - HTTP: ``http``/``read_response``/``read_responses``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
   ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
-- processes: ``rss_kib``;
+- processes: ``rss_kib``, ``refused`` (nothing listens at an address any more);
 - data: ``make_png``.
 """
 
@@ -74,6 +74,15 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def refused(address: tuple[str, int]) -> bool:
+    """True when a TCP connection to ``address`` is refused (or fails within 2 s)."""
+    try:
+        socket.create_connection(address, timeout=2).close()
+    except OSError:
+        return True
+    return False
 
 
 # -- HTTP -----------------------------------------------------------------------------------------

@@ -251,6 +251,18 @@ class HostServerMixin:
         """Bind and listen (idempotent), so every listener is up before any accepts."""
         self._listen()
 
+    def adopt_listener(self, sock: socket.socket) -> None:
+        """Serve on ``sock`` (bound, e.g. passed by systemd) instead of the socket rpyc bound in
+        ``__init__``; before :meth:`listen`. ``sock`` is used as it is, never re-bound."""
+        if self.active:
+            raise RuntimeError(f"{self.name}: adopt_listener() after listen()")
+        self.listener.close()
+        # As rpyc's own listener: accept() wakes up twice a second to notice a stop.
+        sock.settimeout(0.5)
+        self.listener = sock
+        self.host, self.port = sock.getsockname()[:2]
+        tune_socket(self.listener)
+
     @property
     def in_flight(self) -> int:
         """Requests being dispatched now."""

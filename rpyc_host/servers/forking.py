@@ -88,7 +88,7 @@ class HostForkingServer(HostServerMixin, ForkingServer):
         self.tracker.wait_idle(self.grace_period)
         try:
             conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
+        except (OSError, AttributeError, EOFError):  # EOFError: the client left meanwhile
             pass
 
     def _reaped(self, pid: int) -> None:
