@@ -18,10 +18,11 @@ import ipaddress
 import os
 import re
 import socket
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import schema
 from .errors import ConfigError, did_you_mean
@@ -86,33 +87,38 @@ class LimitsSection:
     max_waiting_requests_per_connection: int = field(default=4, metadata={"check": schema.at_least(1)})
 
 
-@dataclass(frozen=True)
-class LimitsOverride:
-    """``services.<name>.limits:``: only the limits this service changes."""
+def _override_of(section: type) -> type:
+    """A dataclass with every field of ``section`` made optional (None: not overridden), the
+    same checks, and ``apply(base)``: so a new limit is written once, in LimitsSection."""
+    hints = typing.get_type_hints(section)
+    fields = [
+        (f.name, hints[f.name] | None, field(default=None, metadata=f.metadata))
+        for f in dataclasses.fields(section)
+    ]
 
-    max_connections: int | None = field(default=None, metadata={"check": schema.at_least(1)})
-    max_connections_per_ip: int | None = field(default=None, metadata={"check": schema.at_least(1)})
-    idle_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0)})
-    max_frame_bytes: int | None = field(default=None, metadata={"check": schema.at_least(1024)})
-    call_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
-    handshake_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
-    max_open_transfers: int | None = field(default=None, metadata={"check": schema.at_least(0)})
-    max_open_transfers_per_connection: int | None = field(
-        default=None, metadata={"check": schema.at_least(0)}
-    )
-    max_pending_side_connections: int | None = field(default=None, metadata={"check": schema.at_least(0)})
-    max_pending_side_connections_per_connection: int | None = field(
-        default=None, metadata={"check": schema.at_least(0)}
-    )
-    request_timeout: float | None = field(default=None, metadata={"check": schema.at_least(0.1)})
-    max_waiting_requests: int | None = field(default=None, metadata={"check": schema.at_least(1)})
-    max_waiting_requests_per_connection: int | None = field(
-        default=None, metadata={"check": schema.at_least(1)}
-    )
-
-    def apply(self, base: LimitsSection) -> LimitsSection:
+    def apply(self: Any, base: Any) -> Any:
         changes = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         return dataclasses.replace(base, **changes)
+
+    doc = "``services.<name>.limits:``: only the limits this service changes (any key of ``limits:``)."
+    return dataclasses.make_dataclass(
+        "LimitsOverride",
+        fields,
+        frozen=True,
+        namespace={"apply": apply, "__doc__": doc, "__module__": __name__},
+    )
+
+
+if TYPE_CHECKING:
+
+    class LimitsOverride:
+        """``services.<name>.limits:``: only the limits this service changes."""
+
+        def __init__(self, **changes: Any) -> None: ...
+        def apply(self, base: LimitsSection) -> LimitsSection: ...
+
+else:
+    LimitsOverride = _override_of(LimitsSection)
 
 
 @dataclass(frozen=True)
