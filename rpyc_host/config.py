@@ -313,7 +313,6 @@ class Config:
     source: str
     services: tuple[ServiceConfig, ...]
     classic: ClassicSection
-    log_level: str
     grace_period: float
     security: SecurityConfig = field(default_factory=SecurityConfig)
     drain_delay: float = 0.0
@@ -321,6 +320,11 @@ class Config:
     registry: RegistrySection = field(default_factory=RegistrySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+
+    @property
+    def log_level(self) -> str:
+        """``logging.level``, upper-cased (the one place the level is kept is ``logging``)."""
+        return self.logging.level.upper()
 
     def service(self, name: str) -> ServiceConfig:
         for svc in self.services:
@@ -442,7 +446,6 @@ def _resolve(sections: FileSections, source: str) -> Config:
         source=source,
         services=tuple(services),
         classic=classic,
-        log_level=sections.logging.level.upper(),
         grace_period=defaults.grace_period,
         drain_delay=defaults.drain_delay,
         security=security,

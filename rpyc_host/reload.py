@@ -40,7 +40,7 @@ def reload(host: Host) -> bool:
     for what in ignored:
         log.warning("reload: %s changed; that needs a restart, ignored until then", what)
 
-    if (new.log_level, new.logging) != (old.log_level, old.logging):
+    if new.logging != old.logging:
         logs.configure(new.log_level, new.logging.format, new.logging.dict)
         log.info("reload: logging now %s, %s", new.log_level, new.logging.format)
 
@@ -60,7 +60,6 @@ def reload(host: Host) -> bool:
 
     host.config = dataclasses.replace(
         old,
-        log_level=new.log_level,
         logging=new.logging,
         security=dataclasses.replace(
             new.security, tls=new.security.tls if old.security.tls is not None else old.security.tls

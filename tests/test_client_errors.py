@@ -22,15 +22,15 @@ from rpyc_host.testing import make_certificates, running_host, wait_until
 
 SLOW = """
 services:
-  slow: {class: tests.sample_services:SlowService, port: 0}
-  demo: {class: services.demo:DemoService, port: 0}
+  slow: {{class: tests.sample_services:SlowService, port: 0, options: {{events: "{events}"}}}}
+  demo: {{class: services.demo:DemoService, port: 0}}
 """
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def host() -> Iterator[Host]:
-    with running_host(SLOW) as running:
+def host(tmp_path: Path) -> Iterator[Host]:
+    with running_host(SLOW.format(events=tmp_path / "events")) as running:
         yield running
 
 
@@ -135,10 +135,11 @@ except KeyboardInterrupt:
 
 def _interrupt(host: Host, args: list[str]) -> tuple[int, float, str, str]:
     """Run ``args``, send SIGINT once its call runs in ``host``; exit code, seconds to exit, output."""
-    tracker = host.hosted[0].server.tracker
+    events = Path(host.hosted[0].service.events)  # type: ignore[attr-defined]
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_until(lambda: tracker.count > 0, 30, "the slow call to start")
+        # The slow method itself has started (not only the connection's first round trips).
+        wait_until(lambda: events.exists() and "call-start" in events.read_text(), 30, "the slow call")
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
