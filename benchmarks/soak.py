@@ -30,7 +30,9 @@ and threads (``/proc/PID``), the file tree's peak size against its quota, what e
 (including refusals and their messages) and the refusal counters of /metrics.
 
 The attacks hold resources rather than burn CPU (paced loops): denial of service by CPU from an
-authenticated client is outside the threat model, and this machine has 2 cores. Every loop is
+authenticated client is outside the threat model, and this machine has 2 cores. The attack
+processes run at the lowest CPU priority (nice 19): in life they are other machines, and here
+their own work must not be charged to the server, while the work they cause in it still is. Every loop is
 bounded in count and time; every process started here is stopped before the script exits.
 """
 
@@ -733,6 +735,9 @@ ATTACK_FUNCTIONS: dict[str, Callable[[Attack], None]] = {
 
 def attack_main(name: str, ports: Ports, token: str, go: Any, stop: Any, seconds: float, out: Any) -> None:
     """One attack process: report ready, wait for ``go``, attack until ``stop``, report."""
+    # Attackers are other machines in life; here they share the server's 2 cores. At the lowest
+    # priority their own CPU comes out of idle time, and what they make the server do still counts.
+    os.nice(19)
     out.put(("ready", name))
     if not go.wait(120):
         out.put(("attack", name, {"tally": {}, "messages": {"never started": 1}, "figures": {}}))
