@@ -13,6 +13,9 @@ None); each rejected record is listed by its 0-based line index with the reason.
 are stored even when others in the batch are rejected. A receipt is returned only after the
 batch is committed; submitting a ``batch_id`` again stores nothing and returns the first
 receipt with ``duplicate=True`` (also after a restart: ids are kept in the database).
+Batches that arrive together (from several collectors) are committed in one transaction, and
+each receipt is returned after that commit; a batch is validated and processed before it
+joins a group, so a bad batch never fails the others.
 
 Problems with the batch as a whole (wrong argument types, an empty or oversize batch) raise
 ``TypeError`` or ``ValueError`` and store nothing. Storage trouble raises ``TimeoutError``
@@ -36,6 +39,7 @@ import rpyc
 from rpyc_host.wire.jsonlines import fast_json_encoder
 
 from .storage import BatchWrite, Store, StoreBusy, StoreError, open_store
+from .storage.group import GroupLimits
 
 log = logging.getLogger("services.ingest")
 
@@ -133,6 +137,9 @@ class IngestService(rpyc.Service):
         schema: {seq: int, host: str}       # required fields: any bool float int list number object str
         max_batch_records: 10000            # bigger batches are refused whole (ValueError)
         max_batch_bytes: 16777216
+        group_max_batches: 64               # batches submitted together share one transaction,
+        group_max_records: 100000           # at most this many batches, records and bytes of
+        group_max_bytes: 33554432           # record text in one
     """
 
     def __init__(
@@ -142,14 +149,22 @@ class IngestService(rpyc.Service):
         schema: Mapping[str, str] | None = None,
         max_batch_records: int = 10_000,
         max_batch_bytes: int = 16 * 1024 * 1024,
+        group_max_batches: int = GroupLimits.max_batches,
+        group_max_records: int = GroupLimits.max_records,
+        group_max_bytes: int = GroupLimits.max_bytes,
     ) -> None:
         self.max_batch_records = _positive_int("max_batch_records", max_batch_records)
         self.max_batch_bytes = _positive_int("max_batch_bytes", max_batch_bytes)
+        self.group = GroupLimits(
+            _positive_int("group_max_batches", group_max_batches),
+            _positive_int("group_max_records", group_max_records),
+            _positive_int("group_max_bytes", group_max_bytes),
+        )
         self.schema = parse_schema(schema)
         self.processor_name = processor
         self.processor = load_processor(processor)
         try:
-            self.store: Store = open_store(database)
+            self.store: Store = open_store(database, self.group)
         except StoreError as exc:
             raise ValueError(str(exc)) from None
         self._peer = "?"

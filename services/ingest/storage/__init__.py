@@ -7,9 +7,11 @@ Usage::
     store.count("load"), store.topics(), store.query("load", after_id=0, limit=100)
     store.close()
 
-A backend is a class with ``from_url(url)`` that implements :class:`Store`; add it to
+A backend is a class with ``from_url(url, group)`` that implements :class:`Store`; add it to
 :data:`BACKENDS` under its URL scheme (``"postgresql"``: :mod:`.postgres`). The service only
-ever talks to :class:`Store`, so a new backend needs no change there.
+ever talks to :class:`Store`, so a new backend needs no change there. A backend's ``write``
+goes through a :class:`~.group.GroupCommit` around its own ``write_group`` (one transaction
+for every batch queued together).
 
 Errors a backend raises to callers::
 
@@ -70,7 +72,8 @@ class Store(Protocol):
     url: str
 
     def write(self, batch: BatchWrite) -> str | None:
-        """Store ``batch`` and commit; return None, or the stored receipt if the id is known."""
+        """Store ``batch`` and commit (in one transaction with batches other threads submit at
+        the same moment); return None, or the stored receipt if the id is known."""
 
     def duplicate(self, batch_id: str) -> str | None:
         """The stored receipt of ``batch_id`` (counting one duplicate), or None if unknown."""
@@ -93,7 +96,7 @@ class Store(Protocol):
 
 class Backend(Protocol):
     @classmethod
-    def from_url(cls, url: str) -> Store: ...
+    def from_url(cls, url: str, group: GroupLimits | None = None) -> Store: ...
 
 
 def _backends() -> dict[str, type[Backend]]:
@@ -103,12 +106,15 @@ def _backends() -> dict[str, type[Backend]]:
     return {"postgresql": PostgresStore, "sqlite": SQLiteStore}
 
 
+from .group import GroupLimits  # noqa: E402  (needs BatchWrite and StoreError above)
+
 BACKENDS = _backends()
 """URL scheme -> backend class."""
 
 
-def open_store(url: str) -> Store:
-    """Open (creating if needed) the store a database URL names.
+def open_store(url: str, group: GroupLimits | None = None) -> Store:
+    """Open (creating if needed) the store a database URL names; ``group`` bounds what its
+    group-commit writer puts in one transaction (:class:`~.group.GroupLimits` defaults if None).
 
     Raises:
         TypeError: ``url`` is not a string.
@@ -126,4 +132,4 @@ def open_store(url: str) -> Store:
             f"database {url!r}: {what}{did_you_mean(scheme, BACKENDS)}; known schemes: {known} "
             f"(for example 'sqlite:///var/ingest.db')"
         )
-    return backend.from_url(url)
+    return backend.from_url(url, group)

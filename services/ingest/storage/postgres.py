@@ -8,15 +8,20 @@ Options in the URL's query (besides libpq's own, such as ``sslmode`` or ``connec
     pool_size=8        connections kept open by each server process
     lock_timeout=30    seconds a writer waits for another one before StoreBusy (retryable)
 
+Group commit: batches submitted together to one process are written in one transaction
+(:mod:`.group`); each gets its receipt after that COMMIT.
+
 Exactly once: ``ingest_batches.batch_id`` is the primary key and a batch's records are written
-in the same transaction as its batch row. Two instances storing the same id at once: the second
+in the same transaction as its batch row; an id repeated inside one group is stored once, the
+later copies answering with the first one's receipt. Two instances storing the same id at once: the second
 ``INSERT ... ON CONFLICT DO NOTHING`` waits for the first transaction, then sees the id and
 answers with the stored receipt. An instance killed mid-write leaves nothing: PostgreSQL
 rolls back the transaction of a dropped connection.
 
 Record ids: writers of one topic take turns on the topic's row lock, so a topic's record ids
 grow in commit order and ``query(topic, after_id)`` never skips a record that commits later.
-Writers of different topics do not wait for each other.
+Writers of different topics do not wait for each other. A group locks its topics in name
+order and inserts its batch rows in id order, so instances never wait on each other in a cycle.
 
 Durability: a receipt is returned after COMMIT, which with PostgreSQL's defaults
 (``synchronous_commit = on``, ``fsync = on``) means the WAL is flushed to disk.
@@ -30,12 +35,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import BatchWrite, Stats, StoreBusy, StoreError
+from .group import GroupCommit, GroupLimits
 
 SCHEMA_VERSION = 1
 OUR_KEYS = ("pool_size", "lock_timeout")
@@ -93,7 +99,13 @@ def _masked(url: str) -> str:
 class PostgresStore:
     """A :class:`~services.ingest.storage.Store` in a PostgreSQL database (see the module docstring)."""
 
-    def __init__(self, conninfo: str, pool_size: int = 8, lock_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        pool_size: int = 8,
+        lock_timeout: float = 30.0,
+        group: GroupLimits | None = None,
+    ) -> None:
         if pool_size < 1:
             raise ValueError(f"pool_size={pool_size!r} must be >= 1")
         if not lock_timeout > 0:
@@ -106,6 +118,7 @@ class PostgresStore:
         self._pid = os.getpid()
         self._idle: list[Any] = []
         self._lock = threading.Lock()
+        self._group = GroupCommit(self._write_group, group)
         try:
             with self._connection() as conn, conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
@@ -130,7 +143,7 @@ class PostgresStore:
             )
 
     @classmethod
-    def from_url(cls, url: str) -> PostgresStore:
+    def from_url(cls, url: str, group: GroupLimits | None = None) -> PostgresStore:
         """``postgresql://user:pw@host:5432/db?pool_size=8&lock_timeout=30&sslmode=require``."""
         parts = urlsplit(url)
         if not parts.path.strip("/"):
@@ -149,7 +162,7 @@ class PostgresStore:
                 f"database {_masked(url)!r}: pool_size must be an integer and lock_timeout seconds"
             ) from None
         conninfo = urlunsplit(parts._replace(query=urlencode(libpq)))
-        return cls(conninfo, pool_size=pool_size, lock_timeout=lock_timeout)
+        return cls(conninfo, pool_size=pool_size, lock_timeout=lock_timeout, group=group)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -210,34 +223,74 @@ class PostgresStore:
     # -- writes --------------------------------------------------------------------------------
 
     def write(self, batch: BatchWrite) -> str | None:
-        with self._errors("write (nothing stored)"), self._connection() as conn, conn.transaction():
-            # The topic row lock makes writers of one topic take turns (record ids in commit order).
-            topic_id = conn.execute(
-                "INSERT INTO ingest_topics (name) VALUES (%s) "
-                "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-                (batch.topic,),
-            ).fetchone()[0]
-            inserted = conn.execute(
-                "INSERT INTO ingest_batches (batch_id, topic_id, records, created, receipt) "
-                "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (batch_id) DO NOTHING RETURNING 1",
-                (batch.batch_id, topic_id, len(batch.rows), time.time(), batch.receipt),
-            ).fetchone()
-            if inserted is None:  # stored before, maybe by another instance a moment ago
-                conn.execute("UPDATE ingest_duplicates SET n = n + 1")
-                return str(
-                    conn.execute(
-                        "SELECT receipt FROM ingest_batches WHERE batch_id = %s", (batch.batch_id,)
-                    ).fetchone()[0]
-                )
+        return self._group.write(batch)
+
+    def _write_group(self, group: Sequence[BatchWrite]) -> list[str | None]:
+        """Write ``group`` in one transaction (called by the group-commit writer)."""
+        with (
+            self._errors(f"write (nothing of {len(group)} batch(es) stored)"),
+            self._connection() as conn,
+            conn.transaction(),
+        ):
+            # Topic row locks in name order: two instances locking overlapping topics cannot
+            # deadlock, and writers of one topic take turns (record ids in commit order).
+            topic_ids: dict[str, int] = {}
+            for name in sorted({b.topic for b in group}):
+                topic_ids[name] = conn.execute(
+                    "INSERT INTO ingest_topics (name) VALUES (%s) "
+                    "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
+                    (name,),
+                ).fetchone()[0]
+            results: list[str | None] = [None] * len(group)
+            first: dict[str, int] = {}  # batch id -> index of its first batch in the group
+            for index, batch in enumerate(group):
+                if batch.batch_id in first:
+                    results[index] = group[first[batch.batch_id]].receipt
+                else:
+                    first[batch.batch_id] = index
+            # Batch rows in id order: instances inserting the same ids wait on each other in
+            # one order, never in a cycle.
+            now = time.time()
+            for batch_id in sorted(first):
+                batch = group[first[batch_id]]
+                inserted = conn.execute(
+                    "INSERT INTO ingest_batches (batch_id, topic_id, records, created, receipt) "
+                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (batch_id) DO NOTHING RETURNING 1",
+                    (batch_id, topic_ids[batch.topic], len(batch.rows), now, batch.receipt),
+                ).fetchone()
+                if inserted is None:  # stored before, maybe by another instance a moment ago
+                    stored = str(
+                        conn.execute(
+                            "SELECT receipt FROM ingest_batches WHERE batch_id = %s", (batch_id,)
+                        ).fetchone()[0]
+                    )
+                    for index, other in enumerate(group):
+                        if other.batch_id == batch_id:
+                            results[index] = stored
+            duplicates = sum(r is not None for r in results)
+            totals: dict[int, list[int]] = {}
             with conn.cursor().copy("COPY ingest_records (topic_id, data) FROM STDIN") as copy:
-                for row in batch.rows:
-                    copy.write_row((topic_id, row))
-            conn.execute(
-                "UPDATE ingest_topics SET records = records + %s, batches = batches + 1, "
-                "rejects = rejects + %s, dropped = dropped + %s, bytes = bytes + %s WHERE id = %s",
-                (len(batch.rows), batch.rejected, batch.dropped, batch.nbytes, topic_id),
-            )
-        return None
+                for index, batch in enumerate(group):
+                    if results[index] is not None:
+                        continue
+                    topic_id = topic_ids[batch.topic]
+                    for row in batch.rows:
+                        copy.write_row((topic_id, row))
+                    t = totals.setdefault(topic_id, [0, 0, 0, 0, 0])
+                    t[0] += len(batch.rows)
+                    t[1] += 1
+                    t[2] += batch.rejected
+                    t[3] += batch.dropped
+                    t[4] += batch.nbytes
+            for topic_id, (records, batches, rejects, dropped, nbytes) in sorted(totals.items()):
+                conn.execute(
+                    "UPDATE ingest_topics SET records = records + %s, batches = batches + %s, "
+                    "rejects = rejects + %s, dropped = dropped + %s, bytes = bytes + %s WHERE id = %s",
+                    (records, batches, rejects, dropped, nbytes, topic_id),
+                )
+            if duplicates:
+                conn.execute("UPDATE ingest_duplicates SET n = n + %s", (duplicates,))
+        return results
 
     def duplicate(self, batch_id: str) -> str | None:
         with self._errors("lookup"), self._connection() as conn:

@@ -8,11 +8,12 @@ away: in WAL mode NORMAL still survives a process crash and never corrupts the d
 the most recent commits may roll back after a power loss. Measured on the project's 2-core
 machine FULL cost no measurable throughput at 1,000-record batches, so it is the default.
 
-Concurrency: writers take turns. Threads of one process queue on a lock; processes (the
-``forking`` server) queue on SQLite's own lock with ``BEGIN IMMEDIATE`` and a busy timeout
-(``?busy_timeout=30`` seconds by default), so a writer waits instead of failing. A writer that
-still cannot get the lock gets :class:`StoreBusy`, a retryable error, never a lost write.
-Readers never block writers (WAL).
+Concurrency: batches submitted together by threads of one process are written in one
+transaction by the group-commit writer (:mod:`.group`), so one fsync covers them all; processes
+(the ``forking`` server, each child with its own writer) queue on SQLite's own lock with
+``BEGIN IMMEDIATE`` and a busy timeout (``?busy_timeout=30`` seconds by default), so a writer
+waits instead of failing. A writer that still cannot get the lock gets :class:`StoreBusy`, a
+retryable error, never a lost write. Readers never block writers (WAL).
 
 Fork safety: SQLite connections must not cross ``fork()``. Connections are opened lazily, one
 per thread, and remembered per process id; a forked child opens its own and never touches
@@ -25,10 +26,12 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
 from . import BatchWrite, Stats, StoreBusy, StoreError
+from .group import GroupCommit, GroupLimits
 
 SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL", "extra": "EXTRA"}
 QUERY_KEYS = ("busy_timeout", "synchronous")
@@ -84,7 +87,11 @@ class SQLiteStore:
     """A :class:`~services.ingest.storage.Store` in one SQLite file (see the module docstring)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], synchronous: str = "full", busy_timeout: float = 30.0
+        self,
+        path: str | os.PathLike[str],
+        synchronous: str = "full",
+        busy_timeout: float = 30.0,
+        group: GroupLimits | None = None,
     ) -> None:
         if synchronous.lower() not in SYNCHRONOUS:
             raise ValueError(f"synchronous={synchronous!r} is not one of {', '.join(sorted(SYNCHRONOUS))}")
@@ -95,6 +102,7 @@ class SQLiteStore:
         self.busy_timeout = float(busy_timeout)
         self.url = f"sqlite:///{self.path}"
         self._proc = _PerProcess()
+        self._group = GroupCommit(self._write_group, group)
         self._topic_ids: dict[str, int] = {}
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +128,7 @@ class SQLiteStore:
             )
 
     @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    def from_url(cls, url: str, group: GroupLimits | None = None) -> SQLiteStore:
         """``sqlite:///rel.db``, ``sqlite:////abs.db``, ``?synchronous=normal&busy_timeout=5``."""
         parts = urlsplit(url)
         if parts.netloc:
@@ -145,7 +153,7 @@ class SQLiteStore:
             raise ValueError(
                 f"database {url!r}: busy_timeout must be seconds, got {options['busy_timeout']!r}"
             ) from None
-        return cls(path, synchronous=options.get("synchronous", "full"), busy_timeout=timeout)
+        return cls(path, synchronous=options.get("synchronous", "full"), busy_timeout=timeout, group=group)
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -204,48 +212,85 @@ class SQLiteStore:
             raise StoreError(f"database {str(self.path)!r}: cannot start a write: {exc}") from None
 
     def write(self, batch: BatchWrite) -> str | None:
+        return self._group.write(batch)
+
+    def _write_group(self, group: Sequence[BatchWrite]) -> list[str | None]:
+        """Write ``group`` in one transaction (called by the group-commit writer)."""
         conn = self._conn()
         with self._here().write_lock:
             self._begin(conn)
             try:
-                stored, topic_id = self._write_in_transaction(conn, batch)
+                results, topic_ids = self._write_in_transaction(conn, group)
                 conn.execute("COMMIT")
             except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
                     raise StoreError(
-                        f"database {str(self.path)!r}: write failed, nothing stored: {exc}"
+                        f"database {str(self.path)!r}: write failed, nothing of {len(group)} "
+                        f"batch(es) stored, retry with the same batch id: {exc}"
                     ) from None
                 raise
-            if topic_id is not None:  # committed: safe to remember
-                self._topic_ids[batch.topic] = topic_id
-        return stored
+            self._topic_ids.update(topic_ids)  # committed: safe to remember
+        return results
 
     def _write_in_transaction(
-        self, conn: sqlite3.Connection, batch: BatchWrite
-    ) -> tuple[str | None, int | None]:
-        """``(stored receipt, None)`` for a known batch id, else ``(None, topic id)``."""
-        row = conn.execute("SELECT receipt FROM batches WHERE batch_id = ?", (batch.batch_id,)).fetchone()
-        if row is not None:
-            conn.execute("UPDATE totals SET duplicates = duplicates + 1")
-            return str(row[0]), None
-        topic_id = self._topic_id(conn, batch.topic)
-        # Ids are given explicitly (we hold the write lock): the batch's range is known.
-        first = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM records").fetchone()[0])
+        self, conn: sqlite3.Connection, group: Sequence[BatchWrite]
+    ) -> tuple[list[str | None], dict[str, int]]:
+        """Per batch None (stored) or the receipt stored before; and the topic ids used.
+
+        A batch id seen earlier in the group or already in the database stores nothing and
+        answers with the first batch's receipt, as a repeat in a later transaction would.
+        """
+        results: list[str | None] = []
+        receipts: dict[str, str] = {}  # batch id -> receipt, for ids this group has seen
+        topic_ids: dict[str, int] = {}
+        per_topic: dict[int, int] = {}
+        records = rejects = dropped = nbytes = batches = duplicates = 0
+        # Ids are given explicitly (we hold the write lock): each batch's range is known.
+        next_id = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM records").fetchone()[0])
+        now = time.time()
+        rows: list[tuple[int, str]] = []
+        for batch in group:
+            known = receipts.get(batch.batch_id)
+            if known is None:
+                row = conn.execute(
+                    "SELECT receipt FROM batches WHERE batch_id = ?", (batch.batch_id,)
+                ).fetchone()
+                known = None if row is None else str(row[0])
+            if known is not None:
+                receipts[batch.batch_id] = known
+                results.append(known)
+                duplicates += 1
+                continue
+            topic_id = topic_ids.get(batch.topic)
+            if topic_id is None:
+                topic_id = topic_ids[batch.topic] = self._topic_id(conn, batch.topic)
+            n = len(batch.rows)
+            conn.execute(
+                "INSERT INTO batches (batch_id, topic_id, first_id, last_id, created, receipt) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (batch.batch_id, topic_id, next_id, next_id + n - 1, now, batch.receipt),
+            )
+            rows += zip(range(next_id, next_id + n), batch.rows, strict=True)
+            next_id += n
+            per_topic[topic_id] = per_topic.get(topic_id, 0) + n
+            receipts[batch.batch_id] = batch.receipt
+            results.append(None)
+            records += n
+            batches += 1
+            rejects += batch.rejected
+            dropped += batch.dropped
+            nbytes += batch.nbytes
+        conn.executemany(INSERT_RECORD, rows)
+        for topic_id, n in per_topic.items():
+            conn.execute("UPDATE topics SET records = records + ? WHERE id = ?", (n, topic_id))
         conn.execute(
-            "INSERT INTO batches (batch_id, topic_id, first_id, last_id, created, receipt) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (batch.batch_id, topic_id, first, first + len(batch.rows) - 1, time.time(), batch.receipt),
+            "UPDATE totals SET records = records + ?, batches = batches + ?, rejects = rejects + ?, "
+            "dropped = dropped + ?, bytes = bytes + ?, duplicates = duplicates + ?",
+            (records, batches, rejects, dropped, nbytes, duplicates),
         )
-        conn.executemany(INSERT_RECORD, zip(range(first, first + len(batch.rows)), batch.rows, strict=True))
-        conn.execute("UPDATE topics SET records = records + ? WHERE id = ?", (len(batch.rows), topic_id))
-        conn.execute(
-            "UPDATE totals SET records = records + ?, batches = batches + 1, rejects = rejects + ?, "
-            "dropped = dropped + ?, bytes = bytes + ?",
-            (len(batch.rows), batch.rejected, batch.dropped, batch.nbytes),
-        )
-        return None, topic_id
+        return results, topic_ids
 
     def _topic_id(self, conn: sqlite3.Connection, topic: str) -> int:
         # Only ids of committed topics are cached (write() adds them after COMMIT).
