@@ -28,7 +28,7 @@ import pytest
 import client
 from client.ingest import Collector, PooledCollector
 from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
-from services.ingest.storage import BatchWrite, StoreError, open_store
+from services.ingest.storage import BatchWrite, StoreBusy, StoreError, open_store
 
 HOW_TO = (
     "run bash scripts/test.sh (it installs Debian's postgresql and psycopg), or set RPYC_HOST_TEST_POSTGRES"
@@ -304,3 +304,186 @@ def test_plain_collector_to_the_surviving_instance_sees_a_shared_store(
             c.add({"x": 1})
         with client.connect(host="127.0.0.1", port=second.address("ingest")[1]) as conn:
             assert conn.root.count("shared") == 1
+
+
+# -- group commit ------------------------------------------------------------------------------
+
+
+def _queued(store: Any) -> int:
+    """Batches waiting behind the store's writer in this process (-1: no write in progress)."""
+    state = store._group._here()
+    with state.cond:
+        return len(state.queue) if state.writing else -1
+
+
+class _TopicLock:
+    """Another session holding a topic's row lock: the group writer waits on it, and the
+    submits behind it queue into one group."""
+
+    def __init__(self, url: str, topic: str) -> None:
+        import psycopg
+
+        self.conn = psycopg.connect(url)
+        self.conn.execute("SELECT 1 FROM ingest_topics WHERE name = %s FOR UPDATE", (topic,))
+
+    def release(self) -> None:
+        if not self.conn.closed:
+            self.conn.rollback()
+            self.conn.close()
+
+
+def _start(results: dict[str, Any], threads: list[threading.Thread], name: str, fn: Any, *args: Any) -> None:
+    def run() -> None:
+        try:
+            results[name] = fn(*args)
+        except BaseException as exc:
+            results[name] = exc
+
+    threads.append(threading.Thread(target=run, name=name))
+    threads[-1].start()
+
+
+def test_batches_queued_together_are_one_transaction_with_duplicates_first_wins(database: str) -> None:
+    store: Any = open_store(database + "?lock_timeout=30")
+    results: dict[str, Any] = {}
+    threads: list[threading.Thread] = []
+    lock: _TopicLock | None = None
+    try:
+        assert store.write(batch("old", ['{"v": "old"}'])) is None
+        lock = _TopicLock(database, "load")
+        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
+        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
+        order = [
+            batch("z", ['{"v": "z1"}', '{"v": "z1b"}']),
+            batch("b", ['{"v": "b"}'], topic="other"),
+            BatchWrite("load", "z", ('{"v": "z2"}',), receipt="receipt-z-second"),  # same id, same group
+            batch("lead", ['{"v": "lead2"}']),  # an id of the previous group
+            batch("old", ['{"v": "old2"}']),  # an id stored long before
+        ]
+        for i, queued_batch in enumerate(order):
+            _start(results, threads, str(i), store.write, queued_batch)
+            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
+        lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert results["lead"] is None
+        assert [results[str(i)] for i in range(len(order))] == [
+            None,
+            None,
+            "receipt-z",
+            "receipt-lead",
+            "receipt-old",
+        ]
+        assert store._group.stats.largest == len(order)
+        assert [d for _, d in store.query("load", 0, 100)] == [
+            '{"v": "old"}',
+            '{"v": "lead"}',
+            '{"v": "z1"}',
+            '{"v": "z1b"}',
+        ]
+        assert [d for _, d in store.query("other", 0, 100)] == ['{"v": "b"}']
+        stats = store.stats()
+        assert (stats.records, stats.batches, stats.duplicates) == (5, 4, 3)
+    finally:
+        if lock is not None:
+            lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        store.close()
+
+
+def test_a_lock_timeout_fails_every_batch_of_the_group_and_stores_none(database: str) -> None:
+    store: Any = open_store(database + "?lock_timeout=2")
+    results: dict[str, Any] = {}
+    threads: list[threading.Thread] = []
+    lock: _TopicLock | None = None
+    try:
+        assert store.write(batch("first", ['{"v": 0}'])) is None
+        lock = _TopicLock(database, "load")
+        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
+        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
+        for i in range(4):
+            _start(results, threads, f"b{i}", store.write, batch(f"b{i}", [f'{{"v": {i}}}']))
+            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
+        for t in threads:
+            t.join(timeout=60)
+        errors = [results[f"b{i}"] for i in range(4)]
+        assert all(type(e) is StoreBusy for e in errors), errors
+        assert all("retry with the same batch id" in str(e) for e in errors)
+        assert store._group.stats.largest == 4
+        lock.release()
+        assert store.count("load") == 1
+        assert [store.write(batch(f"b{i}", [f'{{"v": {i}}}'])) for i in range(4)] == [None] * 4
+        assert store.count("load") == 5
+    finally:
+        if lock is not None:
+            lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        store.close()
+
+
+def _write_shared(url: str, worker: int, out: Any) -> None:
+    """A forked writer process with its own store and writer: shared and own batch ids."""
+    store = open_store(url)
+    answers = []
+    try:
+        for n in range(20):
+            batch_id = f"shared-{n}" if n % 2 else f"p{worker}-{n}"
+            answers.append(store.write(batch(batch_id, [f'{{"p": {worker}, "n": {n}}}'] * 20)))
+    finally:
+        store.close()
+    out.put((worker, answers))
+
+
+def test_threads_and_processes_on_two_instances_store_every_batch_once(database: str) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_write_shared, args=(database, w, out)) for w in range(2)]
+    stores: list[Any] = [open_store(database), open_store(database)]
+    answers: list[str | None] = []
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def write(i: int) -> None:
+        try:
+            for n in range(20):
+                batch_id = f"shared-{n}" if n % 2 else f"t{i}-{n}"
+                result = stores[i % 2].write(batch(batch_id, [f'{{"t": {i}, "n": {n}}}'] * 20))
+                with guard:
+                    answers.append(result)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(6)]
+    try:
+        for p in procs:
+            p.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        from_procs = [out.get(timeout=90) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+        assert not any(t.is_alive() for t in threads) and errors == []
+        assert [p.exitcode for p in procs] == [0, 0]
+        for _, got in from_procs:
+            answers += got
+        # 10 shared ids stored once among 8 writers; every writer's 10 own ids stored.
+        assert len(answers) == 8 * 20 and answers.count(None) == 10 + 8 * 10
+        assert {a for a in answers if a is not None} == {f"receipt-shared-{n}" for n in range(1, 20, 2)}
+        assert stores[0].count("load") == (10 + 8 * 10) * 20
+        assert stores[0].stats().duplicates == 7 * 10
+        assert sum(s._group.stats.batches for s in stores) == 6 * 20
+        assert sum(s._group.stats.groups for s in stores) < 6 * 20  # threads' writes overlapped
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        for store in stores:
+            store.close()
