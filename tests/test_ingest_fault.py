@@ -100,3 +100,96 @@ def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
     assert (total, distinct, checksum) == (sent, sent, sent * (sent - 1) // 2)
     assert stats[0] == sent
     assert sample == {"seq": sent - 1, "pad": "p" * 40}
+
+
+@pytest.mark.slow
+def test_sigkill_twice_with_concurrent_collectors_stores_every_record_exactly_once(
+    tmp_path: Path, servers: list[ServerProcess]
+) -> None:
+    """Three collectors at once, so kills land on groups of batches committed together."""
+    db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
+    cfg.write_text(config(db, 0))
+    servers.append(ServerProcess(cfg).start())
+    host, port = servers[0].address("ingest")
+    cfg.write_text(config(db, port))
+    collectors = [
+        Collector(
+            None,
+            host=host,
+            port=port,
+            topic="fault",
+            batch_records=300,
+            spool=tmp_path / f"collector-{c}.spool",
+            timeout=5,
+            retries=3,
+            backoff=0.02,
+            down_interval=0.1,
+        )
+        for c in range(3)
+    ]
+    restarted = threading.Event()
+    failures: list[BaseException] = []
+    kills = 0
+
+    def accepted() -> int:
+        return sum(c.stats.accepted for c in collectors)
+
+    def spooled() -> int:
+        return sum(c.stats.spooled for c in collectors)
+
+    def kill_and_restart() -> None:
+        nonlocal kills
+        try:
+            for _ in range(2):
+                target = accepted() + 15_000
+                wait_until(lambda t=target: accepted() >= t, 60, "records to be stored")  # type: ignore[misc]
+                servers[-1].stop(signal.SIGKILL)
+                kills += 1
+                before = spooled()
+                wait_until(lambda s=before: spooled() > s, 30, "a collector to spool")  # type: ignore[misc]
+                servers.append(ServerProcess(cfg).start())
+                assert servers[-1].address("ingest") == (host, port)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            restarted.set()
+
+    sent = [0] * len(collectors)
+
+    def stream(c: int) -> None:
+        collector, after_restart, deadline = collectors[c], 0, time.monotonic() + 90
+        try:
+            # Until both kills are done, then 3,000 more; bounded in count and time.
+            while after_restart < 3_000 and sent[c] < 1_000_000 and time.monotonic() < deadline:
+                collector.add({"c": c, "seq": sent[c]})
+                sent[c] += 1
+                if restarted.is_set():
+                    after_restart += 1
+            collector.close()
+        except BaseException as exc:
+            failures.append(exc)
+
+    killer = threading.Thread(target=kill_and_restart, name="killer")
+    streams = [threading.Thread(target=stream, args=(c,), name=f"collector-{c}") for c in range(3)]
+    killer.start()
+    for t in streams:
+        t.start()
+    for t in [killer, *streams]:
+        t.join(timeout=110)
+    assert not any(t.is_alive() for t in [killer, *streams])
+    assert failures == []
+    assert kills == 2
+    assert sum(c.stats.replayed for c in collectors) >= 2
+    for c, collector in enumerate(collectors):
+        assert collector.stats.accepted == sent[c]
+        assert not (tmp_path / f"collector-{c}.spool").exists()
+
+    servers[-1].stop()
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute(
+            "SELECT json_extract(data, '$.c'), count(*), count(DISTINCT json_extract(data, '$.seq')), "
+            "sum(json_extract(data, '$.seq')) FROM records GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        total = conn.execute("SELECT records FROM totals").fetchone()[0]
+    assert rows == [(c, n, n, n * (n - 1) // 2) for c, n in enumerate(sent)]
+    assert total == sum(sent)
