@@ -27,6 +27,22 @@ services:
 """
 
 
+def drain(collector: Collector) -> None:
+    """Flush until the spool is replayed, then close. A collector that failed to reach the
+    service waits ``down_interval`` before trying again, so the stream can end inside that
+    pause, when a single flush would leave the last batches in the spool (still safe, but not
+    yet stored)."""
+    spool = collector.spool
+    assert spool is not None
+
+    def flushed() -> bool:
+        collector.flush()
+        return not spool.exists()
+
+    wait_until(flushed, 30, "the collector's spool to be replayed")
+    collector.close()
+
+
 @pytest.mark.slow
 def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
     tmp_path: Path, servers: list[ServerProcess]
@@ -79,7 +95,7 @@ def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
             sent += 1
             if restarted.is_set():
                 after_restart += 1
-        collector.close()
+        drain(collector)
     finally:
         killer.join(timeout=60)
     assert not killer.is_alive()
@@ -165,7 +181,7 @@ def test_sigkill_twice_with_concurrent_collectors_stores_every_record_exactly_on
                 sent[c] += 1
                 if restarted.is_set():
                     after_restart += 1
-            collector.close()
+            drain(collector)
         except BaseException as exc:
             failures.append(exc)
 

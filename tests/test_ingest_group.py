@@ -182,6 +182,18 @@ def test_a_lone_batch_is_written_at_once_by_its_own_thread(tmp_path: Path) -> No
         store.close()
 
 
+def test_the_service_options_bound_the_groups(tmp_path: Path) -> None:
+    options: dict[str, Any] = {"group_max_batches": 2, "group_max_records": 300, "group_max_bytes": 4096}
+    with running_host(config(tmp_path / "ingest.db", **options)) as host:
+        service: IngestService = host.hosted[0].service
+        assert service.store._group.limits == GroupLimits(2, 300, 4096)  # type: ignore[attr-defined]
+    defaults = IngestService(database=f"sqlite:///{tmp_path / 'defaults.db'}")
+    try:
+        assert defaults.group == GroupLimits(64, 100_000, 32 * 1024 * 1024)
+    finally:
+        defaults.close()
+
+
 def test_groups_are_bounded_by_batches_records_and_bytes(
     tmp_path: Path, submitters: Submitters, hold: Any
 ) -> None:

@@ -301,6 +301,9 @@ def test_concurrent_submitters_lose_no_writes(db: Path, server_type: str) -> Non
         ({"schema": ["seq"]}, "schema must be a mapping"),
         ({"max_batch_records": 0}, "max_batch_records must be an integer >= 1, got 0"),
         ({"max_batch_bytes": True}, "max_batch_bytes must be an integer >= 1, got True"),
+        ({"group_max_batches": 0}, "group_max_batches must be an integer >= 1, got 0"),
+        ({"group_max_records": "many"}, "group_max_records must be an integer >= 1, got 'many'"),
+        ({"group_max_bytes": -1}, "group_max_bytes must be an integer >= 1, got -1"),
         ({"colour": "blue"}, "unknown option 'colour'"),
     ],
 )
