@@ -12,7 +12,9 @@ What is measured, in one run (ratios are comparable, absolute figures are not: t
   into batches of 1,000, submit them over loopback to ``python server.py`` (its own process,
   threaded server) where each record is decoded, checked against a schema, run through a
   processor (:func:`enrich`) and committed before the receipt comes back. Batches of several
-  collectors that arrive together are committed in one transaction (group commit);
+  collectors that arrive together are committed in one transaction (group commit); the four
+  collectors run once more against a server with ``group_max_batches: 1`` (a transaction per
+  batch), for the gain of grouping in the same run;
 - the SQLite ceiling: one process serializing each record (with the collector's JSON encoder)
   and doing ``executemany`` + ``COMMIT`` per 1,000 records into a fresh file with the same
   tables, WAL and synchronous=FULL (no RPC, no validation, no processor); also the insert alone
@@ -70,8 +72,10 @@ services:
       database: "{db}"
       processor: "benchmarks.bench_ingest:enrich"
       schema: {{seq: int, host: str, level: str}}
+      group_max_batches: {group}
 logging: {{level: INFO}}
 """
+UNGROUPED = " (group commit off)"
 
 
 def enrich(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -269,13 +273,16 @@ Row = tuple[str, float, float, "dict[str, float] | None"]
 def run_backend(
     label: str,
     database: str,
+    ungrouped_database: str,
     tmpdir: Path,
     ceilings: Callable[[int], list[tuple[str, float]]],
     records: list[dict[str, Any]],
     args: argparse.Namespace,
     rounds: int,
 ) -> list[Row]:
-    """Alternate ceilings and one collector for ``rounds``, then a ceiling and 4 collectors.
+    """Alternate ceilings and one collector for ``rounds``, then a ceiling and 4 collectors, then
+    4 collectors again against a server with ``group_max_batches: 1`` (a transaction per batch,
+    as without group commit) on ``ungrouped_database``.
 
     ``ceilings(r)`` measures and returns ``(name, records/s)`` pairs; the first is the
     reference the end-to-end rates are divided by.
@@ -283,7 +290,7 @@ def run_backend(
     n = len(records)
     rows: list[Row] = []
     config = tmpdir / f"config-{label}.yaml"
-    config.write_text(CONFIG.format(db=database))
+    config.write_text(CONFIG.format(db=database, group=64))
     with ServerProcess(config, cwd=ROOT) as server:
         address = server.address("ingest")
         # Ceilings and end to end alternate, so a neighbour's load hits both alike; each ratio
@@ -299,6 +306,11 @@ def run_backend(
         rows += [(f"{label}: {name}", rate, ref, None) for name, rate in measured]
         many = end_to_end(address, args.collectors, n, args.max_seconds)
         rows.append((f"{label}: end to end, {args.collectors} collectors", many["records_per_s"], ref, many))
+    config.write_text(CONFIG.format(db=ungrouped_database, group=1))
+    with ServerProcess(config, cwd=ROOT) as server:
+        off = end_to_end(server.address("ingest"), args.collectors, n, args.max_seconds)
+        label_off = f"{label}: end to end, {args.collectors} collectors{UNGROUPED}"
+        rows.append((label_off, off["records_per_s"], ref, off))
     return rows
 
 
@@ -313,6 +325,12 @@ def summary(label: str, rows: list[Row], collectors: int) -> list[str]:
         f"{label}: {collectors} collectors together: {many[0]:.2f} of the single-writer ceiling "
         f"(target >= 1.0: {'met' if many[0] >= 1.0 else 'NOT met'})",
     ]
+    off = [rate / ref for name, rate, ref, _ in rows if name.endswith(UNGROUPED)]
+    if off:
+        lines.append(
+            f"{label}: {collectors} collectors with group commit: {many[0] / off[0]:.2f}x the rate "
+            f"with a transaction per batch (group_max_batches=1)"
+        )
     return lines
 
 
@@ -345,8 +363,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("insert only (pre-serialized)", ceiling(tmpdir / f"insert-{r}.db", records, False)),
             ]
 
-        db = f"sqlite:///{tmpdir / 'ingest.db'}"
-        rows += run_backend("sqlite", db, tmpdir, sqlite_ceilings, records, args, rounds)
+        db, off = f"sqlite:///{tmpdir / 'ingest.db'}", f"sqlite:///{tmpdir / 'ungrouped.db'}"
+        rows += run_backend("sqlite", db, off, tmpdir, sqlite_ceilings, records, args, rounds)
         if not args.no_postgres:
             with (
                 nullcontext(args.postgres) if args.postgres else throwaway_postgres() as admin,
@@ -359,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
                         ("dumps + executemany", pg_ceiling(new_database(), records, copy=False)),
                     ]
 
-                rows += run_backend("postgres", new_database(), tmpdir, pg_ceilings, records, args, rounds)
+                rows += run_backend(
+                    "postgres", new_database(), new_database(), tmpdir, pg_ceilings, records, args, rounds
+                )
     load = os.getloadavg()
     print(f"{n:,} records of {size} bytes per collector, batches of {BATCH}; SQLite WAL + synchronous=FULL")
     print(f"load average before printing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)")
