@@ -19,7 +19,7 @@ import pytest
 import rpyc
 
 from client.ingest import Collector
-from rpyc_host.testing import running_host, wait_until
+from rpyc_host.testing import LocalService, running_host, wait_until
 from services.ingest import IngestService
 from services.ingest.storage import BatchWrite, StoreBusy, StoreError
 from services.ingest.storage.group import GroupCommit, GroupLimits
@@ -477,3 +477,31 @@ def test_an_unexpected_error_reaches_the_waiter_as_a_store_error() -> None:
     writer = GroupCommit(broken)
     with pytest.raises(StoreError, match="nothing of the batch was stored: RuntimeError: bug"):
         writer.write(batch("x", "{}"))
+
+
+def test_a_line_that_cannot_be_utf8_is_rejected_alone_not_failing_its_group(
+    tmp_path: Path, submitters: Submitters, hold: Any
+) -> None:
+    """In-process callers (the HTTP gateway) can pass a str with lone surrogates, which rpyc
+    never carries; such a line is rejected by itself before the batch joins a group."""
+    db = tmp_path / "ingest.db"
+    with LocalService(IngestService, database=f"sqlite:///{db}") as local:
+        group = local.service.store._group
+        blocker = hold(db)
+        submitters.start("lead", local.root.submit, "t", '{"seq": 0}\n', "lead")
+        wait_until(lambda: queued(group) == 0, 10, "the first submit to become the writer")
+        submitters.start("odd", local.root.submit, "t", '{"seq": 1}\n{"s": "\ud800"}\n{"seq": 2}\n', "odd")
+        wait_queued(group, 1, 10)
+        submitters.start("good", local.root.submit, "t", '{"seq": 3}\n', "good")
+        wait_queued(group, 2, 10)
+        blocker.release()
+        submitters.join()
+        assert submitters.results["odd"] == ("odd", 2, 0, ((1, "not UTF-8 text"),), False)
+        assert submitters.results["good"] == ("good", 1, 0, (), False)
+        assert group.stats.largest == 2
+        assert [d for _, d in local.root.query("t", 0, 10)] == [
+            '{"seq": 0}',
+            '{"seq": 1}',
+            '{"seq": 2}',
+            '{"seq": 3}',
+        ]

@@ -215,10 +215,15 @@ class IngestService(rpyc.Service):
     def _lines(self, records: object) -> tuple[list[str | bytes], int]:
         """Split the payload into lines, enforcing the batch limits; lines that are not
         UTF-8 stay bytes and are rejected one by one."""
+        surrogates = False
         if type(records) is bytes or type(records) is bytearray:
             nbytes = len(records)
         elif type(records) is str:
-            nbytes = len(records.encode("utf-8", "surrogatepass"))
+            try:
+                nbytes = len(records.encode("utf-8"))
+            except UnicodeEncodeError:  # lone surrogates: only an in-process caller can send them
+                nbytes = len(records.encode("utf-8", "surrogatepass"))
+                surrogates = True
         else:
             # type(), not isinstance(): a NetRef must not be asked anything (each ask is a round trip).
             raise TypeError(
@@ -238,6 +243,10 @@ class IngestService(rpyc.Service):
                 lines: list[str | bytes] = [_utf8_or_bytes(line) for line in raw]
             else:
                 lines = list(text.split("\n"))
+        elif surrogates:
+            # Such a line cannot be stored as UTF-8: rejected on its own, as bytes are, instead
+            # of failing the whole group of batches it would be written with.
+            lines = [_utf8_or_bytes(line.encode("utf-8", "surrogatepass")) for line in records.split("\n")]
         else:
             lines = list(records.split("\n"))
         if lines and not lines[-1]:
