@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -389,16 +390,28 @@ def _collect(address: tuple[str, int], worker: int, batches: int, size: int) -> 
         raise SystemExit(f"collector {worker}: {col.stats.accepted} of {batches * size} acknowledged")
 
 
+@contextmanager
+def ingest_server(db: Path, server_type: str, start_server: Any, write_config: Any) -> Iterator[Any]:
+    """The threaded host in this process (its writer can be inspected); the forking one as
+    ``python server.py``, so its children fork from a clean process, as in production, not from
+    the test process and whatever threads earlier tests left in it."""
+    if server_type == "threaded":
+        with running_host(config(db, server_type)) as host:
+            yield host
+    else:
+        yield start_server(write_config(config(db, server_type)))
+
+
 @pytest.mark.parametrize("server_type", ["threaded", "forking"])
 def test_many_threads_and_collector_processes_store_every_record_once(
-    tmp_path: Path, server_type: str
+    tmp_path: Path, server_type: str, start_server: Any, write_config: Any
 ) -> None:
     db = tmp_path / "ingest.db"
     writers, batches, size, shared = 6, 12, 50, 4
     receipts: list[tuple[Any, ...]] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
-    with running_host(config(db, server_type)) as host:
+    with ingest_server(db, server_type, start_server, write_config) as host:
         address = host.address("ingest")
 
         def write(w: int) -> None:
