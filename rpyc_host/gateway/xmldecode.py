@@ -29,15 +29,44 @@ from .calls import INVALID_PARAMS, MAX_DEPTH, RPCError
 FAST_DECODE_BYTES = 64 * 1024  # larger bodies stream through expat without building a tree
 
 _TEXT = rb"[^<>&\x00-\x08\x0b-\x1f]*"  # no markup, entity, carriage return or control character
+# XML's whitespace is these four only (a regular expression's \s also takes \v and \f, which
+# expat refuses), and nothing may stand before an XML declaration.
+_WS = rb"[ \t\r\n]*"
 _FLAT = re.compile(
-    rb"\s*(?:<\?xml version=(?:'1\.0'|\"1\.0\")"
-    rb"(?: encoding=(?:'utf-8'|\"utf-8\"|'UTF-8'|\"UTF-8\"))?\s*\?>)?\s*"
-    rb"<methodCall>\s*<methodName>([A-Za-z0-9_.]+)</methodName>\s*"
-    rb"(?:<params>([^&\x00-\x08\x0b-\x1f]*)</params>\s*)?</methodCall>\s*"
+    rb"(?:<\?xml version=(?:'1\.0'|\"1\.0\")"
+    rb"(?: encoding=(?:'utf-8'|\"utf-8\"|'UTF-8'|\"UTF-8\"))?"
+    + _WS
+    + rb"\?>)?"
+    + _WS
+    + rb"<methodCall>"
+    + _WS
+    + rb"<methodName>([A-Za-z0-9_.]+)</methodName>"
+    + _WS
+    + rb"(?:<params>([^&\x00-\x08\x0b-\x1f]*)</params>"
+    + _WS
+    + rb")?</methodCall>"
+    + _WS
 )
 _PARAM = re.compile(
-    rb"\s*<param>\s*<value>(?:\s*<(int|i4|i8|string|double|boolean)>(" + _TEXT + rb")</\1>\s*"
-    rb"|\s*(<nil/>)\s*|(" + _TEXT + rb"))</value>\s*</param>\s*"
+    _WS
+    + rb"<param>"
+    + _WS
+    + rb"<value>(?:"
+    + _WS
+    + rb"<(int|i4|i8|string|double|boolean)>("
+    + _TEXT
+    + rb")</\1>"
+    + _WS
+    + rb"|"
+    + _WS
+    + rb"(<nil/>)"
+    + _WS
+    + rb"|("
+    + _TEXT
+    + rb"))</value>"
+    + _WS
+    + rb"</param>"
+    + _WS
 )
 
 
