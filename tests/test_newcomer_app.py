@@ -41,7 +41,8 @@ def user_folder(tmp_path: Path) -> Path:
     (folder / "myapp" / "__init__.py").write_text("")
     (folder / "myapp" / "greeter.py").write_text(GREETER)
     (folder / "mine.yaml").write_text(
-        "services:\n  greeter:\n    class: myapp.greeter:Greeter\n    port: 0\n    options: {name: newcomer}\n"
+        "services:\n  greeter:\n    class: myapp.greeter:Greeter\n    port: 0\n"
+        "    options: {name: newcomer}\n"
     )
     assert PROJECT_ROOT not in folder.resolve().parents
     return folder

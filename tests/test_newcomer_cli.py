@@ -17,7 +17,7 @@ from rpyc_host.testing import PROJECT_ROOT, ServerProcess, run_cli
 
 RPYC_HOST = str(Path(sys.executable).parent / "rpyc-host")
 
-FAILING = '''
+FAILING = """
 class NeedsDatabase:
     def __init__(self, path: str = "x.db") -> None:
         raise RuntimeError(f"cannot open database {path}")
@@ -29,7 +29,7 @@ class NeedsFile:
 
     def ping(self) -> str:
         return "pong"
-'''
+"""
 
 
 @pytest.fixture
@@ -70,7 +70,9 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
         ),
     ],
 )
-def test_a_constructor_raising_anything_is_one_line_and_exit_2(folder: Path, service: str, expected: str) -> None:
+def test_a_constructor_raising_anything_is_one_line_and_exit_2(
+    folder: Path, service: str, expected: str
+) -> None:
     config = write(folder, f"services:\n  db: {service}\n")
     line = one_error_line(server("--config", str(config), cwd=folder))
     assert line == f"Error: {config}: {expected}"
