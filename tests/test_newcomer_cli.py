@@ -215,7 +215,9 @@ def test_check_creates_opens_and_deletes_nothing(folder: Path) -> None:
 def test_check_finds_bad_options_without_building_the_service(
     folder: Path, service: str, expected: str
 ) -> None:
-    config = write(folder, f"services:\n  s: {service}\n")
+    # A valid files service first: building it (what --check must not do) would create var/ok.
+    ok = "{class: services.files:FileService, port: 0, options: {root: var/ok}}"
+    config = write(folder, f"services:\n  ok: {ok}\n  s: {service}\n")
     line = one_error_line(server("--config", str(config), "--check", cwd=folder))
     assert line.startswith(f"Error: {config}: {expected}")
     assert not (folder / "var").exists()
