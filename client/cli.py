@@ -18,13 +18,16 @@ import code
 import importlib
 import os
 import pkgutil
+import platform
 import pprint
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
 
+import rpyc
+
 import client as client_pkg
-from rpyc_host.version import version_text
 
 from .connection import DEFAULT_TIMEOUT, connect, describe
 from .errors import ConfigError, ConnectError, describe_error
@@ -57,6 +60,16 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_TIMEOUT,
         help="seconds for connecting and per call (default: %(default)s)",
     )
+
+
+def version_text(prog: str) -> str:
+    """``<prog> <version> (rpyc <version>, Python <version>)``, as ``rpyc-host --version`` prints
+    it; read from the installed package's metadata, so the client imports nothing of the host."""
+    try:
+        version = metadata.version("rpyc-host")
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
+    return f"{prog} {version} (rpyc {rpyc.__version__}, Python {platform.python_version()})"
 
 
 def program_name() -> str:
