@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -104,21 +103,20 @@ def test_a_missing_dependency_of_the_module_is_named_as_such(user_folder: Path) 
     assert "install it" in result.stderr
 
 
+SERVER_PY = [sys.executable, str(PROJECT_ROOT / "server.py")]
+
+
+@pytest.mark.parametrize("command", [SERVER_PY, [RPYC_HOST]], ids=["server.py", "rpyc-host"])
 @pytest.mark.parametrize("server_type", ["threaded", "forking"])
 def test_serves_the_users_service_from_their_folder(
-    user_folder: Path, server_type: str, start_server: Callable[..., ServerProcess]
+    user_folder: Path, server_type: str, command: list[str]
 ) -> None:
     config = user_folder / "mine.yaml"
     config.write_text(config.read_text() + f"server: {{type: {server_type}}}\n")
-    # python /path/to/server.py, run from the user's folder; PYTHONPATH names only the project.
-    proc = start_server(config, cwd=user_folder, env=user_env())
-    with rpyc.connect(*proc.address("greeter")) as conn:
-        assert conn.root.greet() == "hello newcomer"
-
-
-def test_the_installed_command_serves_it_too(user_folder: Path) -> None:
-    proc = ServerProcess(user_folder / "mine.yaml", cwd=user_folder, env=user_env())
-    proc.args = [RPYC_HOST, "--config", "mine.yaml"]
+    # `python /path/to/server.py` or the installed `rpyc-host`, run from the user's folder.
+    proc = ServerProcess(config, cwd=user_folder, env=user_env())
+    proc.env = {**user_env(), "PYTHONUNBUFFERED": "1"}  # ServerProcess would keep a PYTHONPATH
+    proc.args = [*command, "--config", "mine.yaml", "--ready-file", proc.ready_file]
     with proc, rpyc.connect(*proc.address("greeter")) as conn:
         assert conn.root.greet() == "hello newcomer"
     assert proc.proc is not None and proc.proc.returncode == 0

@@ -228,6 +228,7 @@ def test_check_finds_bad_options_without_building_the_service(
     [
         ([RPYC_HOST], "rpyc-host"),
         ([sys.executable, str(PROJECT_ROOT / "server.py")], "server.py"),
+        ([sys.executable, "-m", "rpyc_host"], "python -m rpyc_host"),
         ([sys.executable, "-m", "client"], "python -m client"),
         ([str(Path(sys.executable).parent / "rpyc-host-client")], "rpyc-host-client"),
     ],
