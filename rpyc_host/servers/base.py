@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 from rpyc.core import consts
+from rpyc.core.stream import ClosedFile
 
 from .. import logs
 from ..budget import CONFIG_KEY, Ledger, caps_from_limits
@@ -206,8 +207,11 @@ class HostServerMixin:
             conn: HostConnection = root._connect(channel, config)  # runs the service's on_connect
         except Exception as exc:
             account.close()
+            # The half-built rpyc Connection closes its stream when collected: detach the socket
+            # first, so only the refusal closer (which owns it from here) ever closes it.
+            channel.stream.sock = ClosedFile
             self._refuse_after_on_connect(sock, peer, exc)
-            raise OnConnectFailed from exc
+            raise OnConnectFailed from None
         with self._conn_lock:
             self.connections.add(conn)
         how = f" ({', '.join(sorted(credentials))})" if credentials else ""
