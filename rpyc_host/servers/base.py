@@ -271,8 +271,9 @@ class HostServerMixin:
         config = conn._config
         opened = config.get("host_opened_at")
         traffic = config.get("host_traffic")
-        if opened is None or not isinstance(traffic, CountingChannel):
+        if opened is None or not isinstance(traffic, CountingChannel) or config.get("host_close_logged"):
             return
+        config["host_close_logged"] = True
         # Once the server stops, its own closing of sockets surfaces as errors like EBADF: not news.
         why = (config.get("host_close_reason") or "client closed") if self.active else "server stopping"
         self.logger.info(
@@ -382,6 +383,11 @@ def log_closed(logger: logging.Logger, conn: HostConnection, exc: Exception) -> 
             config["host_close_reason"] = text
     elif not conn.closed:
         config["host_close_reason"] = f"unreadable data from the client ({type(exc).__name__}: {exc})"
+    server = config.get("host_server")
+    if conn.closed and isinstance(server, HostServerMixin):
+        # rpyc closed it already (its socket number may be reused at once): say so now rather
+        # than only when the server forgets the connection.
+        server._log_disconnected(conn)
 
 
 def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
