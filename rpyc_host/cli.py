@@ -73,7 +73,8 @@ def apply_log_level(config: Config, override: str | None) -> Config:
     problem = schema.one_of(LOG_LEVELS)(override.upper())
     if problem:
         raise ConfigError(f"{override!r} {problem}", path="--log-level")
-    return dataclasses.replace(config, log_level=override.upper())
+    logging_section = dataclasses.replace(config.logging, level=override.upper())
+    return dataclasses.replace(config, logging=logging_section)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
