@@ -4,6 +4,9 @@
     python -m client describe demo
     python -m client shell demo                 # interactive, with conn and root bound
 
+Installed as ``rpyc-host-client`` too. Every subcommand takes what it acts on as positional
+arguments (a service, a method, a topic, a path) and everything else as ``--options``.
+
 Exit status: 0 on success, 1 when the call or connection failed, 2 for usage errors.
 """
 
@@ -15,10 +18,14 @@ import code
 import importlib
 import os
 import pkgutil
+import platform
 import pprint
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from typing import Any
+
+import rpyc
 
 import client as client_pkg
 
@@ -55,12 +62,29 @@ def add_connection_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def version_text(prog: str) -> str:
+    """``<prog> <version> (rpyc <version>, Python <version>)``, as ``rpyc-host --version`` prints
+    it; read from the installed package's metadata, so the client imports nothing of the host."""
+    try:
+        version = metadata.version("rpyc-host")
+    except metadata.PackageNotFoundError:
+        version = "(not installed)"
+    return f"{prog} {version} (rpyc {rpyc.__version__}, Python {platform.python_version()})"
+
+
+def program_name() -> str:
+    """The command as the user typed it: ``python -m client`` or the installed ``rpyc-host-client``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m client" if name in ("", "__main__.py", "-c") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m client",
+        prog=program_name(),
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_text(parser.prog))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     call = sub.add_parser("call", help="call an exposed method and print the result")
     add_target(call)
@@ -82,7 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     for info in sorted(pkgutil.iter_modules(client_pkg.__path__), key=lambda i: i.name):
         if info.name.startswith("cmd_"):
             importlib.import_module(f"client.{info.name}").register(sub)
+    _mark_leaves(parser)
     return parser
+
+
+def _mark_leaves(parser: argparse.ArgumentParser) -> None:
+    """Record on every (sub)command which parser it was, so a stray argument is reported with
+    that subcommand's own usage rather than the top-level one."""
+    parser.set_defaults(cli_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _mark_leaves(child)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse like ``parse_args``, but unknown arguments get the innermost subcommand's usage."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "cli_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def connect_from_args(args: argparse.Namespace) -> Any:
@@ -133,7 +177,7 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -1,7 +1,7 @@
 """``python -m client ingest count|topics|query|stats``: read back what the ingest service stored.
 
     python -m client ingest count                    # records in every topic
-    python -m client ingest count --topic load
+    python -m client ingest count load               # in one topic
     python -m client ingest topics
     python -m client ingest query load --after-id 0 --limit 10   # JSON lines: {"id": .., "record": ..}
     python -m client ingest stats
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     actions = ingest.add_subparsers(dest="ingest_action", required=True, metavar="ACTION")
 
     count = actions.add_parser("count", help="how many records are stored (in one topic or all)")
-    count.add_argument("--topic", help="count only this topic")
+    count.add_argument("topic", nargs="?", help="count only this topic (default: every topic)")
     count.set_defaults(func=cmd_count)
 
     topics = actions.add_parser("topics", help="list the topics with stored records")

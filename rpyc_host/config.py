@@ -320,6 +320,7 @@ class Config:
     registry: RegistrySection = field(default_factory=RegistrySection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    disabled: tuple[str, ...] = ()  # services listed with enabled: false, logged at start
 
     @property
     def log_level(self) -> str:
@@ -453,6 +454,7 @@ def _resolve(sections: FileSections, source: str) -> Config:
         registry=_check_registry(sections.registry),
         metrics=sections.metrics,
         logging=sections.logging,
+        disabled=tuple(name for name, svc in sections.services.items() if not svc.enabled),
     )
 
 

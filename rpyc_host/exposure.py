@@ -16,8 +16,10 @@ import copy
 import functools
 import importlib
 import inspect
+import os
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import rpyc
@@ -31,6 +33,35 @@ _RPYC_BUILTINS = {"get_service_aliases", "get_service_name"}
 EXPOSED_PREFIX = "exposed_"
 
 
+# Folders user classes are imported from (besides sys.path), in the order they were added.
+APP_DIRS: list[str] = []
+
+
+def add_app_dirs(dirs: Iterable[str | os.PathLike[str]]) -> None:
+    """Let ``module:Class`` names resolve in these folders too, like ``python -m`` does for the
+    current directory (and uvicorn's ``--app-dir``): earlier folders win over installed packages."""
+    new = []
+    for entry in dirs:
+        folder = os.path.abspath(entry)
+        if folder not in APP_DIRS and folder not in new:
+            new.append(folder)
+    APP_DIRS.extend(new)
+    for folder in reversed(new):
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    if new:
+        importlib.invalidate_caches()
+
+
+def _where_looked() -> str:
+    places = ", ".join(APP_DIRS) if APP_DIRS else "no app folder"
+    return (
+        f"looked in {places} and the installed packages: run from the folder that holds it, "
+        "or add --app-dir DIR or PYTHONPATH=DIR"
+    )
+
+
 def import_class(class_path: str, path: str) -> type:
     """Import ``module:Class``; ConfigError at ``path`` if it is not importable or not a class."""
     module_name, sep, attr = class_path.partition(":")
@@ -42,8 +73,15 @@ def import_class(class_path: str, path: str) -> type:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and not (module_name == missing or module_name.startswith(missing + ".")):
+            # The module exists but imports something that is not installed.
+            raise ConfigError(
+                f"importing {module_name!r} failed: {exc} (install it in this environment)", path=path
+            ) from None
         raise ConfigError(
-            f"cannot import module {module_name!r} for {class_path!r}: {exc}", path=path
+            f"cannot import module {module_name!r} for {class_path!r}: {exc} ({_where_looked()})",
+            path=path,
         ) from None
     except Exception as exc:  # a broken user module: say what it raised
         raise ConfigError(
@@ -166,31 +204,66 @@ def prepare_class(cls: type) -> type[rpyc.Service]:
     return type(base.__name__, (base,), namespace)
 
 
-def instantiate(cls: type[rpyc.Service], options: Mapping[str, Any], path: str) -> rpyc.Service:
-    """Build the service with its options; ConfigError at ``path`` if it rejects them."""
+def check_options(cls: type[rpyc.Service], options: Mapping[str, Any], path: str) -> None:
+    """Check ``options`` against the constructor without calling it (nothing is created, opened
+    or deleted): unknown and missing options, then the class's own ``check_options(**options)``
+    if it has one. ConfigError at ``path`` (or ``path.<option>``) naming what is wrong."""
     init_owner = getattr(cls, "_plain_class", cls)
     try:
         sig = inspect.signature(init_owner)
     except (TypeError, ValueError):
         sig = None
-    if sig is not None and not any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
-        accepted = [
-            n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    if sig is not None:
+        params = sig.parameters.values()
+        named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            for key in options:
+                if key not in named:
+                    raise ConfigError(
+                        f"unknown option {key!r}{did_you_mean(key, named)}; "
+                        f"{init_owner.__name__} takes: {', '.join(named) or 'none'}",
+                        path=f"{path}.{key}",
+                    )
+        missing = [
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is p.empty
+            and p.name not in options
         ]
-        for key in options:
-            if key not in accepted:
-                known = ", ".join(accepted) or "none"
-                raise ConfigError(
-                    f"unknown option {key!r}{did_you_mean(key, accepted)}; "
-                    f"{init_owner.__name__} takes: {known}",
-                    path=f"{path}.{key}",
-                )
+        if missing:
+            raise ConfigError(
+                f"{init_owner.__name__} needs option(s) {', '.join(map(repr, missing))}: "
+                "add them under options:",
+                path=path,
+            )
+    checker = getattr(init_owner, "check_options", None)
+    if callable(checker):
+        try:
+            checker(**options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{init_owner.__name__} rejected its options: {exc}", path=path) from None
+
+
+def instantiate(cls: type[rpyc.Service], options: Mapping[str, Any], path: str) -> rpyc.Service:
+    """Build the service with its options; ConfigError at ``path`` if it rejects them.
+
+    Whatever the constructor raises becomes one ConfigError line (``<Class>(...) failed:
+    <Type>: <message>``) with the original exception as its ``__cause__``, for a DEBUG traceback.
+    """
+    check_options(cls, options, path)
+    init_owner = getattr(cls, "_plain_class", cls)
     try:
         service = cls(**options)
-        service._host_started_at = time.time()
-        return service
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{init_owner.__name__} rejected its options: {exc}", path=path) from None
+        raise ConfigError(f"{init_owner.__name__} rejected its options: {exc}", path=path) from exc
+    except Exception as exc:
+        where = path.removesuffix(".options")
+        raise ConfigError(
+            f"{init_owner.__name__}(...) failed: {type(exc).__name__}: {exc}", path=where
+        ) from exc
+    service._host_started_at = time.time()
+    return service
 
 
 def per_connection(prototype: rpyc.Service) -> rpyc.Service:

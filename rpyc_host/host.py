@@ -30,7 +30,7 @@ import rpyc
 from . import classic, systemd
 from .config import Config, ServiceConfig
 from .errors import ConfigError, StartupError
-from .exposure import import_class, instantiate, prepare_class
+from .exposure import check_options, import_class, instantiate, prepare_class
 from .metrics import CallBook
 from .protocol import harden_netrefs
 from .reload import reload
@@ -69,8 +69,36 @@ def build_services(config: Config) -> list[tuple[ServiceConfig, rpyc.Service]]:
             built.append((svc, instantiate(cls, svc.options, f"{svc.key_path}.options")))
     except ConfigError as exc:
         close_services(s for _, s in built)
-        raise exc.located(config.source) from None
+        raise exc.located(config.source) from exc.__cause__  # the cause: a traceback at DEBUG
     return built
+
+
+def check_services(config: Config) -> None:
+    """What ``--check`` does: import every class and check its options without building it,
+    so validating creates, opens and deletes nothing; ConfigError for the first mistake."""
+    require_services(config)
+    for svc in config.services:
+        try:
+            cls = prepare_class(import_class(svc.class_path, f"{svc.key_path}.class"))
+            check_options(cls, svc.options, f"{svc.key_path}.options")
+        except ConfigError as exc:
+            raise exc.located(config.source) from None
+
+
+def require_services(config: Config) -> None:
+    """ConfigError for a configuration that would serve nothing, saying what to add."""
+    if config.services:
+        return
+    disabled = config.disabled
+    if disabled:
+        names = ", ".join(f"services.{name}" for name in disabled)
+        message = f"every service is disabled ({names}): set enabled: true on at least one"
+    else:
+        message = (
+            "no services to serve: add one under services:, for example "
+            "services: {demo: {class: services.demo:DemoService, port: 18861}}"
+        )
+    raise ConfigError(message, path="services", source=config.source)
 
 
 def close_services(services: Any) -> None:
@@ -157,6 +185,8 @@ class Host:
                 "security.insecure is true: services may accept unauthenticated connections "
                 "from other machines"
             )
+        for name in self.config.disabled:
+            log.info("not serving services.%s: enabled is false", name)
         built = build_services(self.config)
         inherited: dict[str, systemd.Inherited] = {}
         try:

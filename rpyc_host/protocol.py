@@ -21,6 +21,7 @@ from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
 
 from .budget import CONFIG_KEY
+from .errors import did_you_mean
 from .wire.errors import DeadlineExceeded
 from .wire.remote import ContextCalls, ContextServing
 
@@ -299,6 +300,15 @@ class HostConnection(ContextServing, ContextCalls, Connection):
                 book.record(config.get("host_service", "?"), method, elapsed, failed)
             if debug and logger is not None:
                 logger.debug("call %s %.3f ms%s", method, elapsed * 1000, " (raised)" if failed else "")
+
+    def _check_attr(self, obj: Any, name: str, perm: str) -> str:
+        """rpyc's check, with a did-you-mean from the exposed names when access is refused."""
+        try:
+            return str(super()._check_attr(obj, name, perm))
+        except AttributeError:
+            prefix = self._config["exposed_prefix"]
+            exposed = [n[len(prefix) :] for n in dir(obj) if n.startswith(prefix)]
+            raise AttributeError(f"cannot access {name!r}{did_you_mean(name, exposed)}") from None
 
     def _handle_dir(self, obj: Any) -> tuple[str, ...]:
         """Only what a client may access: exposed names (without the prefix) and safe dunders."""

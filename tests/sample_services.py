@@ -88,12 +88,16 @@ class Calculator:
 
 @rpyc.service
 class PickyService(rpyc.Service):
-    """Rejects a negative level."""
+    """Rejects a negative level (in check_options, so ``--check`` finds it without building)."""
 
     def __init__(self, level: int = 1) -> None:
+        self.check_options(level)
+        self.level = level
+
+    @staticmethod
+    def check_options(level: int = 1) -> None:
         if level < 0:
             raise ValueError(f"level must be >= 0, got {level}")
-        self.level = level
 
 
 @rpyc.service

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import rpyc
+from rpyc.core import consts
+from rpyc.core.stream import ClosedFile
 
 from .. import logs
 from ..budget import CONFIG_KEY, Ledger, caps_from_limits
@@ -32,8 +34,9 @@ from ..config import LimitsSection, SecurityConfig
 from ..errors import Refused
 from ..exposure import per_connection
 from ..protocol import NO_WAIT, SAFE_PROTOCOL, HostConnection, InflightTracker
-from ..security import Gatekeeper
-from ..wire.transport import make_channel, tune_socket
+from ..security import Gatekeeper, closer
+from ..wire.handshake import rpyc_refusal_frame
+from ..wire.transport import FastChannel, FastSocketStream, tune_socket
 
 _CONN_IDS = itertools.count(1)
 # Every live host server, so a forked child can drop the sockets it inherited from the others.
@@ -94,6 +97,8 @@ class HostServerMixin:
             "host_service": settings.name,
             "host_server": self,
         }
+        if not any(isinstance(f, RpycChatter) for f in self.logger.filters):
+            self.logger.addFilter(RpycChatter())
         # Accepted sockets inherit TCP_NODELAY from the listener on Linux; set it on both anyway.
         tune_socket(self.listener)
         LIVE.add(self)
@@ -167,6 +172,8 @@ class HostServerMixin:
                 return None
         try:
             return self._build_connection(sock, peer, connid, credentials)
+        except OnConnectFailed:
+            return None  # logged, and the client told why
         except Exception:
             self.logger.exception("could not set up a connection from %s:%s", *peer[:2])
             sock.close()
@@ -186,19 +193,46 @@ class HostServerMixin:
             endpoints=(sock.getsockname(), peer),
             logger=self.logger,
         )
-        config[CONFIG_KEY] = self.ledger.open_account(connid)
+        account = config[CONFIG_KEY] = self.ledger.open_account(connid)
+        config["host_opened_at"] = time.monotonic()
         root = per_connection(self.service)
-        channel = make_channel(
-            sock, self.settings.compression, self.limits.max_frame_bytes, stall=self.limits.handshake_timeout
+        tune_socket(sock)
+        channel = CountingChannel(
+            FastSocketStream(sock, self.limits.handshake_timeout),
+            compress=self.settings.compression,
+            max_frame=self.limits.max_frame_bytes,
         )
-        conn: HostConnection = root._connect(channel, config)
+        config["host_traffic"] = channel
+        try:
+            conn: HostConnection = root._connect(channel, config)  # runs the service's on_connect
+        except Exception as exc:
+            account.close()
+            # The half-built rpyc Connection closes its stream when collected: detach the socket
+            # first, so only the refusal closer (which owns it from here) ever closes it.
+            channel.stream.sock = ClosedFile
+            self._refuse_after_on_connect(sock, peer, exc)
+            raise OnConnectFailed from None
         with self._conn_lock:
             self.connections.add(conn)
+        how = f" ({', '.join(sorted(credentials))})" if credentials else ""
+        self.logger.info("connected%s", how, extra=_conn_extra(connid, peer))
         return conn
+
+    def _refuse_after_on_connect(self, sock: socket.socket, peer: Any, exc: Exception) -> None:
+        """The service's on_connect raised: log it once, and answer the client's first request
+        with the reason (plain rpyc clients read it too) instead of resetting the connection."""
+        reason = f"{type(exc).__name__}: {exc}"
+        self.gatekeeper.refusals.add("on_connect", self.name)
+        self.logger.warning("refused the connection: on_connect raised %s", reason)
+        self.logger.debug("on_connect traceback", exc_info=exc)
+        closer().close_after(sock, rpyc_refusal_frame(f"{self.name} refused the connection: {reason}"))
 
     def _forget(self, conn: HostConnection) -> None:
         with self._conn_lock:
+            if conn not in self.connections:
+                return  # already forgotten (and its closing logged)
             self.connections.discard(conn)
+        self._log_disconnected(conn)
         account = conn._config.get(CONFIG_KEY)
         if account is not None:
             account.close()  # whatever the connection still held goes back to the service
@@ -224,13 +258,33 @@ class HostServerMixin:
                 if conn.serve(idle):
                     last = time.monotonic()
                 elif idle is not None and time.monotonic() - last >= idle:
-                    self.logger.info("[%s] closing after %.0f s idle", conn._config["connid"], idle)
+                    conn._config["host_close_reason"] = f"idle for {idle:.0f} s"
                     break
         except Exception as exc:
             log_closed(self.logger, conn, exc)
         finally:
             close_quietly(conn, self.logger)
             self._forget(conn)
+
+    def _log_disconnected(self, conn: HostConnection) -> None:
+        """One line for a connection's end: how long, how much, and why."""
+        config = conn._config
+        opened = config.get("host_opened_at")
+        traffic = config.get("host_traffic")
+        if opened is None or not isinstance(traffic, CountingChannel) or config.get("host_close_logged"):
+            return
+        config["host_close_logged"] = True
+        # Once the server stops, its own closing of sockets surfaces as errors like EBADF: not news.
+        why = (config.get("host_close_reason") or "client closed") if self.active else "server stopping"
+        self.logger.info(
+            "disconnected after %.2f s: %d requests, %s in, %s out (%s)",
+            time.monotonic() - opened,
+            traffic.requests,
+            _size(traffic.bytes_in),
+            _size(traffic.bytes_out),
+            why,
+            extra=_conn_extra(config.get("connid"), config.get("endpoints", (None, "?"))[1]),
+        )
 
     # -- running and stopping ----------------------------------------------------------------------
 
@@ -317,14 +371,23 @@ class HostServerMixin:
 
 
 def log_closed(logger: logging.Logger, conn: HostConnection, exc: Exception) -> None:
-    """One line for a connection that ended in an error: a peer's bad data or stall is the
-    peer's problem, not a server bug, so no traceback."""
-    connid = conn._config.get("connid")
+    """Note why a connection ended in an error, for its "disconnected" line: a peer's bad data
+    or stall is the peer's problem, not a server bug, so no traceback."""
+    config = conn._config
+    if config.get("host_close_reason"):
+        return
     if isinstance(exc, EOFError):
-        if str(exc) and "closed by peer" not in str(exc):
-            logger.info("[%s] closed: %s", connid, exc)
+        text = str(exc)
+        # "closed by peer": the client left; "stream has been closed": after its close request.
+        if text and "closed by peer" not in text and "stream has been closed" not in text:
+            config["host_close_reason"] = text
     elif not conn.closed:
-        logger.info("[%s] closed: unreadable data from the client (%s: %s)", connid, type(exc).__name__, exc)
+        config["host_close_reason"] = f"unreadable data from the client ({type(exc).__name__}: {exc})"
+    server = config.get("host_server")
+    if conn.closed and isinstance(server, HostServerMixin):
+        # rpyc closed it already (its socket number may be reused at once): say so now rather
+        # than only when the server forgets the connection.
+        server._log_disconnected(conn)
 
 
 def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
@@ -338,6 +401,64 @@ def close_quietly(conn: HostConnection, logger: logging.Logger) -> None:
         conn.close()
     except Exception:
         logger.debug("closing %s failed", conn._config.get("connid"), exc_info=True)
+
+
+class RpycChatter(logging.Filter):
+    """Moves rpyc's own INFO lines about accepting and listening to DEBUG: the host writes one
+    line when a connection opens and one when it closes, and one per listener."""
+
+    PREFIXES = ("accepted ", "server started on ", "listener closed")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.INFO or not str(record.msg).startswith(self.PREFIXES):
+            return True
+        if not logging.getLogger(record.name).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+class OnConnectFailed(Exception):
+    """The service's on_connect raised; the client has been told and the socket handed off."""
+
+
+class CountingChannel(FastChannel):
+    """A FastChannel that counts frame bytes each way and requests received, for the line
+    logged when the connection closes (one addition per frame)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "requests")
+
+    def __init__(
+        self, stream: FastSocketStream, compress: bool = False, max_frame: int | None = None
+    ) -> None:
+        super().__init__(stream, compress=compress, max_frame=max_frame)
+        self.bytes_in = self.bytes_out = self.requests = 0
+
+    def send(self, data: bytes) -> None:
+        super().send(data)
+        self.bytes_out += len(data)
+
+    def recv(self) -> bytes:
+        data = super().recv()
+        self.bytes_in += len(data)
+        if data[:1] == _REQUEST:
+            self.requests += 1
+        return data
+
+
+_REQUEST = bytes([consts.MSG_REQUEST])
+
+
+def _size(count: int) -> str:
+    if count < 1000:
+        return f"{count} B"
+    if count < 1_000_000:
+        return f"{count / 1000:.1f} kB"
+    return f"{count / 1_000_000:.1f} MB"
+
+
+def _conn_extra(connid: Any, peer: Any) -> dict[str, Any]:
+    return {"connid": connid, "peer": format_peer(peer)}
 
 
 def format_peer(peer: Any) -> str:

@@ -69,14 +69,12 @@ class FileService(rpyc.Service):
         transfer_timeout: float = 30.0,
         partial_ttl: float = 24 * 3600.0,
     ) -> None:
-        if not isinstance(root, str) or not root or "\x00" in root:
-            raise TypeError(f"root must be a directory path, got {root!r}")
-        self.max_file_size: int = _int_option("max_file_size", max_file_size, 0)  # type: ignore[assignment]
-        self.max_total_bytes = _int_option("max_total_bytes", max_total_bytes, 0, allow_none=True)
-        self.small_io_limit: int = _int_option("small_io_limit", small_io_limit, 1)  # type: ignore[assignment]
-        for name, value in (("transfer_timeout", transfer_timeout), ("partial_ttl", partial_ttl)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        self.check_options(
+            root, max_file_size, max_total_bytes, small_io_limit, transfer_timeout, partial_ttl
+        )
+        self.max_file_size = max_file_size
+        self.max_total_bytes = max_total_bytes
+        self.small_io_limit = small_io_limit
         self.transfer_timeout = float(transfer_timeout)
         self.partial_ttl = float(partial_ttl)
         try:
@@ -98,6 +96,29 @@ class FileService(rpyc.Service):
         self._account: budget.Account | None = None  # what this connection holds (open transfers, ...)
         self._transfers: set[Transfer] = set()
         self.counts = TransferCounts()  # shared by every connection's copy of this instance
+
+    @staticmethod
+    def check_options(
+        root: str = "var/files",
+        max_file_size: int = 64 * GiB,
+        max_total_bytes: int | None = None,
+        small_io_limit: int = 16 * MiB,
+        transfer_timeout: float = 30.0,
+        partial_ttl: float = 24 * 3600.0,
+    ) -> None:
+        """Validate the options' types and values without touching the disk (``--check``).
+
+        Raises:
+            TypeError, ValueError: naming the option and the value given.
+        """
+        if not isinstance(root, str) or not root or "\x00" in root:
+            raise TypeError(f"root must be a directory path, got {root!r}")
+        _int_option("max_file_size", max_file_size, 0)
+        _int_option("max_total_bytes", max_total_bytes, 0, allow_none=True)
+        _int_option("small_io_limit", small_io_limit, 1)
+        for name, value in (("transfer_timeout", transfer_timeout), ("partial_ttl", partial_ttl)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
 
     def metrics(self) -> dict[str, int]:
         """For the host's /metrics (not exposed): bytes in and out, uploads and downloads so far.

@@ -33,13 +33,16 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import rpyc
 
+from rpyc_host.errors import did_you_mean
 from rpyc_host.wire.jsonlines import fast_json_encoder
 
-from .storage import BatchWrite, Store, StoreBusy, StoreError, open_store
+from .storage import BACKENDS, BatchWrite, Store, StoreBusy, StoreError, open_store
 from .storage.group import GroupLimits
+from .storage.sqlite import QUERY_KEYS as SQLITE_QUERY_KEYS
 
 log = logging.getLogger("services.ingest")
 
@@ -110,6 +113,33 @@ def load_processor(spec: object) -> Processor | None:
     return func
 
 
+def check_database_url(url: object) -> None:
+    """The checks of ``open_store`` that need no database: type, scheme, SQLite path and options."""
+    if not isinstance(url, str):
+        raise TypeError(f"database must be a URL string such as 'sqlite:///var/ingest.db', got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in BACKENDS:
+        what = f"unknown scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise ValueError(
+            f"database {url!r}: {what}{did_you_mean(parts.scheme, BACKENDS)}; known schemes: "
+            f"{', '.join(sorted(BACKENDS))} (for example 'sqlite:///var/ingest.db')"
+        )
+    if parts.scheme != "sqlite":
+        return
+    if parts.netloc:
+        raise ValueError(
+            f"database {url!r}: a SQLite URL has no host; use 'sqlite:///relative/path.db' or "
+            "'sqlite:////absolute/path.db'"
+        )
+    if parts.path in ("", "/", "/:memory:"):
+        raise ValueError(f"database {url!r}: needs a file path (an in-memory database is not durable)")
+    for key, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if key not in SQLITE_QUERY_KEYS:
+            raise ValueError(
+                f"database {url!r}: unknown option {key!r}; known: {', '.join(SQLITE_QUERY_KEYS)}"
+            )
+
+
 def _positive_int(name: str, value: object) -> int:
     if type(value) is not int or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -153,13 +183,19 @@ class IngestService(rpyc.Service):
         group_max_records: int = GroupLimits.max_records,
         group_max_bytes: int = GroupLimits.max_bytes,
     ) -> None:
-        self.max_batch_records = _positive_int("max_batch_records", max_batch_records)
-        self.max_batch_bytes = _positive_int("max_batch_bytes", max_batch_bytes)
-        self.group = GroupLimits(
-            _positive_int("group_max_batches", group_max_batches),
-            _positive_int("group_max_records", group_max_records),
-            _positive_int("group_max_bytes", group_max_bytes),
+        self.check_options(
+            database,
+            processor,
+            schema,
+            max_batch_records,
+            max_batch_bytes,
+            group_max_batches,
+            group_max_records,
+            group_max_bytes,
         )
+        self.max_batch_records = max_batch_records
+        self.max_batch_bytes = max_batch_bytes
+        self.group = GroupLimits(group_max_batches, group_max_records, group_max_bytes)
         self.schema = parse_schema(schema)
         self.processor_name = processor
         self.processor = load_processor(processor)
@@ -168,6 +204,32 @@ class IngestService(rpyc.Service):
         except StoreError as exc:
             raise ValueError(str(exc)) from None
         self._peer = "?"
+
+    @staticmethod
+    def check_options(
+        database: str = DEFAULT_DATABASE,
+        processor: str | None = None,
+        schema: Mapping[str, str] | None = None,
+        max_batch_records: int = 10_000,
+        max_batch_bytes: int = 16 * 1024 * 1024,
+        group_max_batches: int = GroupLimits.max_batches,
+        group_max_records: int = GroupLimits.max_records,
+        group_max_bytes: int = GroupLimits.max_bytes,
+    ) -> None:
+        """Validate the options without opening the database (``--check``): the limits, the
+        schema, that the processor imports, and the database URL's form.
+
+        Raises:
+            TypeError, ValueError: naming the option and the value given.
+        """
+        _positive_int("max_batch_records", max_batch_records)
+        _positive_int("max_batch_bytes", max_batch_bytes)
+        _positive_int("group_max_batches", group_max_batches)
+        _positive_int("group_max_records", group_max_records)
+        _positive_int("group_max_bytes", group_max_bytes)
+        parse_schema(schema)
+        load_processor(processor)
+        check_database_url(database)
 
     def on_connect(self, conn: Any) -> None:
         endpoints = conn._config.get("endpoints") or (None, ("?", 0))
