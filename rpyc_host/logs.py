@@ -3,6 +3,10 @@
 Whatever runs on behalf of a connection (its thread, the pool worker serving it, its forked
 process) sets :data:`CONTEXT`; a filter copies the connection id and peer onto every record
 logged meanwhile, so service code gets them in its own log lines without passing them around.
+A line written while a call is served (or made) with a call context also carries the request
+id and the trace id (:mod:`rpyc_host.wire.context`): ``[demo-7 10.0.0.3:51234 req=9f2c...
+trace=0af7...]`` in text, ``"request_id"``/``"trace_id"`` in JSON, so one request can be followed
+through the logs of every service it crossed.
 
 Usage::
 
@@ -22,6 +26,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
+
+from .wire.context import current as current_context
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(conn_prefix)s%(message)s"
 
@@ -51,20 +57,39 @@ def set_connection(connid: str | None, peer: str | None) -> None:
 
 
 class ConnectionFilter(logging.Filter):
-    """Adds ``connid``, ``peer`` and ``conn_prefix`` (``[connid peer] `` or empty) to records."""
+    """Adds ``connid``, ``peer``, ``request_id``, ``trace_id`` and ``conn_prefix`` (``[connid peer
+    req=... trace=...] `` or empty) to records."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         connid = getattr(record, "connid", None) or CONTEXT.connid
         peer = getattr(record, "peer", None) or CONTEXT.peer
         record.connid, record.peer = connid, peer
-        record.conn_prefix = f"[{connid} {peer}] " if connid else ""
+        ctx = current_context()
+        request_id = ctx.request_id if ctx else None
+        traceparent = ctx.traceparent if ctx else None
+        trace_id = traceparent[3:35] if traceparent and len(traceparent) == 55 else None
+        record.request_id, record.trace_id = request_id, trace_id
+        tags = [t for t in (connid, peer if connid else None) if t]
+        if request_id:
+            tags.append(f"req={request_id}")
+        if trace_id:
+            tags.append(f"trace={trace_id}")
+        record.conn_prefix = f"[{' '.join(tags)}] " if tags else ""
         return True
 
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, msg, conn, peer, plus any ``extra`` fields."""
 
-    _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "connid", "peer", "conn_prefix"}
+    _STANDARD = set(vars(logging.makeLogRecord({}))) | {
+        "message",
+        "asctime",
+        "connid",
+        "peer",
+        "conn_prefix",
+        "request_id",
+        "trace_id",
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -76,6 +101,9 @@ class JSONFormatter(logging.Formatter):
         if getattr(record, "connid", None):
             data["conn"] = getattr(record, "connid", None)
             data["peer"] = getattr(record, "peer", None)
+        for key in ("request_id", "trace_id"):
+            if getattr(record, key, None):
+                data[key] = getattr(record, key)
         for key, value in vars(record).items():
             if key not in self._STANDARD and not key.startswith("_"):
                 data[key] = value if isinstance(value, str | int | float | bool | None) else repr(value)

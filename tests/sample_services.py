@@ -194,3 +194,14 @@ class CallbackService(rpyc.Service):
     @rpyc.exposed
     def call_back(self, fn: Any, value: str) -> Any:
         return fn(value)
+
+
+@rpyc.service
+class NoteService(rpyc.Service):
+    """Writes what it is given to the host's log."""
+
+    @rpyc.exposed
+    def note(self, text: str) -> None:
+        import logging
+
+        logging.getLogger("tests.note").warning("note: %s", text)
