@@ -37,7 +37,7 @@ def test_cli_transfers_and_errors(
     assert cli("mkdir", "-p", "in/box")[0] == 0
     code, out, err = cli("upload", str(src), "in/")
     assert code == 0, err
-    assert "in/local.bin: 3,145,728 bytes, sha256" in out
+    assert "in/local.bin: 3,145,728 bytes, blake3" in out
     assert "100.0%" in err and "ETA" in err  # the progress bar's final line
     code, out, err = cli("upload", str(src), "in/", "--no-progress")
     assert (
