@@ -208,6 +208,7 @@ def test_old_clients_still_get_sha256(service: Files) -> None:
     up.write(data)
     assert up.sha256() == hashlib.sha256(data).hexdigest()
     assert up.digest() == REFERENCE["blake3"](data)
+    assert up.digest("xxh3_128") == REFERENCE["xxh3_128"](data)
     assert up.commit() == (len(data), REFERENCE["blake3"](data))
     reader = fs.open_read("new.bin", 0, "xxh3_128")
     try:

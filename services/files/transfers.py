@@ -325,18 +325,18 @@ class Upload(Transfer):
         return str(hash_fd(self._fd, 0, self._offset).hexdigest())  # read again: asked for by name
 
     @exposed_op
-    def digest(self) -> str:
-        """This upload's hash of everything written so far (check it before commit())."""
+    def digest(self, name: str | None = None) -> str:
+        """This upload's hash (or the hash ``name``) of all written so far; check it before commit()."""
         self._check_idle()
-        return str(self._hash.copy().hexdigest())
+        if name is None or hashes.check_name(name) == self._hash_name:
+            return str(self._hash.copy().hexdigest())
+        return str(hash_fd(self._fd, 0, self._pos, hashes.new(name)).hexdigest())  # read again: asked for
 
     @exposed_op
     def sha256(self) -> str:
         """SHA-256 of everything written so far, whatever this upload's hash (check it before commit())."""
         self._check_idle()
-        if self._hash_name == "sha256":
-            return str(self._hash.copy().hexdigest())
-        return str(hash_fd(self._fd, 0, self._pos).hexdigest())  # read again: asked for by name
+        return self.digest("sha256")
 
     @exposed_op
     def write(self, data: bytes) -> int:
