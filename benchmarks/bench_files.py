@@ -1,20 +1,23 @@
-"""Bulk transfer benchmark: the file service's client library vs a raw socket vs stock rpyc.
+"""Bulk transfer benchmark: the file service's client library, per hash, vs a raw socket and stock rpyc.
 
     .venv/bin/python benchmarks/bench_files.py              # 1 GiB
     .venv/bin/python benchmarks/bench_files.py --size 256   # MiB, a quick run
 
 Each server runs in its own process on 127.0.0.1 (port 0, real port read back over a pipe):
-- raw: a socket ``sendall`` of the bytes, received with ``recv_into`` and discarded;
+- raw: a socket ``sendall`` of the bytes, received with ``recv_into`` and discarded (the baseline);
 - rpyc-defaults: ``rpyc.connect`` with default settings (zlib, Nagle), one call per 1 MiB chunk;
-- files: ``client.files.upload`` / ``download`` against ``python server.py`` serving FileService;
-- disk: the server's uploaded copy read with O_DIRECT while another 1 GiB is written with O_DIRECT,
-  4 MiB at a time, both at once: what a loopback download asks of the one disk both ends share
-  (the upload's source is in the page cache, so only its server side touches the disk);
-- files.download, server copy cached: the same download once the server's file is in the page
-  cache, i.e. the data path without the disk read.
+- files, for each hash (blake3, xxh3_128, sha256): ``client.files.upload`` (verified end to end,
+  fsynced before commit returns), then ``download`` with the server's copy cold (dropped from the
+  page cache with posix_fadvise DONTNEED; uploads are written with O_DIRECT, so it is not cached
+  anyway) and warm (read into the page cache first), against ``python -m rpyc_host`` serving
+  FileService;
+- disk: the server's uploaded copy read with O_DIRECT while as many bytes are written with O_DIRECT,
+  both at once: what a cold loopback download asks of the one disk both ends share.
 
-Prints MB/s, the ratio to raw, and the peak RSS growth of the server process and of this client.
-Figures are noisy on a shared 2-core machine: compare ratios within one run.
+Prints MB/s, the ratio to raw and to the sha256 row of the same direction, CPU seconds per GiB of
+this client process (getrusage: every thread, hashing included) and of the server process
+(/proc/<pid>/stat utime + stime, before and after), and peak RSS growth of both. Figures are
+noisy on a shared 2-core machine: compare ratios within one run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import mmap
 import multiprocessing as mp
 import os
+import resource
 import socket
 import sys
 import tempfile
@@ -42,7 +46,23 @@ from client import files  # noqa: E402
 from rpyc_host.testing import ServerProcess  # noqa: E402
 
 MiB = 1 << 20
+GiB = 1 << 30
 CHUNK = MiB
+HASHES = ("blake3", "xxh3_128", "sha256")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_self() -> float:
+    """CPU seconds (user + system) this process has used, every thread counted."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def cpu_of(pid: int) -> float:
+    """CPU seconds (utime + stime) of another process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "(comm)", which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of stat(5)
 
 
 def rss_peak_kib(pid: int | None = None) -> int:
@@ -210,7 +230,54 @@ def bench_disk(src: Path, scratch: Path) -> float | None:
     return None if errors else size / elapsed / 1e6
 
 
-def bench_files(src: Path, work: Path) -> dict[str, Any]:
+def drop_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages cannot be dropped; clean ones can
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm_cache(path: Path) -> None:
+    with open(path, "rb") as f:  # into the page cache, as a file read lately would be
+        while f.read(4 * MiB):
+            pass
+
+
+class Meter:
+    """Wall time, CPU of both processes and peak RSS growth of both, around one transfer."""
+
+    def __init__(self, server_pid: int, server_base_kib: int) -> None:
+        self.pid = server_pid
+        self.server_base = server_base_kib
+
+    def __enter__(self) -> Meter:
+        reset_peak()
+        self.client_base = rss_now_kib()
+        self.cpu0 = (cpu_self(), cpu_of(self.pid))
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.elapsed = time.perf_counter() - self.t0
+        self.client_cpu = cpu_self() - self.cpu0[0]
+        self.server_cpu = cpu_of(self.pid) - self.cpu0[1]
+        self.client_rss = rss_peak_kib() - self.client_base
+        self.server_rss = rss_peak_kib(self.pid) - self.server_base
+
+    def row(self, name: str, size: int) -> dict[str, Any]:
+        return {
+            "name": name,
+            "mb_s": size / self.elapsed / 1e6,
+            "client_cpu": self.client_cpu / (size / GiB),
+            "server_cpu": self.server_cpu / (size / GiB),
+            "server_rss": self.server_rss,
+            "client_rss": self.client_rss,
+        }
+
+
+def bench_files(src: Path, work: Path, hash_names: tuple[str, ...]) -> tuple[list[dict[str, Any]], Any]:
     config = work / "files.yaml"
     config.write_text(
         textwrap.dedent(f"""
@@ -222,46 +289,47 @@ def bench_files(src: Path, work: Path) -> dict[str, Any]:
         logging: {{level: INFO}}
         """)
     )
-    out: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    disk = None
+    size = src.stat().st_size
+    stored = work / "root" / "bench.bin"
+    dst = work / "back.bin"
     with ServerProcess(config) as server:
         host, port = server.address("files")
-        base = rss_now_kib(server.pid)
+        meter = Meter(server.pid, rss_now_kib(server.pid))
         with client.connect(host=host, port=port, timeout=60) as conn:
-            reset_peak()  # the raw/rpyc rows held the whole buffer in this process
-            client_base = rss_now_kib()
-            start = time.perf_counter()
-            size, digest = files.upload(conn, src, "bench.bin", overwrite=True)
-            out["upload"] = size / (time.perf_counter() - start) / 1e6
-            out["upload_client_rss"] = rss_peak_kib() - client_base
-            out["server_rss_after_upload"] = rss_peak_kib(server.pid) - base
-            dst = work / "back.bin"
-            start = time.perf_counter()
-            _, digest2 = files.download(conn, "bench.bin", dst, resume=False)
-            out["download"] = size / (time.perf_counter() - start) / 1e6
-            assert digest2 == digest
-            out["client_rss"] = rss_peak_kib() - client_base
-            out["server_rss"] = rss_peak_kib(server.pid) - base
-            dst.unlink()
-            stored = work / "root" / "bench.bin"
-            out["disk"] = bench_disk(stored, work / "disk.bin")
-            with open(stored, "rb") as f:  # into the page cache, as a file read lately would be
-                while f.read(4 * MiB):
-                    pass
-            start = time.perf_counter()
-            files.download(conn, "bench.bin", dst, resume=False)
-            out["download_cached"] = size / (time.perf_counter() - start) / 1e6
-            out["client_rss_cached"] = rss_peak_kib() - client_base
-            out["server_rss_cached"] = rss_peak_kib(server.pid) - base
-            dst.unlink()
+            for name in hash_names:
+                with meter:
+                    rsize, digest = files.upload(conn, src, "bench.bin", overwrite=True, hash=name)
+                assert rsize == size
+                rows.append(meter.row(f"files.upload {name}", size))
+                if disk is None:  # once, while the server's copy is still uncached
+                    disk = bench_disk(stored, work / "disk.bin")
+                for state in ("cold", "warm"):
+                    drop_cache(stored) if state == "cold" else warm_cache(stored)
+                    with meter:
+                        _, back = files.download(conn, "bench.bin", dst, resume=False, hash=name)
+                    assert back == digest
+                    rows.append(meter.row(f"files.download {name}, {state}", size))
+                    dst.unlink()
             conn.root.rm("bench.bin")
-    return out
+    return rows, disk
+
+
+def print_row(*cells: str) -> None:
+    widths = (36, 7, 7, 9, 18, 18, 12, 12)
+    print(cells[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=1024, help="MiB to transfer (default: 1024)")
     parser.add_argument("--rpyc-seconds", type=float, default=8.0, help="time cap for stock rpyc")
+    parser.add_argument(
+        "--hash", action="append", choices=HASHES, help="only these hashes (repeatable; default: all three)"
+    )
     args = parser.parse_args(argv)
+    hash_names = tuple(args.hash or HASHES)
     with tempfile.TemporaryDirectory(prefix="bench-files-") as tmp:
         work = Path(tmp)
         src = work / "src.bin"
@@ -272,29 +340,43 @@ def main(argv: list[str] | None = None) -> int:
         raw, raw_rss = bench_raw(data)
         stock, stock_rss, stock_sent = bench_rpyc_defaults(data, args.rpyc_seconds)
         del data
-        result = bench_files(src, work)
-    print(f"{args.size} MiB of random bytes over 127.0.0.1 (MB/s = 10^6 bytes/s; ratio to raw socket)")
-    print(f"{'path':<34}{'MB/s':>9}{'ratio':>8}{'server RSS +MiB':>17}{'client RSS +MiB':>17}")
-    rows = [
-        ("raw socket sendall", raw, raw_rss, None),
-        (f"rpyc defaults, 1 MiB calls ({stock_sent // MiB} MiB)", stock, stock_rss, None),
-        ("files.upload", result["upload"], result["server_rss_after_upload"], result["upload_client_rss"]),
-        ("files.download", result["download"], result["server_rss"], result["client_rss"]),
-        ("disk: O_DIRECT read + write at once", result["disk"], None, None),
-        (
-            "files.download, server copy cached",
-            result["download_cached"],
-            result["server_rss_cached"],
-            result["client_rss_cached"],
-        ),
-    ]
-    for name, rate, srv, cli in rows:
-        if rate is None:
-            print(f"{name:<34}{'-':>9}{'-':>8}")
-            continue
-        srv_text = f"{srv / 1024:>17.1f}" if srv is not None else f"{'-':>17}"
-        cli_text = f"{cli / 1024:>17.1f}" if cli is not None else f"{'-':>17}"
-        print(f"{name:<34}{rate:>9.0f}{rate / raw:>8.2f}{srv_text}{cli_text}")
+        rows, disk = bench_files(src, work, hash_names)
+    load = os.getloadavg()
+    print(
+        f"{args.size} MiB of random bytes over 127.0.0.1 (MB/s = 10^6 bytes/s); load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
+    print("x raw: ratio to the raw socket row; x sha256: to the sha256 row of the same transfer")
+    print_row(
+        "path",
+        "MB/s",
+        "x raw",
+        "x sha256",
+        "client CPU s/GiB",
+        "server CPU s/GiB",
+        "srv RSS+MiB",
+        "cli RSS+MiB",
+    )
+    print_row(
+        "raw socket sendall (baseline)", f"{raw:.0f}", "1.00", "-", "-", "-", f"{raw_rss / 1024:.1f}", "-"
+    )
+    label = f"rpyc defaults ({stock_sent // MiB} MiB)"
+    print_row(label, f"{stock:.0f}", f"{stock / raw:.2f}", "-", "-", "-", f"{stock_rss / 1024:.1f}", "-")
+    by_name = {r["name"]: r for r in rows}
+    for r in rows:
+        twin = by_name.get(r["name"].replace(next(h for h in HASHES if h in r["name"]), "sha256"))
+        print_row(
+            r["name"],
+            f"{r['mb_s']:.0f}",
+            f"{r['mb_s'] / raw:.2f}",
+            f"{r['mb_s'] / twin['mb_s']:.2f}" if twin else "-",
+            f"{r['client_cpu']:.2f}",
+            f"{r['server_cpu']:.2f}",
+            f"{r['server_rss'] / 1024:.1f}",
+            f"{r['client_rss'] / 1024:.1f}",
+        )
+    if disk is not None:
+        print_row("disk: O_DIRECT read + write at once", f"{disk:.0f}", f"{disk / raw:.2f}", *["-"] * 5)
     return 0
 
 

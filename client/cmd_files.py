@@ -3,6 +3,7 @@
     python -m client files ls [-l] [PATH]
     python -m client files upload big.iso isos/          # progress bar on stderr
     python -m client files download isos/big.iso . --no-progress
+    python -m client files upload big.iso --hash sha256  # blake3 (default), xxh3_128 or sha256
 
 Every command connects to the ``files`` service of the config file (``--service`` for another
 name). Exit status: 0 on success, 1 with a one-line ``Error: ...`` on failure, 2 for usage
@@ -77,6 +78,12 @@ def register(sub: Any) -> None:
 def _transfer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for scripts)")
     p.add_argument("--no-resume", action="store_true", help="start over instead of resuming")
+    p.add_argument(
+        "--hash",
+        choices=files_lib.HASHES,
+        default=files_lib.DEFAULT_HASH,
+        help="integrity hash (default: blake3; xxh3_128 detects corruption only, not tampering)",
+    )
 
 
 def _guarded(action: Any) -> Any:
@@ -143,6 +150,7 @@ def cmd_upload(conn: Any, args: argparse.Namespace) -> None:
             resume=not args.no_resume,
             progress=bar,
             timeout=args.timeout,
+            hash=args.hash,
         )
     except FileExistsError:
         raise FileExistsError(
@@ -150,7 +158,7 @@ def cmd_upload(conn: Any, args: argparse.Namespace) -> None:
         ) from None
     if bar is not None:
         bar.finish()
-    print(f"{remote}: {size:,} bytes, sha256 {digest}")
+    print(f"{remote}: {size:,} bytes, {args.hash} {digest}")
 
 
 def cmd_download(conn: Any, args: argparse.Namespace) -> None:
@@ -159,11 +167,17 @@ def cmd_download(conn: Any, args: argparse.Namespace) -> None:
         local = os.path.join(local, os.path.basename(args.remote.rstrip("/")))
     bar = None if args.no_progress else ProgressBar(f"download {args.remote}")
     size, digest = files_lib.download(
-        conn, args.remote, local, resume=not args.no_resume, progress=bar, timeout=args.timeout
+        conn,
+        args.remote,
+        local,
+        resume=not args.no_resume,
+        progress=bar,
+        timeout=args.timeout,
+        hash=args.hash,
     )
     if bar is not None:
         bar.finish()
-    print(f"{local}: {size:,} bytes, sha256 {digest}")
+    print(f"{local}: {size:,} bytes, {args.hash} {digest}")
 
 
 class ProgressBar:

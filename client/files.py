@@ -1,4 +1,4 @@
-"""Upload and download files through the file service, verified by SHA-256 and resumable.
+"""Upload and download files through the file service, verified end to end and resumable.
 
 Usage::
 
@@ -14,6 +14,11 @@ Usage::
 Bytes travel over a one-time side connection (``bulk=True``, the default) at close to raw socket
 speed; ``bulk=False`` sends them as rpyc calls instead (slower, but needs no second connection).
 
+Integrity: both ends hash the bytes (off the socket thread) and the digests must match before an
+upload is committed or a download renamed into place. ``hash=`` picks the algorithm per transfer:
+``"blake3"`` (the default; cryptographic and several times faster than SHA-256), ``"xxh3_128"``
+(faster still, but it detects corruption only, not a deliberate change) or ``"sha256"``.
+
 Error handling: the service's own errors arrive as the standard types (``FileNotFoundError``,
 ``PermissionError``, ``FileExistsError``, ``IsADirectoryError``, ``ValueError``); a checksum that
 does not match raises :class:`ChecksumError` and nothing is published (upload) or left under
@@ -22,7 +27,6 @@ the local name (download).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -32,10 +36,14 @@ from typing import Any, NamedTuple
 import rpyc
 
 from rpyc_host.wire import bulk as bulk_io
+from rpyc_host.wire import hashes
 
 from .errors import ChecksumError
 
-__all__ = ["ChecksumError", "Entry", "Progress", "download", "ls", "stat", "upload"]
+__all__ = ["HASHES", "ChecksumError", "Entry", "Progress", "download", "ls", "stat", "upload"]
+
+HASHES = tuple(sorted(hashes.HASHES))  # the names ``hash=`` takes
+DEFAULT_HASH = hashes.DEFAULT
 
 Progress = Callable[[int, int], None]
 """Called as ``progress(bytes_done, bytes_total)`` while a transfer runs."""
@@ -75,27 +83,32 @@ def upload(
     progress: Progress | None = None,
     timeout: float = 30.0,
     bulk: bool = True,
+    hash: str = hashes.DEFAULT,
 ) -> tuple[int, str]:
-    """Send a local file to ``remote``; returns ``(size, sha256 hex)`` as the server committed it.
+    """Send a local file to ``remote``; returns ``(size, hex digest)`` as the server committed it.
+
+    Returns once the file is on the server's disk (fsync) under its name.
 
     Args:
         overwrite: replace an existing remote file (else FileExistsError).
         resume: continue an interrupted upload of the same file if the server kept one and its
-            bytes match ours (checked by SHA-256); otherwise start over.
+            bytes match ours (checked by ``hash``); otherwise start over.
         progress: ``progress(done, total)`` callback.
         timeout: seconds the side connection may stall.
         bulk: use the side connection (fast); False sends rpyc calls of 4 MiB.
+        hash: the integrity hash, one of :data:`HASHES` (ValueError naming them otherwise).
 
     Raises:
         ChecksumError: the server's hash differs from ours; the upload was aborted.
     """
+    hashes.check_name(hash)
     root = conn.root
     with open(local, "rb") as f:
         fd = f.fileno()
         size = os.fstat(fd).st_size
-        writer, offset = _open_writer(root, fd, size, remote, overwrite, resume)
+        writer, offset = _open_writer(root, fd, size, remote, overwrite, resume, hash)
         try:
-            hasher = _BackgroundHash(fd, size)  # overlaps hashing our copy with sending it
+            hasher = _BackgroundHash(fd, size, hash)  # overlaps hashing our copy with sending it
             report = _Reporter(progress, size, offset)
             if bulk:
                 ticket = writer.bulk(size - offset)
@@ -115,10 +128,10 @@ def upload(
                     pos += len(chunk)
                     report.add(len(chunk))
             ours = hasher.result()
-            theirs = writer.sha256()
+            theirs = writer.digest()
             if theirs != ours:
                 raise ChecksumError(
-                    f"upload of {os.fspath(local)!r} to {remote!r}: server has sha256 {theirs}, "
+                    f"upload of {os.fspath(local)!r} to {remote!r}: server has {hash} {theirs}, "
                     f"we sent {ours}; the upload was aborted"
                 )
             rsize, digest = writer.commit()
@@ -128,26 +141,26 @@ def upload(
             raise
     if (rsize, digest) != (size, ours):
         raise ChecksumError(
-            f"upload of {os.fspath(local)!r}: server committed {rsize} bytes, sha256 {digest}"
+            f"upload of {os.fspath(local)!r}: server committed {rsize} bytes, {hash} {digest}"
         )
     return rsize, digest
 
 
 def _open_writer(
-    root: Any, fd: int, size: int, remote: str, overwrite: bool, resume: bool
+    root: Any, fd: int, size: int, remote: str, overwrite: bool, resume: bool, hash_name: str
 ) -> tuple[Any, int]:
     if resume:
         have = root.resumable(remote)
         if 0 < have <= size:
             try:
-                writer = root.open_write(remote, overwrite, have)
+                writer = root.open_write(remote, overwrite, have, hash_name)
             except ValueError:  # someone else resumed it first
                 writer = None
             if writer is not None:
-                if writer.prefix_sha256() == _hash_range(fd, 0, have):
+                if writer.prefix_digest() == _hash_range(fd, 0, have, hashes.new(hash_name)):
                     return writer, have
                 writer.abort()  # the partial is not a prefix of this file: start over
-    return root.open_write(remote, overwrite, 0), 0
+    return root.open_write(remote, overwrite, 0, hash_name), 0
 
 
 def download(
@@ -159,29 +172,32 @@ def download(
     progress: Progress | None = None,
     timeout: float = 30.0,
     bulk: bool = True,
+    hash: str = hashes.DEFAULT,
 ) -> tuple[int, str]:
-    """Fetch ``remote`` into ``local``; returns ``(size, sha256 hex)``.
+    """Fetch ``remote`` into ``local``; returns ``(size, hex digest)`` by ``hash``.
 
-    Bytes go to ``local + ".part"`` first and are renamed to ``local`` only once the SHA-256
-    matches the server's; with ``resume`` an existing ``.part`` is continued, not restarted.
+    Bytes go to ``local + ".part"`` first and are renamed to ``local`` only once the digest
+    (``hash``, one of :data:`HASHES`) matches the server's; with ``resume`` an existing
+    ``.part`` is continued, not restarted.
 
     Raises:
         ChecksumError: the bytes differ from the server's; the ``.part`` file was removed.
     """
+    hashes.check_name(hash)
     root = conn.root
     local = os.fspath(local)
     part = local + PART_SUFFIX
     offset = os.path.getsize(part) if resume and os.path.isfile(part) else 0
     if offset and offset > root.stat(remote)[2]:
         offset = 0  # the .part is not a prefix of this file: start over
-    reader = root.open_read(remote, offset)
+    reader = root.open_read(remote, offset, hash)
     try:
         size = reader.size()
-        digest_call = rpyc.async_(reader.sha256)()  # the server hashes while it sends
+        digest_call = rpyc.async_(reader.digest)()  # the server hashes while it sends
         with open(part, "r+b" if offset else "wb") as f:
             fd = f.fileno()
             os.ftruncate(fd, offset)
-            hasher = hashlib.sha256()
+            hasher = hashes.new(hash)
             _hash_range(fd, 0, offset, hasher)
             os.lseek(fd, offset, os.SEEK_SET)
             report = _Reporter(progress, size, offset)
@@ -207,7 +223,7 @@ def download(
         ours = hasher.hexdigest()
         if theirs != ours:
             os.unlink(part)
-            raise ChecksumError(f"download of {remote!r}: server has sha256 {theirs}, we received {ours}")
+            raise ChecksumError(f"download of {remote!r}: server has {hash} {theirs}, we received {ours}")
         os.replace(part, local)
     finally:
         _quietly(reader.close)
@@ -252,11 +268,12 @@ class _Reporter:
 
 
 class _BackgroundHash:
-    """SHA-256 of a file computed in a thread (hashlib releases the GIL on big updates)."""
+    """The digest of a file computed in a thread (every hash in ``hashes`` releases the GIL)."""
 
-    def __init__(self, fd: int, size: int) -> None:
+    def __init__(self, fd: int, size: int, hash_name: str) -> None:
         self._fd = os.dup(fd)
         self._size = size
+        self._hash_name = hash_name
         self._digest = ""
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="upload-hash", daemon=True)
@@ -264,7 +281,7 @@ class _BackgroundHash:
 
     def _run(self) -> None:
         try:
-            self._digest = _hash_range(self._fd, 0, self._size)
+            self._digest = _hash_range(self._fd, 0, self._size, hashes.new(self._hash_name))
         except BaseException as exc:
             self._error = exc
         finally:
@@ -277,8 +294,10 @@ class _BackgroundHash:
         return self._digest
 
 
-def _hash_range(fd: int, start: int, end: int, hasher: Any = None) -> str:
-    h = hasher if hasher is not None else hashlib.sha256()
+def _hash_range(fd: int, start: int, end: int, hasher: Any) -> str:
+    """Update ``hasher`` with bytes ``start:end`` of ``fd`` (read into a reused buffer: no mmap,
+    whose pages would SIGBUS this process if another one cut the file short); its hex digest."""
+    h = hasher
     buf = bytearray(_HASH_CHUNK)
     view = memoryview(buf)
     pos = start

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from rpyc_host.testing import wait_until
 from rpyc_host.wire import bulk
 
 SIZE = 3 * bulk.CHUNK + 12345  # several pieces and a tail that is not a multiple of ALIGN
@@ -71,7 +72,15 @@ def test_uncached_ranges_arrive_whole(tmp_path: Path, data: bytes, offset: int, 
     try:
         if bulk._open_direct(fd) is None:
             pytest.fail(f"{tmp_path} has no O_DIRECT: this test wants a disk filesystem")
-        assert not bulk._cached(fd, offset, min(count, SIZE - offset))
+        n = min(count, SIZE - offset)
+
+        def dropped() -> bool:
+            # DONTNEED skips pages the kernel holds at that moment (readahead, writeback on a
+            # loaded machine): ask again until the range really is out of the page cache.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            return not bulk._cached(fd, offset, n)
+
+        wait_until(dropped, 10, "the file's pages to leave the page cache")
         sent, got = send_and_collect(fd, offset, count)
     finally:
         os.close(fd)

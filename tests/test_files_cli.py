@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ def test_cli_transfers_and_errors(
     assert cli("mkdir", "-p", "in/box")[0] == 0
     code, out, err = cli("upload", str(src), "in/")
     assert code == 0, err
-    assert "in/local.bin: 3,145,728 bytes, sha256" in out
+    assert "in/local.bin: 3,145,728 bytes, blake3" in out
     assert "100.0%" in err and "ETA" in err  # the progress bar's final line
     code, out, err = cli("upload", str(src), "in/", "--no-progress")
     assert (
@@ -50,6 +51,9 @@ def test_cli_transfers_and_errors(
     back = tmp_path / "back.bin"
     code, out, err = cli("download", "in/local.bin", str(back), "--no-progress")
     assert code == 0 and err == "" and back.read_bytes() == src.read_bytes()
+    code, out, err = cli("download", "in/local.bin", str(back), "--no-progress", "--hash", "sha256")
+    assert code == 0 and err == "", err
+    assert out.strip() == f"{back}: 3,145,728 bytes, sha256 {hashlib.sha256(src.read_bytes()).hexdigest()}"
     assert cli("cp", "in", "copy")[0] == 0
     assert cli("mv", "copy", "moved")[0] == 0
     assert cli("rm", "-r", "moved")[0] == 0

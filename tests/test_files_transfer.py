@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 
 import client
@@ -72,7 +73,8 @@ def random_file(path: Path, size: int) -> Path:
 
 
 def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """The digest ``files.upload``/``download`` report by default: BLAKE3."""
+    return str(blake3.blake3(path.read_bytes()).hexdigest())
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["side-connection", "rpyc-calls"])
@@ -98,7 +100,7 @@ def test_empty_file(service: Files, tmp_path: Path) -> None:
     conn = service.connect()
     src = random_file(tmp_path / "empty", 0)
     assert files.upload(conn, src, "empty")[0] == 0
-    assert files.download(conn, "empty", tmp_path / "e2") == (0, hashlib.sha256().hexdigest())
+    assert files.download(conn, "empty", tmp_path / "e2") == (0, blake3.blake3().hexdigest())
 
 
 def test_nothing_appears_before_commit_and_abort_cleans(service: Files) -> None:
@@ -194,7 +196,7 @@ def test_download_checksum_mismatch_leaves_nothing(service: Files, tmp_path: Pat
     st = remote.stat()
     os.setxattr(remote, XATTR_SHA256, f"{st.st_size}:{st.st_mtime_ns}:{'0' * 64}".encode())
     with pytest.raises(files.ChecksumError):
-        files.download(conn, "f.bin", local)
+        files.download(conn, "f.bin", local, hash="sha256")
     assert not local.exists()
     assert conn.root.pwd() == "."
 

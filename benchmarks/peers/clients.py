@@ -8,6 +8,7 @@ a Pyro5 ``Proxy``, a gRPC channel's multi-callable, a socket for the floor.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -38,6 +39,9 @@ class Client:
 
     def put(self, piece: bytes) -> None:
         raise NotImplementedError
+
+    def prepare(self, source: Path) -> None:
+        """Before the clock starts: whatever the bulk transfer needs in place (nothing by default)."""
 
     def bulk(self, pieces: list[bytes], seconds: float, source: Path) -> int:
         """Send pieces one call each until all are sent or ``seconds`` pass; returns bytes sent."""
@@ -116,7 +120,9 @@ class HostClient(RpycClient):
 
 class FilesClient(Client):
     """The file service's own upload path: ``client.files.upload`` of a file holding the pieces
-    (SHA-256 verified, fsynced, committed), timed from the call to its return."""
+    (verified end to end by ``hash_name``, fsynced, committed), timed from the call to its return."""
+
+    hash_name = "blake3"
 
     def __init__(self, port: int, token: bool = False) -> None:
         import client
@@ -126,7 +132,9 @@ class FilesClient(Client):
     def bulk(self, pieces: list[bytes], seconds: float, source: Path) -> int:
         from client import files
 
-        size, _ = files.upload(self.conn, source, "peers-bench.bin", overwrite=True, timeout=seconds + 60)
+        size, _ = files.upload(
+            self.conn, source, "peers-bench.bin", overwrite=True, timeout=seconds + 60, hash=self.hash_name
+        )
         return int(size)
 
     def close(self) -> None:
@@ -134,6 +142,42 @@ class FilesClient(Client):
             self.conn.root.rm("peers-bench.bin")
         finally:
             self.conn.close()
+
+
+class FilesSha256Client(FilesClient):
+    hash_name = "sha256"
+
+
+class FilesDownloadClient(FilesClient):
+    """``client.files.download`` of the same bytes, verified by ``hash_name``, timed from the call
+    to its return (the local copy fsynced and renamed into place). Before the clock starts the
+    file is uploaded and then read once over rpyc, so the server's copy is warm in the page cache
+    as a file read lately would be (uploads are written with O_DIRECT and are not cached)."""
+
+    def bulk(self, pieces: list[bytes], seconds: float, source: Path) -> int:
+        from client import files
+
+        size, _ = files.download(
+            self.conn, "peers-bench.bin", self.local, resume=False, timeout=seconds + 60, hash=self.hash_name
+        )
+        os.unlink(self.local)
+        return int(size)
+
+    def prepare(self, source: Path) -> None:
+        from client import files
+
+        files.upload(self.conn, source, "peers-bench.bin", overwrite=True, hash=self.hash_name)
+        reader = self.conn.root.open_read("peers-bench.bin")
+        try:
+            while reader.read(16 << 20):
+                pass
+        finally:
+            reader.close()
+        self.local = str(source) + ".back"
+
+
+class FilesDownloadSha256Client(FilesDownloadClient):
+    hash_name = "sha256"
 
 
 class XmlRpcClient(Client):
@@ -218,6 +262,9 @@ CLIENTS: dict[str, type[Client]] = {
     "rpyc": RpycClient,
     "host": HostClient,
     "files": FilesClient,
+    "files-sha256": FilesSha256Client,
+    "files-down": FilesDownloadClient,
+    "files-down-sha256": FilesDownloadSha256Client,
     "xmlrpc": XmlRpcClient,
     "pyro5": PyroClient,
     "grpc": GrpcClient,

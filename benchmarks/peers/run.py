@@ -20,7 +20,19 @@ from typing import Any
 from benchmarks.harness import RESULTS, ROOT, machine
 from benchmarks.peers import workloads
 from benchmarks.peers.clients import System
-from benchmarks.peers.report import BARE, FILES, FLOOR, HOST, TOKEN, Results, medians, write_json
+from benchmarks.peers.report import (
+    BARE,
+    FILES,
+    FILES_DOWN,
+    FILES_DOWN_SHA256,
+    FILES_SHA256,
+    FLOOR,
+    HOST,
+    TOKEN,
+    Results,
+    medians,
+    write_json,
+)
 from benchmarks.peers.servers import host_server, peer_server
 
 MiB = 1 << 20
@@ -31,6 +43,9 @@ SYSTEMS = [
     System("host threadpool", "host:threadpool", client="rpyc", bulk="host"),
     System("host forking", "host:forking", client="rpyc", bulk="host"),
     System(FILES, "host:files", client=None, bulk="files"),
+    System(FILES_SHA256, "host:files", client=None, bulk="files-sha256"),
+    System(FILES_DOWN, "host:files", client=None, bulk="files-down"),
+    System(FILES_DOWN_SHA256, "host:files", client=None, bulk="files-down-sha256"),
     System(BARE, "rpyc", client="rpyc", bulk="rpyc", peer=True),
     System("Pyro5", "pyro5", client="pyro5", bulk="pyro5", peer=True),
     System("gRPC", "grpc", client="grpc", bulk="grpc", peer=True),

@@ -120,6 +120,7 @@ def bulk(system: System, port: int, pieces: list[bytes], source: Path, seconds: 
     """MB/s moving ``pieces`` (or as many as ``seconds`` allow: stock rpyc and XML-RPC are slow)."""
     client = open_client(system, port, system.bulk)
     try:
+        client.prepare(source)
         start = time.perf_counter()
         sent = client.bulk(pieces, seconds, source)
         elapsed = time.perf_counter() - start

@@ -10,6 +10,7 @@ Nothing here imports the rest of the host, the services or the client; both stan
 - ``context``: the call context (deadline, trace context, request id) that travels with calls;
 - ``dial``: connect with retries, TLS, token and a tuned channel;
 - ``bulk``: the one-time side connection for file bytes (tickets, sending, receiving);
+- ``hashes``: the integrity hashes a file transfer can name (blake3, xxh3_128, sha256);
 - ``jsonlines``: the JSON-lines payload encoder of ingest batches;
 - ``errors``: the wire's exception tree.
 """

@@ -15,6 +15,10 @@ target directory and are linked under their name only by ``commit()``, after ``f
 connection that drops mid-upload leaves its partial file for ``open_write(..., offset=N)`` to
 resume; partials are removed at the next start, after ``partial_ttl`` seconds, or by ``abort()``.
 
+Every transfer is hashed as it moves, by the hash its client named (``open_write(...,
+hash=...)``, ``open_read(..., hash=...)``: blake3, xxh3_128 or sha256, the last for clients that
+name none; ``rpyc_host.wire.hashes``); ``digest()`` reports it and ``sha256()`` stays SHA-256.
+
 Bulk bytes do not travel over rpyc: ``bulk(length)`` on a transfer object returns a one-time
 ticket for a side connection (``sidechannel``; the bytes move with ``rpyc_host.wire.bulk``).
 ``read``/``write`` over rpyc stay available for small pieces and for clients without the side

@@ -16,7 +16,7 @@ from typing import Any
 import rpyc
 
 from rpyc_host import budget
-from rpyc_host.wire import bulk
+from rpyc_host.wire import bulk, hashes
 
 from .copies import copy_file, copy_size, copy_tree
 from .errors import GiB, MiB, client_error, err, exposed_op, human_size, reworded
@@ -48,6 +48,14 @@ def _int_option(name: str, value: Any, minimum: int, allow_none: bool = False) -
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return value
+
+
+def _hash_option(shown: str, name: Any) -> str:
+    """``name`` if it is a known hash, else ValueError naming the path and the known hashes."""
+    try:
+        return hashes.check_name(name)
+    except ValueError as exc:
+        raise ValueError(f"{shown!r}: {exc}") from None
 
 
 @rpyc.service
@@ -394,7 +402,7 @@ class FileService(rpyc.Service):
                 f"{path!r}: {human_size(len(data))} is over the small-file limit "
                 f"({human_size(self.small_io_limit)}); use open_write"
             )
-        upload = self._open_upload(path, bool(overwrite), 0)
+        upload = self._open_upload(path, bool(overwrite), 0, hashes.LEGACY)
         try:
             upload.write(data)
             return upload.commit()
@@ -404,12 +412,17 @@ class FileService(rpyc.Service):
     # -- streaming ---------------------------------------------------------------------------------
 
     @exposed_op
-    def open_read(self, path: str, offset: int = 0) -> Download:
-        """A file open for reading from ``offset``: read(n), bulk(), size(), sha256(), close()."""
+    def open_read(self, path: str, offset: int = 0, hash: str = hashes.LEGACY) -> Download:
+        """A file open for reading from ``offset``: read(n), bulk(), size(), digest(), sha256(), close().
+
+        ``hash`` names what ``digest()`` reports: blake3, xxh3_128 or sha256 (the default, for
+        clients that name none).
+        """
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"open_read(path, offset): offset must be an int >= 0, got {offset!r}")
         parts = self._parts(path)
         shown = shown_path(parts)
+        hash_name = _hash_option(shown, hash)
         self.claim_transfer(shown)  # before any descriptor is opened: a refusal costs nothing
         try:
             with self.sandbox.parent(parts, "read") as (dfd, name):
@@ -418,7 +431,7 @@ class FileService(rpyc.Service):
             if offset > size:
                 os.close(fd)
                 raise ValueError(f"{shown!r}: offset {offset} is past the end of the file ({size} bytes)")
-            transfer = Download(self, fd, shown, offset)  # owns the claim from here on
+            transfer = Download(self, fd, shown, offset, hash_name)  # owns the claim from here on
         except BaseException:
             self.release_transfer()
             raise
@@ -426,27 +439,36 @@ class FileService(rpyc.Service):
         return transfer
 
     @exposed_op
-    def open_write(self, path: str, overwrite: bool = False, offset: int = 0) -> Upload:
-        """Start an upload (``offset`` > 0: resume an interrupted one); commit() to publish it."""
-        return self._open_upload(path, bool(overwrite), offset)
+    def open_write(
+        self, path: str, overwrite: bool = False, offset: int = 0, hash: str = hashes.LEGACY
+    ) -> Upload:
+        """Start an upload (``offset`` > 0: resume an interrupted one); commit() to publish it.
 
-    def _open_upload(self, path: str, overwrite: bool, offset: Any) -> Upload:
+        ``hash`` names what ``digest()``, ``prefix_digest()`` and ``commit()`` report: blake3,
+        xxh3_128 or sha256 (the default, for clients that name none).
+        """
+        return self._open_upload(path, bool(overwrite), offset, hash)
+
+    def _open_upload(self, path: str, overwrite: bool, offset: Any, hash_name: Any) -> Upload:
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(
                 f"open_write(path, overwrite, offset): offset must be an int >= 0, got {offset!r}"
             )
         parts = self._parts(path)
         shown = shown_path(parts)
+        hash_name = _hash_option(shown, hash_name)
         self.claim_transfer(shown)
         try:
-            upload = self._new_upload(parts, shown, overwrite, offset)  # owns the claim from here on
+            upload = self._new_upload(parts, shown, overwrite, offset, hash_name)  # owns the claim now
         except BaseException:
             self.release_transfer()
             raise
         self._transfers.add(upload)
         return upload
 
-    def _new_upload(self, parts: tuple[str, ...], shown: str, overwrite: bool, offset: int) -> Upload:
+    def _new_upload(
+        self, parts: tuple[str, ...], shown: str, overwrite: bool, offset: int, hash_name: str
+    ) -> Upload:
         with self.sandbox.parent(parts, "replace") as (dfd, name):
             st = lstat_or_none(dfd, name, shown)
             if st is not None:
@@ -479,6 +501,7 @@ class FileService(rpyc.Service):
                 temp=temp,
                 overwrite=overwrite,
                 offset=offset,
+                hash_name=hash_name,
             )
         except BaseException:
             os.close(fd)

@@ -1,9 +1,8 @@
-"""What the service keeps beside the files: SHA-256 in an xattr, bytes in use, partial uploads."""
+"""What the service keeps beside the files: digests in xattrs, bytes in use, partial uploads."""
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 import shutil
 import stat as stat_mod
@@ -12,15 +11,23 @@ from collections.abc import Mapping
 from contextlib import suppress
 from typing import Any
 
+from rpyc_host.wire import hashes
+
 from .errors import MiB
 from .paths import STATE_NAME, TEMP_NAME
 
-XATTR_SHA256 = "user.rpyc_host.sha256"  # "size:mtime_ns:hex", written by commit()
+XATTR_PREFIX = "user.rpyc_host."  # + hash name: "size:mtime_ns:hex", written by commit()
+XATTR_SHA256 = XATTR_PREFIX + "sha256"
 HASH_CHUNK = 4 * MiB
 
 
 def hash_fd(fd: int, start: int, end: int, hasher: Any = None) -> Any:
-    h = hasher or hashlib.sha256()
+    """``hasher`` (default: a new SHA-256) updated with bytes ``start:end`` of ``fd``.
+
+    Read into one reused buffer rather than hashed from an mmap: a file cut short while it is
+    mapped would kill the whole server with SIGBUS.
+    """
+    h = hasher or hashes.new("sha256")
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
     pos = start
@@ -33,27 +40,36 @@ def hash_fd(fd: int, start: int, end: int, hasher: Any = None) -> Any:
     return h
 
 
-def file_sha256(fd: int) -> str:
-    """SHA-256 of an open file: from the commit-time xattr if the file is unchanged, else computed."""
+def file_digest(fd: int, name: str) -> str:
+    """Hex digest ``name`` of an open file: from its commit-time xattr if unchanged, else computed."""
     st = os.fstat(fd)
     key = f"{st.st_size}:{st.st_mtime_ns}:"
     try:
-        cached = os.getxattr(fd, XATTR_SHA256).decode()
+        cached = os.getxattr(fd, XATTR_PREFIX + name).decode()
         if cached.startswith(key):
             return cached[len(key) :]
     except OSError:
         pass
-    digest: str = hash_fd(fd, 0, st.st_size).hexdigest()
-    remember_sha256(fd, digest, st)
+    digest: str = hash_fd(fd, 0, st.st_size, hashes.new(name)).hexdigest()
+    remember_digest(fd, name, digest, st)
     return digest
 
 
-def remember_sha256(fd: int, digest: str, st: os.stat_result | None = None) -> None:
+def file_sha256(fd: int) -> str:
+    """SHA-256 of an open file (cached in the ``XATTR_SHA256`` xattr like every digest)."""
+    return file_digest(fd, "sha256")
+
+
+def remember_digest(fd: int, name: str, digest: str, st: os.stat_result | None = None) -> None:
     st = st or os.fstat(fd)
     try:  # a cache only: a filesystem without user xattrs just recomputes next time
-        os.setxattr(fd, XATTR_SHA256, f"{st.st_size}:{st.st_mtime_ns}:{digest}".encode())
+        os.setxattr(fd, XATTR_PREFIX + name, f"{st.st_size}:{st.st_mtime_ns}:{digest}".encode())
     except OSError:
         pass
+
+
+def remember_sha256(fd: int, digest: str, st: os.stat_result | None = None) -> None:
+    remember_digest(fd, "sha256", digest, st)
 
 
 def tree_usage(

@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 
-from rpyc_host.wire import bulk
+from rpyc_host.wire import bulk, hashes
 
 from .errors import err, exposed_op, human_size, reworded
 from .paths import shown_path
 from .quota import QuotaExceeded, quota_text
 from .sidechannel import BulkOffer
-from .storage import file_sha256, hash_fd, remember_sha256
+from .storage import file_digest, file_sha256, hash_fd, remember_digest
 
 if TYPE_CHECKING:
     from .service import FileService
@@ -63,17 +63,19 @@ class TransferCounts:
 
 
 class Transfer:
-    """What uploads and downloads share: the file, the position, and one bulk side transfer.
+    """What uploads and downloads share: the file, the position, the hash, one bulk side transfer.
 
     A transfer holds one of its connection's ``open_transfers`` (claimed by the service before
-    the file was opened) until it is released.
+    the file was opened) until it is released. ``hash_name`` (one of ``hashes.HASHES``) is the
+    digest ``digest()`` and ``commit()`` report; ``sha256()`` stays SHA-256 whatever it is.
     """
 
-    def __init__(self, service: FileService, fd: int, shown: str, pos: int) -> None:
+    def __init__(self, service: FileService, fd: int, shown: str, pos: int, hash_name: str) -> None:
         self._svc = service
         self._fd = fd
         self._shown = shown
         self._pos = pos
+        self._hash_name = hash_name
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._offer: BulkOffer | None = None
@@ -167,13 +169,18 @@ class Transfer:
         """The position the next read/write/bulk starts at."""
         return self._pos
 
+    @rpyc.exposed
+    def hash_name(self) -> str:
+        """The hash ``digest()`` (and an upload's ``commit()``) reports: blake3, xxh3_128 or sha256."""
+        return self._hash_name
+
 
 @rpyc.service
 class Download(Transfer):
     """A file open for reading, returned by ``open_read``."""
 
-    def __init__(self, service: FileService, fd: int, shown: str, pos: int) -> None:
-        super().__init__(service, fd, shown, pos)
+    def __init__(self, service: FileService, fd: int, shown: str, pos: int, hash_name: str) -> None:
+        super().__init__(service, fd, shown, pos, hash_name)
         self._length = os.fstat(fd).st_size
         self._finished = False  # counted as a download already
 
@@ -192,6 +199,12 @@ class Download(Transfer):
         """SHA-256 (hex) of the whole file."""
         self._check_open()
         return file_sha256(self._fd)
+
+    @exposed_op
+    def digest(self, name: str | None = None) -> str:
+        """Hex digest of the whole file by this transfer's hash, or by the hash ``name``."""
+        self._check_open()
+        return file_digest(self._fd, self._hash_name if name is None else hashes.check_name(name))
 
     @exposed_op
     def read(self, n: int = -1) -> bytes:
@@ -254,15 +267,17 @@ class Upload(Transfer):
         temp: str,
         overwrite: bool,
         offset: int,
+        hash_name: str,
     ) -> None:
-        super().__init__(service, fd, shown_path((*dir_parts, name)), offset)
+        super().__init__(service, fd, shown_path((*dir_parts, name)), offset, hash_name)
         self._dir_fd = dir_fd
         self._dir_parts = dir_parts
         self._name = name
         self._temp = temp
         self._overwrite = overwrite
-        self._hash = hash_fd(fd, 0, offset)
-        self._prefix_sha256 = self._hash.hexdigest()
+        self._offset = offset
+        self._hash = hash_fd(fd, 0, offset, hashes.new(hash_name))
+        self._prefix_digest = str(self._hash.hexdigest())
         os.lseek(fd, offset, os.SEEK_SET)
         st = os.fstat(fd)
         self._inode = (st.st_dev, st.st_ino)
@@ -298,15 +313,30 @@ class Upload(Transfer):
     # -- data ------------------------------------------------------------------------------------
 
     @exposed_op
+    def prefix_digest(self) -> str:
+        """This upload's hash of the bytes before the resume offset (compare with yours first)."""
+        return self._prefix_digest
+
+    @exposed_op
     def prefix_sha256(self) -> str:
         """SHA-256 of the bytes before the resume offset (compare with yours before resuming)."""
-        return self._prefix_sha256
+        if self._hash_name == "sha256":
+            return self._prefix_digest
+        return str(hash_fd(self._fd, 0, self._offset).hexdigest())  # read again: asked for by name
+
+    @exposed_op
+    def digest(self, name: str | None = None) -> str:
+        """This upload's hash (or the hash ``name``) of all written so far; check it before commit()."""
+        self._check_idle()
+        if name is None or hashes.check_name(name) == self._hash_name:
+            return str(self._hash.copy().hexdigest())
+        return str(hash_fd(self._fd, 0, self._pos, hashes.new(name)).hexdigest())  # read again: asked for
 
     @exposed_op
     def sha256(self) -> str:
-        """SHA-256 of everything written so far (check it before commit())."""
+        """SHA-256 of everything written so far, whatever this upload's hash (check it before commit())."""
         self._check_idle()
-        return str(self._hash.copy().hexdigest())
+        return self.digest("sha256")
 
     @exposed_op
     def write(self, data: bytes) -> int:
@@ -360,13 +390,16 @@ class Upload(Transfer):
 
     @exposed_op
     def commit(self) -> tuple[int, str]:
-        """Make the file appear under its name (after fsync); returns ``(size, sha256 hex)``."""
+        """Make the file appear under its name (after fsync); returns ``(size, hex digest)``.
+
+        The digest is by this upload's hash (``hash_name()``; SHA-256 unless ``open_write`` named another).
+        """
         self._check_idle()
         shown = self._shown
         try:
             os.fsync(self._fd)
-            digest = self._hash.hexdigest()
-            remember_sha256(self._fd, digest)
+            digest = str(self._hash.hexdigest())
+            remember_digest(self._fd, self._hash_name, digest)
             self._check_same_directory()
             with reworded(shown):
                 quota = self._svc.quota
