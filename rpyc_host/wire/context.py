@@ -22,6 +22,7 @@ time left rather than a clock reading, so the two machines' clocks need not agre
 from __future__ import annotations
 
 import contextvars
+import itertools
 import os
 import time
 from collections.abc import Iterator
@@ -38,7 +39,7 @@ VERSION = 1
 MAX_TEXT = 512  # traceparent is 55 characters; tracestate at most 512 by the W3C spec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CallContext:
     """One call's context; ``deadline`` is a ``time.monotonic()`` reading on this machine."""
 
@@ -64,7 +65,8 @@ class CallContext:
         return replace(self, deadline=candidate)
 
     def to_wire(self) -> tuple[float | None, str | None, str | None, str | None]:
-        return (self.remaining(), self.traceparent, self.tracestate, self.request_id)
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        return (left, self.traceparent, self.tracestate, self.request_id)
 
     @classmethod
     def from_wire(cls, value: Any) -> CallContext | None:
@@ -72,13 +74,14 @@ class CallContext:
         if type(value) is not tuple or len(value) != 4:
             return None
         left, parent, state, request_id = value
-        if left is not None and (type(left) not in (int, float) or left != left):  # NaN
+        for text in (parent, state, request_id):
+            if text is not None and (type(text) is not str or len(text) > MAX_TEXT):
+                return None
+        if left is None:
+            return cls(None, parent, state, request_id)
+        if (type(left) is not float and type(left) is not int) or left != left:  # NaN
             return None
-        texts = (parent, state, request_id)
-        if any(t is not None and (type(t) is not str or len(t) > MAX_TEXT) for t in texts):
-            return None
-        deadline = None if left is None else time.monotonic() + max(-1.0, min(float(left), 86400.0 * 365))
-        return cls(deadline, parent, state, request_id)
+        return cls(time.monotonic() + max(-1.0, min(left, 31_536_000.0)), parent, state, request_id)
 
 
 _CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("rpyc_host_call", default=None)
@@ -111,17 +114,24 @@ def deadline(timeout: float, request_id: str | None = None) -> Iterator[CallCont
         yield ctx
 
 
+# A random prefix per process and a counter: unique across hosts in practice, and cheap enough
+# to give every call one (os.urandom per call costs a system call).
+_ID_PREFIX = os.urandom(5).hex()
+_IDS = itertools.count(1)
+
+
 def new_request_id() -> str:
-    """16 hex digits: unique enough to find one request's lines in the logs of several hosts."""
-    return os.urandom(8).hex()
+    """A request id: unique enough to find one request's lines in the logs of several hosts."""
+    return f"{_ID_PREFIX}{next(_IDS):06x}"
 
 
 def outgoing(timeout: float | None) -> CallContext:
     """The context for a call about to be sent: the current one (or a new request id), with a
     deadline no later than ``timeout`` from now."""
-    base = current()
-    if base is None:
-        base = CallContext(request_id=new_request_id())
-    elif base.request_id is None:
+    base = _CURRENT.get()
+    if base is None:  # the common case, kept cheap: one object, no copies
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return CallContext(deadline, None, None, new_request_id())
+    if base.request_id is None:
         base = replace(base, request_id=new_request_id())
     return base.narrowed(timeout)

@@ -210,8 +210,11 @@ class ContextServing:
                 return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
                 return inner(self, obj, args, kwargs)
-            with context.use(ctx):
+            token = context._CURRENT.set(ctx)  # what context.use does, without its generator
+            try:
                 return inner(self, obj, args, kwargs)
+            finally:
+                context._CURRENT.reset(token)
 
         handlers[consts.HANDLE_CALL] = handle_call
         return handlers
