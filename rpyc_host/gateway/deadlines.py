@@ -6,7 +6,8 @@
   sees it in ``rpyc_host.wire.context.current()`` and passes what is left on to the services
   it calls. A request whose deadline passes is answered ``504 Gateway Timeout``.
 - ``traceparent`` / ``tracestate`` (W3C) make the calls' spans children of the caller's.
-- ``X-Request-Id`` labels the calls in every service's log (one is made up when absent).
+- ``X-Request-Id`` labels the calls in every service's log (one is made up when the request
+  names a deadline or a trace but no id; a request with none of these headers has no context).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import re
 from ..wire.context import MAX_TEXT, CallContext, new_request_id
 from .http import HTTPError
 
+# The headers that make a call context; a request with none of them runs without one.
+CONTEXT_HEADERS = ("x-request-timeout", "grpc-timeout", "traceparent", "x-request-id")
 GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _GRPC = re.compile(r"(\d{1,8})([HMSmun])")
 MAX_TIMEOUT = 24 * 3600.0

@@ -26,7 +26,7 @@ from ..wire.transport import tune_socket
 from . import jsonrpc, xmlrpc
 from .auth import Doorman
 from .calls import Catalog, Link, Session
-from .deadlines import context_of
+from .deadlines import CONTEXT_HEADERS, context_of
 from .http import ClientGone, HTTPConnection, HTTPError, Request, linger_close, plain_response
 from .links import LocalLink, RemoteLink
 
@@ -272,8 +272,11 @@ class Gateway:
             if not session.authenticated:
                 session.authenticated = True
                 doorman.succeeded(peer.ip)
-        ctx = context_of(request.headers)
-        session.trace = (ctx.traceparent, ctx.tracestate)
+        headers = request.headers
+        # A request that names no deadline, trace or id costs nothing here: its calls run with
+        # the connection's own defaults, as before.
+        ctx = context_of(headers) if any(h in headers for h in CONTEXT_HEADERS) else None
+        session.trace = (ctx.traceparent, ctx.tracestate) if ctx is not None else (None, None)
         route = ROUTES.get(request.path)
         if route is None:
             return (
@@ -285,6 +288,9 @@ class Gateway:
         if request.method != "POST":
             return 405, b"use POST\n", _TEXT, {"Allow": "POST"}
         handler, content_type = route
+        if ctx is None:
+            body = handler(request.body, session)
+            return (204, b"", content_type, {}) if body is None else (200, body, content_type, {})
         session.deadline_hit = False
         with context.use(ctx):
             body = handler(request.body, session)
