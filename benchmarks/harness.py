@@ -83,26 +83,33 @@ def host_server(config_text: str, name: str, timeout: float = 30) -> Iterator[in
         path.unlink(missing_ok=True)
 
 
-def sequential_calls(port: int, count: int, seconds: float) -> dict[str, float]:
-    """One client, ``add`` cached: p50/p99 latency (µs) and calls/s, bounded by count and time."""
-    with rpyc.connect("127.0.0.1", port) as conn:
-        add = conn.root.add
-        for _ in range(200):  # warm-up
-            add(1, 2)
-        lat: list[float] = []
-        start = time.perf_counter()
-        deadline = start + seconds
-        while len(lat) < count and time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            add(1, 2)
-            lat.append(time.perf_counter() - t0)
-        elapsed = time.perf_counter() - start
+def timed_calls(add: Any, count: int, seconds: float, every_1000: Any = None) -> dict[str, float]:
+    """Call ``add(1, 2)`` after a warm-up, bounded by count and time: p50/p99 (µs) and calls/s.
+    ``every_1000()`` runs after each thousand calls (outside the timing of any one call)."""
+    for _ in range(200):  # warm-up
+        add(1, 2)
+    lat: list[float] = []
+    start = time.perf_counter()
+    deadline = start + seconds
+    while len(lat) < count and time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        add(1, 2)
+        lat.append(time.perf_counter() - t0)
+        if every_1000 is not None and len(lat) % 1000 == 0:
+            every_1000()
+    elapsed = time.perf_counter() - start
     return {
         "p50_us": percentile(lat, 50) * 1e6,
         "p99_us": percentile(lat, 99) * 1e6,
         "calls_per_s": len(lat) / elapsed,
         "calls": len(lat),
     }
+
+
+def sequential_calls(port: int, count: int, seconds: float) -> dict[str, float]:
+    """One client, ``add`` cached: p50/p99 latency (µs) and calls/s, bounded by count and time."""
+    with rpyc.connect("127.0.0.1", port) as conn:
+        return timed_calls(conn.root.add, count, seconds)
 
 
 def traced_in_memory(ratio: float = 1.0) -> Any:
@@ -136,28 +143,11 @@ def library_sequential_calls(port: int, count: int, seconds: float, mode: str) -
         with client.connect(host="127.0.0.1", port=port) as conn:
             if mode == "context off":
                 conn.peer_speaks_context = False
-            add = conn.root.add
-            for _ in range(200):  # warm-up
-                add(1, 2)
-            lat: list[float] = []
-            start = time.perf_counter()
-            deadline = start + seconds
-            while len(lat) < count and time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                add(1, 2)
-                lat.append(time.perf_counter() - t0)
-                if exporter is not None and len(lat) % 1000 == 0:
-                    exporter.clear()  # keep memory flat; the spans were made and exported
-            elapsed = time.perf_counter() - start
+            # Clearing keeps memory flat; the spans were made and exported all the same.
+            return timed_calls(conn.root.add, count, seconds, exporter.clear if exporter else None)
     finally:
         if exporter is not None:
             tracing.disable()
-    return {
-        "p50_us": percentile(lat, 50) * 1e6,
-        "p99_us": percentile(lat, 99) * 1e6,
-        "calls_per_s": len(lat) / elapsed,
-        "calls": len(lat),
-    }
 
 
 def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, out: Any) -> None:
