@@ -85,9 +85,9 @@ services:
                 raw.root.sleep(1.0, **{context.KWARG: expired})
             assert "deadline had passed when it arrived" in str(caught.value)
         # The client library does not even send a call whose deadline has passed.
-        with client.connect(host="127.0.0.1", port=port) as conn, context.deadline(0.05):
+        with client.connect(host="127.0.0.1", port=port) as conn, context.deadline(0.05) as ctx:
             sleep = conn.root.sleep
-            time.sleep(0.1)
+            wait_until(ctx.expired, 5, "the 50 ms deadline to pass")
             with pytest.raises(DeadlineExceeded, match="passed before it was sent"):
                 sleep(1.0)
         assert not events.exists() or "call-start" not in events.read_text()

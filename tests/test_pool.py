@@ -131,7 +131,9 @@ def test_registry_down_keeps_known_instances(
     with client.connect_service("DEMO", registry=registry.spec, rediscover=0.1) as pool:
         assert {pool.root.ping() for _ in range(10)} == {"r1", "r2"}
         registry.stop()
-        time.sleep(0.2)  # past the rediscovery interval: the next call asks the (dead) registry
+        asked_at = time.monotonic()
+        # Past the rediscovery interval: the next call asks the (dead) registry.
+        wait_until(lambda: time.monotonic() - asked_at > 0.2, 5, "the rediscovery interval to pass")
         assert {pool.root.ping() for _ in range(10)} == {"r1", "r2"}
 
 
