@@ -11,17 +11,24 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
+import shutil
 import socket
 import struct
 import subprocess
 import textwrap
 import urllib.error
 import urllib.request
+import uuid
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout under test
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
@@ -223,3 +230,78 @@ def make_png(width: int = 8, height: int = 8) -> bytes:
         + chunk(b"IDAT", zlib.compress(rows))
         + chunk(b"IEND", b"")
     )
+
+
+# -- network namespaces -------------------------------------------------------------------------
+
+
+def ip(*args: str) -> None:
+    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+    if result.returncode:
+        raise AssertionError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
+
+
+class Network:
+    """Network namespaces of a test's own: one per host in ``hosts`` (name -> last address byte),
+    each joined by a veth to a bridge in a namespace of its own (``sw``), on a /24 that exists only
+    inside them; ``close()`` deletes every namespace it made."""
+
+    def __init__(self, hosts: dict[str, int], prefix: str, subnet: str) -> None:
+        self.hosts = hosts
+        self.id = f"{prefix}{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
+        self.subnet = f"{subnet}.{random.randrange(1, 255)}"
+        self.made: list[str] = []
+
+    def ns(self, name: str) -> str:
+        return f"{self.id}-{name}"
+
+    def addr(self, name: str) -> str:
+        return f"{self.subnet}.{self.hosts[name]}"
+
+    def exec(self, name: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(name)]
+
+    def create(self) -> Network:
+        switch = self.ns("sw")
+        for name in ["sw", *self.hosts]:
+            ip("netns", "add", self.ns(name))
+            self.made.append(self.ns(name))
+        ip("-n", switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", switch, "link", "set", "br0", "up")
+        for name in self.hosts:
+            ns = self.ns(name)
+            ip("-n", switch, "link", "add", f"p-{name}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("-n", switch, "link", "set", f"p-{name}", "master", "br0", "up")
+            ip("-n", ns, "addr", "add", f"{self.addr(name)}/24", "dev", "eth0")
+            ip("-n", ns, "link", "set", "eth0", "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        return self
+
+    def cut(self, name: str) -> None:
+        """Unplug a host: its end of the cable goes down on the switch."""
+        ip("-n", self.ns("sw"), "link", "set", f"p-{name}", "down")
+
+    def close(self) -> None:
+        for ns in reversed(self.made):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
+        assert self.id not in left, f"namespaces left behind: {left}"
+
+
+@contextmanager
+def namespaces(hosts: dict[str, int], prefix: str, subnet: str) -> Iterator[Network]:
+    """A :class:`Network` built for a test, failing it clearly (never skipping) where it cannot be."""
+    if shutil.which("ip") is None:
+        pytest.fail("the 'ip' command (iproute2) is missing: run bash scripts/test.sh", pytrace=False)
+    if os.geteuid() != 0:
+        pytest.fail("network namespace tests need root (CI runs as root)", pytrace=False)
+    net = Network(hosts, prefix, subnet)
+    try:
+        net.create()
+    except AssertionError as exc:
+        net.close()
+        pytest.fail(f"cannot build network namespaces here: {exc}", pytrace=False)
+    try:
+        yield net
+    finally:
+        net.close()

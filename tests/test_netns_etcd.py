@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,6 +27,7 @@ import pytest
 
 from rpyc_host.testing import PROJECT_ROOT, ServerProcess, wait_until
 from rpyc_host.testing_engines import EtcdCluster, demo_etcd_config, need
+from tests.helpers import Network, namespaces
 
 TTL = 3
 TOKEN = "netns-etcd-test-token-0123456789"
@@ -78,69 +76,11 @@ DRIVER = textwrap.dedent(
 )
 
 
-def ip(*args: str) -> None:
-    result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-    if result.returncode:
-        raise AssertionError(f"ip {' '.join(args)} failed: {result.stderr.strip()}")
-
-
-class Network:
-    """The namespaces, veths and bridge above; ``close()`` deletes every namespace it made."""
-
-    def __init__(self) -> None:
-        self.id = f"re{os.getpid() % 10000}{uuid.uuid4().hex[:4]}"
-        self.subnet = f"10.232.{random.randrange(1, 255)}"
-        self.made: list[str] = []
-
-    def ns(self, name: str) -> str:
-        return f"{self.id}-{name}"
-
-    def addr(self, name: str) -> str:
-        return f"{self.subnet}.{HOSTS[name]}"
-
-    def exec(self, name: str) -> list[str]:
-        return ["ip", "netns", "exec", self.ns(name)]
-
-    def create(self) -> Network:
-        switch = self.ns("sw")
-        for name in ["sw", *HOSTS]:
-            ip("netns", "add", self.ns(name))
-            self.made.append(self.ns(name))
-        ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", switch, "link", "set", "br0", "up")
-        for name in HOSTS:
-            ns = self.ns(name)
-            ip("-n", switch, "link", "add", f"p-{name}", "type", "veth", "peer", "name", "eth0", "netns", ns)
-            ip("-n", switch, "link", "set", f"p-{name}", "master", "br0", "up")
-            ip("-n", ns, "addr", "add", f"{self.addr(name)}/24", "dev", "eth0")
-            ip("-n", ns, "link", "set", "eth0", "up")
-            ip("-n", ns, "link", "set", "lo", "up")
-        return self
-
-    def close(self) -> None:
-        for ns in reversed(self.made):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=20).stdout
-        assert self.id not in left, f"namespaces left behind: {left}"
-
-
 @pytest.fixture
 def network() -> Iterator[Network]:
-    if shutil.which("ip") is None:
-        pytest.fail("the 'ip' command (iproute2) is missing: run bash scripts/test.sh", pytrace=False)
-    if os.geteuid() != 0:
-        pytest.fail("network namespace tests need root (CI runs as root)", pytrace=False)
     need("etcd", "etcd-server")
-    net = Network()
-    try:
-        net.create()
-    except AssertionError as exc:
-        net.close()
-        pytest.fail(f"cannot build network namespaces here: {exc}", pytrace=False)
-    try:
+    with namespaces(HOSTS, "re", "10.232") as net:
         yield net
-    finally:
-        net.close()
 
 
 @pytest.fixture
