@@ -305,3 +305,30 @@ def namespaces(hosts: dict[str, int], prefix: str, subnet: str) -> Iterator[Netw
         yield net
     finally:
         net.close()
+
+
+# -- a chain of two hosts ---------------------------------------------------------------------------
+
+
+@contextmanager
+def relay_chain(events: Path, a_extra: str = "") -> Iterator[tuple[Any, Any]]:
+    """Host B (``slow``: SlowService recording to ``events``; ``probe``: ContextProbeService) and
+    host A (``relay`` and ``ask``: RelayService calling B's two), A's config extended by ``a_extra``;
+    yields ``(a, b)``."""
+    from rpyc_host.testing import running_host
+
+    b_config = f"""
+services:
+  slow: {{class: tests.sample_services:SlowService, port: 0, options: {{events: "{events}"}}}}
+  probe: {{class: tests.sample_services:ContextProbeService, port: 0}}
+"""
+    with running_host(b_config) as b:
+        relay = "tests.sample_services:RelayService"
+        a_config = f"""
+services:
+  relay: {{class: {relay}, port: 0, options: {{target_port: {b.address("slow")[1]}}}}}
+  ask: {{class: {relay}, port: 0, options: {{target_port: {b.address("probe")[1]}}}}}
+{a_extra}
+"""
+        with running_host(a_config) as a:
+            yield a, b

@@ -16,6 +16,7 @@ import client
 from rpyc_host.host import Host
 from rpyc_host.testing import running_host, wait_until
 from rpyc_host.wire import DeadlineExceeded, context
+from tests.helpers import relay_chain
 
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
 
@@ -24,21 +25,8 @@ SERVER_TYPES = ["threaded", "threadpool", "forking"]
 def chain(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Host, Host, Path]]:
     """Service A (relay) on the given server type calling service B (slow, recording events)."""
     events = tmp_path / "events"
-    b_config = f"""
-services:
-  slow: {{class: tests.sample_services:SlowService, port: 0, options: {{events: "{events}"}}}}
-  probe: {{class: tests.sample_services:ContextProbeService, port: 0}}
-"""
-    with running_host(b_config) as b:
-        relay = "tests.sample_services:RelayService"
-        a_config = f"""
-server: {{type: {request.param}, pool_size: 4}}
-services:
-  relay: {{class: {relay}, port: 0, options: {{target_port: {b.address("slow")[1]}}}}}
-  ask: {{class: {relay}, port: 0, options: {{target_port: {b.address("probe")[1]}}}}}
-"""
-        with running_host(a_config) as a:
-            yield a, b, events
+    with relay_chain(events, f"server: {{type: {request.param}, pool_size: 4}}") as (a, b):
+        yield a, b, events
 
 
 def test_a_deadline_holds_through_a_chain_and_b_is_told(chain: tuple[Host, Host, Path]) -> None:

@@ -14,30 +14,19 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from rpyc_host.host import Host
-from rpyc_host.testing import ServerProcess, running_host, wait_until
+from rpyc_host.testing import ServerProcess, wait_until
 from rpyc_host.wire import tracing
-from tests.helpers import http, jsonrpc, post
+from tests.helpers import http, jsonrpc, post, relay_chain
 
 
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[tuple[Host, Path]]:
     """A gateway in front of service A (relay), which calls service B (slow) on another host."""
     events = tmp_path / "events"
-    b_config = f"""
-services:
-  slow: {{class: tests.sample_services:SlowService, port: 0, options: {{events: "{events}"}}}}
-  probe: {{class: tests.sample_services:ContextProbeService, port: 0}}
-"""
-    with running_host(b_config) as b:
-        relay = "tests.sample_services:RelayService"
-        a_config = f"""
-services:
-  relay: {{class: {relay}, port: 0, options: {{target_port: {b.address("slow")[1]}}}}}
-  ask: {{class: {relay}, port: 0, options: {{target_port: {b.address("probe")[1]}}}}}
-gateway: {{enabled: true, host: 127.0.0.1, port: 0, services: [relay, ask]}}
-"""
-        with running_host(a_config) as a:
-            yield a, events
+    with relay_chain(
+        events, "gateway: {enabled: true, host: 127.0.0.1, port: 0, services: [relay, ask]}"
+    ) as (a, _):
+        yield a, events
 
 
 def _call(a: Host, method: str, params: list[object], headers: str) -> tuple[int, dict[str, str], bytes]:
