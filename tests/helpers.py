@@ -139,23 +139,29 @@ def http(
         return read_response(sock)
 
 
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    buf = b""
+def _next_response(sock: socket.socket, buf: bytes) -> tuple[int, dict[str, str], int, bytes]:
+    """Read one response's head and body from ``sock`` after ``buf`` (bytes already read):
+    ``(status, headers, body length, the body and whatever followed it)``."""
     while b"\r\n\r\n" not in buf:
         data = sock.recv(65536)
         if not data:
             raise ConnectionError(f"closed before a full response: {buf!r}")
         buf += data
-    head, _, body = buf.partition(b"\r\n\r\n")
+    head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     length = int(headers.get("content-length", "0"))
-    while len(body) < length:
+    while len(rest) < length:
         data = sock.recv(65536)
         if not data:
             raise ConnectionError("closed mid-body")
-        body += data
+        rest += data
+    return int(lines[0].split()[1]), headers, length, rest
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """One response; the body is everything read after the head (at least Content-Length bytes)."""
+    status, headers, _, body = _next_response(sock, b"")
     return status, headers, body
 
 
@@ -163,22 +169,12 @@ def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
     """``count`` responses (status, body) read in order from one connection, pipelining-safe."""
     buf, out = b"", []
     while len(out) < count:
-        while b"\r\n\r\n" not in buf:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"closed after {len(out)} responses")
-            buf += data
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-        length = int(headers.get("content-length", "0"))
-        while len(buf) < length:
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError("closed mid-body")
-            buf += data
-        out.append((int(lines[0].split()[1]), buf[:length]))
-        buf = buf[length:]
+        try:
+            status, _, length, rest = _next_response(sock, buf)
+        except ConnectionError:
+            raise ConnectionError(f"closed after {len(out)} responses") from None
+        out.append((status, rest[:length]))
+        buf = rest[length:]
     return out
 
 
