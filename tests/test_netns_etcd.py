@@ -70,7 +70,7 @@ DRIVER = textwrap.dedent(
                 if answer == until:
                     first = time.monotonic() - started
                     break
-                time.sleep(0.005)
+                time.sleep(0.005)  # a steady stream of calls, not one burst
         print(json.dumps({"seen": seen, "failed": failed, "first": first}), flush=True)
     """
 )
