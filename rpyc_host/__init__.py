@@ -6,4 +6,20 @@ services), ``servers`` (threaded, threadpool, forking), ``transport`` (tuned cha
 console), ``cli`` (``server.py``).
 """
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .oneway_calls import oneway
+
+__all__ = ["oneway"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # ``rpyc_host.oneway`` for services, loaded on first use: a client that imports only
+    # rpyc_host.wire loads no host code.
+    if name == "oneway":
+        from .oneway_calls import oneway
+
+        return oneway
+    raise AttributeError(f"module 'rpyc_host' has no attribute {name!r}")

@@ -85,6 +85,11 @@ class LimitsSection:
     # meanwhile), for the service and nested on one connection.
     max_waiting_requests: int = field(default=64, metadata={"check": schema.at_least(1)})
     max_waiting_requests_per_connection: int = field(default=4, metadata={"check": schema.at_least(1)})
+    # Calls in one batch (one request); a bigger batch is refused whole.
+    max_batch_calls: int = field(default=10_000, metadata={"check": schema.at_least(1)})
+    # One-way calls accepted but not yet run, for the service and for one connection.
+    max_oneway_pending: int = field(default=1024, metadata={"check": schema.at_least(1)})
+    max_oneway_pending_per_connection: int = field(default=256, metadata={"check": schema.at_least(1)})
 
 
 def _override_of(section: type) -> type:

@@ -24,12 +24,13 @@ from typing import Any
 
 import rpyc
 
+from . import batching
 from .errors import ConfigError, did_you_mean
 from .protocol import HostConnection
-from .wire import context
+from .wire import batch, context
 
 # rpyc.Service exposes these itself; describe() lists the service's own methods.
-_RPYC_BUILTINS = {"get_service_aliases", "get_service_name"}
+_RPYC_BUILTINS = {"get_service_aliases", "get_service_name", batch.ENTRY}
 EXPOSED_PREFIX = "exposed_"
 
 
@@ -196,6 +197,8 @@ def prepare_class(cls: type) -> type[rpyc.Service]:
     }
     # Tells the client library this peer takes call contexts off (rpyc_host.wire.context).
     namespace[EXPOSED_PREFIX + context.MARKER] = context.VERSION
+    # Many calls in one request (rpyc_host.batching); hidden from describe() like the marker.
+    namespace[EXPOSED_PREFIX + batch.ENTRY] = batching.entry
     if not hasattr(base, EXPOSED_PREFIX + "describe"):
         namespace[EXPOSED_PREFIX + "describe"] = _exposed_describe
     if not hasattr(base, EXPOSED_PREFIX + "health"):

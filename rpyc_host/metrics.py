@@ -14,6 +14,7 @@ Families:
 - ``rpyc_host_connections_refused_total{service,reason}`` (limit, auth, tls, throttle)
 - ``rpyc_host_limit_refusals_total{service,limit}``: requests refused by a ``limits:`` cap
 - ``rpyc_host_held{service,resource}``: what clients hold now (see :mod:`rpyc_host.budget`)
+- ``rpyc_host_oneway_errors_total{service,method}``: one-way calls that raised (:mod:`rpyc_host.oneway_calls`)
 - ``rpyc_host_gateway_refusals_total{reason}``: gateway refusals (``max_connections``,
   ``max_connections_per_ip``, ``request_timeout``, ``auth``, ``throttled``, ``body_too_large``,
   ``headers_too_large``, ``bad_request``)
@@ -166,6 +167,15 @@ class HostCollector:
             for resource, amount in ledger.snapshot().items():
                 held.add_metric([hosted.config.name, resource], amount)
         yield from (limit_refusals, held)
+
+        oneway_errors = CounterMetricFamily(
+            "rpyc_host_oneway_errors", "One-way calls that raised", labels=["service", "method"]
+        )
+        for hosted in self.host.hosted:
+            book = getattr(hosted.server, "oneway", None)
+            for method, count in book.errors().items() if book is not None else ():
+                oneway_errors.add_metric([hosted.config.name, method], count)
+        yield oneway_errors
 
         gateway = self.host.gateway
         if gateway is not None:

@@ -20,8 +20,11 @@ from rpyc.core.async_ import AsyncResultTimeout
 from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
 
+from . import batching, oneway_calls
+from .batching import BATCH, MODEL_ATTR
 from .budget import CONFIG_KEY
 from .errors import did_you_mean
+from .oneway_calls import ONEWAY
 from .wire.errors import DeadlineExceeded
 from .wire.remote import ContextCalls, ContextServing
 
@@ -270,6 +273,10 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         )
 
     def _handle_call(self, obj: Any, args: Any, kwargs: Any = ()) -> Any:
+        # A batch, or a one-way method (rpyc_host.batching, rpyc_host.oneway_calls): one lookup.
+        model = getattr(obj, MODEL_ATTR, None)
+        if model == BATCH:
+            return batching.run(self, obj.__self__, args, kwargs)
         # Most calls carry only scalars: check types once instead of walking every argument.
         plain_args = args
         count: _ItemCount | None = None  # one count for all of the request's arguments
@@ -281,6 +288,8 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         if kwargs and count is None:
             count = _ItemCount()
         plain_kwargs = {k: to_plain(v, 0, count) for k, v in dict(kwargs).items()} if kwargs else {}
+        if model == ONEWAY:
+            return oneway_calls.submit(self, obj, plain_args, plain_kwargs)
         config = self._config
         book = config.get("host_calls")
         logger: logging.Logger | None = config.get("host_logger")

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import rpyc
+
+from rpyc_host import oneway
 
 log = logging.getLogger("services.demo")
 
@@ -48,6 +51,8 @@ class DemoService(rpyc.Service):
         self.greeting = greeting
         self.max_countdown = max_countdown
         self._calls = 0
+        # Shared by every connection (set in __init__); the newest events only.
+        self._events: deque[tuple[str, str]] = deque(maxlen=100)
 
     def on_connect(self, conn: Any) -> None:
         self._connid = str(conn._config.get("connid"))
@@ -81,6 +86,22 @@ class DemoService(rpyc.Service):
             if isinstance(value, bool) or not isinstance(value, int | float | complex):
                 raise TypeError(f"add(a, b): {name} must be a number, got {type(value).__name__}")
         return a + b
+
+    @rpyc.exposed
+    @oneway
+    def log_event(self, kind: str, detail: str = "") -> None:
+        """Record an event without waiting (one-way: the caller gets None at once)."""
+        self._count()
+        if not isinstance(kind, str) or not isinstance(detail, str):
+            raise TypeError("log_event(kind, detail): kind and detail must be str")
+        self._events.append((kind, detail))
+        log.info("event %s: %s", kind, detail)
+
+    @rpyc.exposed
+    def events(self) -> tuple[tuple[str, str], ...]:
+        """The newest events recorded by ``log_event`` (at most 100), oldest first."""
+        self._count()
+        return tuple(self._events)
 
     @rpyc.exposed
     def ping(self) -> str:

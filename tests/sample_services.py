@@ -9,6 +9,8 @@ from typing import Any
 
 import rpyc
 
+from rpyc_host import oneway
+
 NOT_A_CLASS = 42
 
 
@@ -205,3 +207,44 @@ class NoteService(rpyc.Service):
         import logging
 
         logging.getLogger("tests.note").warning("note: %s", text)
+
+
+# Released by the one-way tests; the service runs in the test's own process (running_host).
+ONEWAY_GATE = threading.Event()
+
+
+@rpyc.service
+class OnewayService(rpyc.Service):
+    """One-way methods that wait for the test, fail, or leave a trace in a file."""
+
+    def __init__(self, trace: str = "") -> None:
+        self.trace = Path(trace) if trace else None
+        self.done: list[Any] = []  # shared by every connection: what the one-way calls did
+
+    @rpyc.exposed
+    @oneway
+    def wait_for_gate(self, tag: Any) -> None:
+        """Blocks until the test sets ONEWAY_GATE (at most 60 s)."""
+        ONEWAY_GATE.wait(60)
+        self.done.append(tag)
+
+    @rpyc.exposed
+    @oneway
+    def record(self, tag: Any) -> None:
+        self.done.append(tag)
+        if self.trace is not None:
+            with self.trace.open("a") as fh:
+                fh.write(f"{tag}\n")
+
+    @rpyc.exposed
+    @oneway
+    def fail(self, text: str) -> None:
+        raise ValueError(f"fail: {text}")
+
+    @rpyc.exposed
+    def seen(self) -> tuple[Any, ...]:
+        return tuple(self.done)
+
+    @rpyc.exposed
+    def add(self, a: int, b: int) -> int:
+        return a + b

@@ -33,6 +33,7 @@ from ..budget import CONFIG_KEY, Ledger, caps_from_limits
 from ..config import LimitsSection, SecurityConfig
 from ..errors import Refused
 from ..exposure import per_connection
+from ..oneway_calls import BOOK_KEY, OnewayBook
 from ..protocol import NO_WAIT, SAFE_PROTOCOL, HostConnection, InflightTracker
 from ..security import Gatekeeper, closer
 from ..wire.handshake import rpyc_refusal_frame
@@ -82,6 +83,7 @@ class HostServerMixin:
         self.gatekeeper = settings.gatekeeper
         self.tracker = InflightTracker()
         self.ledger = Ledger(settings.name, caps_from_limits(settings.limits))
+        self.oneway = OnewayBook()
         self.connections: set[HostConnection] = set()
         self._conn_lock = threading.Lock()
         self._per_ip: Counter[str] = Counter()
@@ -96,6 +98,7 @@ class HostServerMixin:
             "host_calls": settings.calls,
             "host_service": settings.name,
             "host_server": self,
+            BOOK_KEY: self.oneway,
         }
         if not any(isinstance(f, RpycChatter) for f in self.logger.filters):
             self.logger.addFilter(RpycChatter())

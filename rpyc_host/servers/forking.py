@@ -83,6 +83,8 @@ class HostForkingServer(HostServerMixin, ForkingServer):
 
         signal.signal(signal.SIGTERM, on_term)
         self._serve_until_closed(conn)
+        # One-way calls still queued were accepted: run them (within the grace period) before exiting.
+        self.tracker.wait_idle(self.grace_period)
 
     def _close_when_idle(self, conn: Any) -> None:
         self.tracker.wait_idle(self.grace_period)
