@@ -16,8 +16,9 @@ seconds and retry refused or timed-out connects with exponential backoff. Plain
 ``rpyc.connect(host, port)`` works against the same servers too.
 
 Modules: ``connection`` (:func:`connect`), ``settings`` (the light config reader), ``pool``
-(instances found through a registry), ``ingest`` (collectors), ``files`` (transfers), ``errors``
-(the exception tree), ``cli`` (``python -m client``).
+(instances found through a registry), ``batch`` (many calls in one request: :func:`batch`),
+``ingest`` (collectors), ``files`` (transfers), ``errors`` (the exception tree), ``cli``
+(``python -m client``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 from rpyc_host.wire.context import current as current_context
 from rpyc_host.wire.context import deadline
 
+from .batch import Batch, Result, batch
 from .connection import DEFAULT_TIMEOUT, connect, describe, resolve, tls_context
 from .errors import (
     AuthError,
@@ -42,13 +44,16 @@ from .settings import ClientSettings, load_settings
 __all__ = [
     "DEFAULT_TIMEOUT",
     "AuthError",
+    "Batch",
     "ClientError",
     "ClientSettings",
     "ConfigError",
     "ConnectError",
     "DeadlineExceeded",
     "NoInstanceError",
+    "Result",
     "ServicePool",
+    "batch",
     "connect",
     "connect_service",
     "current_context",

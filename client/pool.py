@@ -65,6 +65,7 @@ from rpyc.utils.registry import REGISTRY_PORT
 
 from rpyc_host.wire import context, tracing
 
+from .batch import Batch
 from .connection import DEFAULT_TIMEOUT, connect
 from .discovery import DiscoveryError, Endpoint, RegistryResolver, Resolver, is_target, resolver_for
 from .errors import ConfigError, NoInstanceError, describe_error, is_remote
@@ -452,6 +453,12 @@ class ServicePool:
                 instance.calls += 1
                 instance.failures = 0
             return result
+
+    def batch(self, idempotent: bool | None = None) -> Batch:
+        """Calls recorded in a ``with`` block, sent together to one instance when it ends
+        (:mod:`client.batch`); retried on another instance after a send failure only if every
+        method in it is idempotent (or ``idempotent=True``)."""
+        return Batch(self, idempotent)
 
     def connect(self) -> Any:
         """A new connection of its own to one live instance (for streams, callbacks, async
