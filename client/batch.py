@@ -16,7 +16,8 @@ Calls are recorded in the block and sent when it ends, in one request to a host 
 them in order; one failing call fails only itself) or, to a plain rpyc server without the
 host's entry point, pipelined (every call sent before the first reply is read). A block left by
 an exception sends nothing. A batch the host refuses whole (more than ``limits.max_batch_calls``)
-raises from the end of the block, and every result carries that error too.
+or that fails on the way (a timeout, a dropped connection) raises from the end of the block,
+and every result carries that error too.
 
 Through a pool, a batch that fails after it was sent (the instance dropped the connection, timed
 out) is retried on another instance only if every method in it is idempotent.
@@ -186,7 +187,8 @@ def _entry_of(conn: Any) -> Any:
 def run_on(conn: Any, calls: list[Result]) -> list[tuple[bool, Any]]:
     """``(ok, value or error)`` for each call, sent over ``conn`` as one batch or pipelined.
 
-    Raises: the batch's own error if the host refused it whole; connection errors.
+    Raises: the batch's own error if the host refused it whole; connection errors (each
+    result in ``calls`` carries the same error).
     """
     entry = _entry_of(conn)
     if entry is None:
@@ -194,10 +196,9 @@ def run_on(conn: Any, calls: list[Result]) -> list[tuple[bool, Any]]:
     wire = tuple((r.method, tuple(r.args), tuple(r.kwargs.items())) for r in calls)
     try:
         outcomes = entry(wire)
-    except Exception as exc:
-        if is_remote(exc):  # refused whole: every call carries the reason
-            for result in calls:
-                result._set(False, exc)
+    except Exception as exc:  # refused whole, or the connection failed: every call carries it
+        for result in calls:
+            result._set(False, exc)
         raise
     if len(outcomes) != len(calls):
         raise ValueError(f"the batch of {len(calls)} calls came back with {len(outcomes)} outcomes")

@@ -248,3 +248,23 @@ class OnewayService(rpyc.Service):
     @rpyc.exposed
     def add(self, a: int, b: int) -> int:
         return a + b
+
+
+# The first stall_first() call in this process blocks until the test sets it (at most 30 s).
+STALL_RELEASE = threading.Event()
+_STALLED = threading.Lock()
+
+
+@rpyc.service
+class StallFirstService(rpyc.Service):
+    """The first stall_first() call (across every host in the process) blocks; later ones return."""
+
+    @rpyc.exposed
+    def stall_first(self) -> str:
+        if _STALLED.acquire(blocking=False):
+            STALL_RELEASE.wait(30)
+        return "done"
+
+    @rpyc.exposed
+    def add(self, a: int, b: int) -> int:
+        return a + b
