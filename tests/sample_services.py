@@ -238,6 +238,15 @@ class OnewayService(rpyc.Service):
 
     @rpyc.exposed
     @oneway
+    def record_after(self, tag: Any, flag: str) -> None:
+        """Record ``tag`` once the file ``flag`` exists (at most 30 s): a gate across processes."""
+        deadline = time.monotonic() + 30
+        while not Path(flag).exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.record(tag)
+
+    @rpyc.exposed
+    @oneway
     def fail(self, text: str) -> None:
         raise ValueError(f"fail: {text}")
 

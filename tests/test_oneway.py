@@ -184,12 +184,17 @@ services:
     )
     server = start_server(config)
     port = server.address("oneway")[1]
-    conn = rpyc.connect("127.0.0.1", port)
+    flag = tmp_path / "go"
+    conn = rpyc.connect("127.0.0.1", port, config={"sync_request_timeout": 10})
     try:
+        # Answered at once although the first one waits for the flag (up to 30 s).
+        assert conn.root.record_after("first", str(flag)) is None
         for i in range(5):
             assert conn.root.record(f"call-{i}") is None
         assert conn.root.add(2, 2) == 4
+        assert not trace.exists()  # all queued behind the first
     finally:
         conn.close()  # right away: calls still queued must run anyway
-    wait_until(lambda: trace.exists() and len(trace.read_text().split()) == 5, 30, "the one-way calls")
-    assert trace.read_text().split() == [f"call-{i}" for i in range(5)]
+    flag.touch()
+    wait_until(lambda: trace.exists() and len(trace.read_text().split()) == 6, 30, "the one-way calls")
+    assert trace.read_text().split() == ["first"] + [f"call-{i}" for i in range(5)]
