@@ -31,8 +31,17 @@ def requests_served(host: Any) -> int:
     return sum(conn._config["host_traffic"].requests for conn in list(server.connections))
 
 
+def calls_counted(host: Any, method: str) -> tuple[int, int]:
+    """(calls, errors) the host's call book holds for the demo service's ``method``."""
+    for (service, name), stats in host.calls.items():
+        if service == "demo" and name.removeprefix("exposed_") == method:
+            return stats.calls, stats.errors
+    return 0, 0
+
+
 def test_a_batch_of_1000_adds_is_one_request_with_results_in_order() -> None:
-    with running_host(DEMO) as host, client.connect(host="127.0.0.1", port=host.address("demo")[1]) as conn:
+    config = DEMO + "metrics: {enabled: true, port: 0}\n"
+    with running_host(config) as host, client.connect(host="127.0.0.1", port=host.address("demo")[1]) as conn:
         _entry_of(conn)  # the one lookup of the entry point, cached for the connection
         before = requests_served(host)
         with client.batch(conn) as b:
@@ -40,6 +49,9 @@ def test_a_batch_of_1000_adds_is_one_request_with_results_in_order() -> None:
         assert requests_served(host) - before <= 2  # the batch call (and a netref release at most)
         assert [r.value for r in results] == [2 * i for i in range(1000)]
         assert all(r.ok and r.error is None for r in results)
+        with client.batch(conn) as b:
+            b.root.add(1, "x")
+        assert calls_counted(host, "add") == (1001, 1)  # each batched call is counted as its method
 
 
 def test_failing_calls_fail_alone_with_their_own_type_and_message() -> None:
