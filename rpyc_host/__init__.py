@@ -2,8 +2,9 @@
 
 The pieces, one module each: ``config`` (validated settings), ``exposure`` (classes to
 services), ``servers`` (threaded, threadpool, forking), ``transport`` (tuned channels),
-``protocol`` (safe rpyc settings), ``host`` (start and graceful stop), ``classic`` (debug
-console), ``cli`` (``server.py``).
+``protocol`` (safe rpyc settings), ``batching`` and ``oneway_calls`` (batched and one-way
+calls; services mark one-way methods with ``rpyc_host.oneway``), ``host`` (start and graceful
+stop), ``classic`` (debug console), ``cli`` (``server.py``).
 """
 
 from typing import TYPE_CHECKING, Any

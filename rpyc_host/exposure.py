@@ -3,7 +3,8 @@
 - an ``rpyc.Service`` subclass is served as written;
 - any other class is wrapped: its public methods (names not starting with ``_``) become exposed
   methods, like XML-RPC's ``register_instance``;
-- every served class gets ``describe()`` (name, exposed methods, signatures, first doc line).
+- every served class gets ``describe()`` (name, exposed methods, signatures, first doc line)
+  and the hidden batch entry point (many calls in one request, :mod:`rpyc_host.batching`).
 
 Options from the config go to the class's constructor once, at start-up. Each connection is
 then served by a shallow copy of that instance: attributes set in ``__init__`` are shared by
@@ -188,7 +189,8 @@ def _delegate(name: str, member: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def prepare_class(cls: type) -> type[rpyc.Service]:
-    """The class the host instantiates: ``cls`` (wrapped if plain) plus describe()."""
+    """The class the host instantiates: ``cls`` (wrapped if plain) plus describe(), health(),
+    the call-context marker and the batch entry point (:mod:`rpyc_host.batching`)."""
     base = cls if issubclass(cls, rpyc.Service) else wrap_plain_class(cls)
     namespace: dict[str, Any] = {
         "_protocol": HostConnection,
