@@ -152,6 +152,8 @@ def test_batches_keep_working_for_netref_results_and_list_arguments() -> None:
 def pool_hosts() -> Iterator[tuple[Any, Any]]:
     config = "services:\n  flaky: {class: tests.sample_services:StallFirstService, port: 0}\n"
     sample_services.STALL_RELEASE.clear()
+    if sample_services._STALLED.locked():  # an earlier test stalled already: the next one stalls
+        sample_services._STALLED.release()
     try:
         with running_host(config) as one, running_host(config) as two:
             yield one, two
