@@ -19,11 +19,13 @@ import socket
 from dataclasses import replace
 from typing import Any
 
-from rpyc.core import consts
+from rpyc.core import consts, netref
 from rpyc.core.protocol import Connection
 
 from . import context, tracing
 from .errors import DeadlineExceeded
+from .stream_reader import StreamReader
+from .streams import STREAM_TYPE
 
 REMOTE_TB = "_remote_tb"
 _DEADLINE = (DeadlineExceeded.__module__, DeadlineExceeded.__name__)
@@ -230,12 +232,27 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
             return inner(conn, obj, args, kwargs)
 
 
+_STREAM_REF = netref.class_factory((STREAM_TYPE, 0, 0), [])
+
+
 class WireConnection(ContextServing, ContextCalls, Connection):
     """An rpyc ``Connection`` whose remote errors read cleanly, whose calls carry their context,
     and whose close never waits on a busy peer; see the module docstring."""
 
     def _unbox_exc(self, raw: Any) -> Any:
         return clean(super()._unbox_exc(raw), raw)
+
+    def _unbox(self, package: Any) -> Any:
+        # A host's stream becomes a local iterator that fetches chunks (wire/stream_reader.py).
+        obj = super()._unbox(package)
+        if package[0] == consts.LABEL_REMOTE_REF and package[1][0] == STREAM_TYPE:
+            return StreamReader(self, obj)
+        return obj
+
+    def _netref_factory(self, id_pack: Any) -> Any:
+        if id_pack[0] == STREAM_TYPE:  # only ever called through its reader: no class to inspect
+            return _STREAM_REF(self, id_pack)
+        return super()._netref_factory(id_pack)
 
     def close(self) -> None:
         if not self._closed and self._request_callbacks:
