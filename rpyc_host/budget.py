@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,15 @@ class Account:
         self.owner = owner
         self._held: Counter[str] = Counter()
         self.closed = False
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` when the account closes, before its holdings are given back (to
+        close what holds them, e.g. open streams); at once if it is already closed."""
+        if self.closed:
+            callback()
+            return
+        self._on_close.append(callback)
 
     def acquire(self, resource: str, amount: int = 1) -> None:
         """Take ``amount`` of ``resource``; LimitExceeded (and nothing taken) past a cap."""
@@ -134,10 +144,16 @@ class Account:
             return self._held[resource]
 
     def close(self) -> None:
-        """Give back everything; later acquires are refused."""
+        """Close what registered with :meth:`on_close`, then give back everything; later
+        acquires are refused."""
         self.closed = True
-        for resource in list(self._held):
-            self.ledger._give(self, resource, self._held[resource])
+        callbacks, self._on_close = self._on_close, []
+        try:
+            for callback in callbacks:
+                callback()
+        finally:
+            for resource in list(self._held):
+                self.ledger._give(self, resource, self._held[resource])
 
 
 def account_of(conn: Any) -> Account | None:

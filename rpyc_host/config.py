@@ -90,6 +90,9 @@ class LimitsSection:
     # One-way calls accepted but not yet run, for the service and for one connection.
     max_oneway_pending: int = field(default=1024, metadata={"check": schema.at_least(1)})
     max_oneway_pending_per_connection: int = field(default=256, metadata={"check": schema.at_least(1)})
+    # Iterator results being streamed to clients (each keeps its generator alive between chunks).
+    max_open_streams: int = field(default=256, metadata={"check": schema.at_least(0)})
+    max_open_streams_per_connection: int = field(default=16, metadata={"check": schema.at_least(0)})
 
 
 def _override_of(section: type) -> type:

@@ -25,6 +25,7 @@ from .batching import BATCH, MODEL_ATTR
 from .budget import CONFIG_KEY
 from .errors import did_you_mean
 from .oneway_calls import ONEWAY
+from .streams import as_stream
 from .wire.errors import DeadlineExceeded
 from .wire.remote import ContextCalls, ContextServing
 
@@ -297,12 +298,12 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         logger: logging.Logger | None = config.get("host_logger")
         debug = logger is not None and logger.isEnabledFor(logging.DEBUG)
         if book is None and not debug:
-            return obj(*plain_args, **plain_kwargs)
+            return as_stream(self, obj(*plain_args, **plain_kwargs))  # an iterator goes as a stream
         method = getattr(obj, "__name__", type(obj).__name__)
         failed = True
         started = time.perf_counter()
         try:
-            result = obj(*plain_args, **plain_kwargs)
+            result = as_stream(self, obj(*plain_args, **plain_kwargs))
             failed = False
             return result
         finally:
