@@ -14,6 +14,7 @@ from typing import Any
 import rpyc
 
 from rpyc_host.wire import CredentialsRefused, DialError, client_context, dial
+from rpyc_host.wire.stream_reader import CONFIG_KEY as STREAM_CHUNK
 
 from .errors import AuthError, ConfigError, ConnectError
 from .settings import ClientSettings, load_settings
@@ -55,6 +56,7 @@ def connect(
     ca: str | None = None,
     cert: str | None = None,
     key: str | None = None,
+    stream_chunk: int | None = None,
 ) -> Any:
     """Connect to a service by configured name, or by ``host`` and ``port``.
 
@@ -72,6 +74,8 @@ def connect(
             name to a config with ``security.tls``. ``ca``, ``cert``, ``key`` (or
             ``$RPYC_HOST_TLS_CA``, ``_CERT``, ``_KEY``) build the context: the CA that signed
             the server's certificate, and this client's certificate for mutual TLS.
+        stream_chunk: items fetched per round trip when a method returns a stream (an
+            iterator; default 1024); one stream can change it with ``.chunked(n)``.
 
     Returns:
         an rpyc ``Connection``; use it as a context manager, or call ``close()``. Errors the
@@ -100,6 +104,8 @@ def connect(
     context = tls if isinstance(tls, ssl.SSLContext) else None
     if context is None and (tls or ca or cert):
         context = client_context(ca, cert, key)
+    if stream_chunk is not None and (type(stream_chunk) is not int or stream_chunk < 1):
+        raise ConfigError(f"stream_chunk must be an int >= 1, got {stream_chunk!r}")
     try:
         return dial(
             host,
@@ -112,6 +118,7 @@ def connect(
             token=token,
             tls=context,
             name=service,
+            config={STREAM_CHUNK: stream_chunk} if stream_chunk else None,
         )
     except CredentialsRefused as exc:
         raise AuthError(str(exc)) from None
