@@ -277,3 +277,68 @@ class StallFirstService(rpyc.Service):
     @rpyc.exposed
     def add(self, a: int, b: int) -> int:
         return a + b
+
+
+@rpyc.service
+class StreamService(rpyc.Service):
+    """Generators to stream; appends ``<name>-closed`` to ``events`` when one's finally runs."""
+
+    def __init__(self, events: str) -> None:
+        self.events = events
+
+    def on_connect(self, conn: Any) -> None:
+        from rpyc_host import budget
+
+        self._account = budget.account_of(conn)
+
+    def _note(self, text: str) -> None:
+        with open(self.events, "a") as out:
+            out.write(text + "\n")
+
+    @rpyc.exposed
+    def count(self, n: int) -> Any:
+        try:
+            yield from range(n)
+        finally:
+            self._note("count-closed")
+
+    @rpyc.exposed
+    def endless(self) -> Any:
+        i = 0
+        try:
+            while True:
+                yield i
+                i += 1
+        finally:
+            self._note("endless-closed")
+
+    @rpyc.exposed
+    def failing(self, n: int) -> Any:
+        yield from range(n)
+        raise ValueError(f"item {n} is broken")
+
+    @rpyc.exposed
+    def not_plain(self) -> Any:
+        yield 1
+        yield [2, 3]
+
+    @rpyc.exposed
+    def blobs(self, n: int, size: int) -> Any:
+        for i in range(n):
+            yield bytes([i % 256]) * size
+
+    @rpyc.exposed
+    def held(self) -> tuple[int, int]:
+        """(this connection's open streams, the service's), as this process counts them."""
+        if self._account is None:
+            return (-1, -1)
+        return self._account.held("open_streams"), self._account.ledger.held("open_streams")
+
+    @rpyc.exposed
+    def rss_kib(self) -> int:
+        """This process's resident memory now, in KiB."""
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return -1
