@@ -1,7 +1,8 @@
-"""The demo service: exposed methods, connection hooks, callbacks and a live object.
+"""The demo service: exposed methods, connection hooks, callbacks, a live object and a stream.
 
 Shows the pieces a real service uses: plain-value methods, per-connection state set in
-``on_connect``, a server-to-client callback, and a live object the client drives by reference.
+``on_connect``, a server-to-client callback, a live object the client drives by reference, and
+a generator its clients read in chunks (a streamed result).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import rpyc
@@ -141,3 +142,15 @@ class DemoService(rpyc.Service):
         if isinstance(start, bool) or not isinstance(start, int):
             raise TypeError(f"new_counter(start): start must be an int, got {type(start).__name__}")
         return Counter(start)
+
+    @rpyc.exposed
+    def count(self, n: int, start: int = 0) -> Iterator[int]:
+        """The ints ``start``, ``start + 1``, ... below ``start + n``, streamed (a generator:
+        ``client.connect`` reads it in chunks, plain rpyc item by item)."""
+        self._count()
+        for name, value in (("n", n), ("start", start)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"count(n, start): {name} must be an int, got {type(value).__name__}")
+        if n < 0:
+            raise ValueError(f"count(n, start): n must be >= 0, got {n}")
+        return iter(range(start, start + n))

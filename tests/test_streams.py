@@ -5,7 +5,7 @@ for plain rpyc clients."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,11 @@ import rpyc
 
 import client
 from rpyc_host.host import Host
-from rpyc_host.testing import running_host, wait_until
+from rpyc_host.testing import ServerProcess, running_host, wait_until
 from rpyc_host.wire import DeadlineExceeded, context
 from rpyc_host.wire.stream_reader import StreamReader
 from rpyc_host.wire.streams import CHUNK_BYTES, Stream
+from tests.helpers import demo_config
 
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
 CONFIG = """
@@ -156,7 +157,7 @@ def test_a_stream_open_past_its_deadline_is_ended(served: tuple[Host, Path]) -> 
     host, events = served
     with _connect(host) as conn:
         root = conn.root  # type: ignore[attr-defined]
-        with context.deadline(1.0) as ctx:
+        with context.deadline(2.0) as ctx:
             numbers = root.endless().chunked(10)
         assert next(numbers) == 0
         wait_until(ctx.expired, 10, "the deadline to pass")
@@ -169,14 +170,15 @@ def test_a_stream_open_past_its_deadline_is_ended(served: tuple[Host, Path]) -> 
 
 def test_the_cap_refuses_naming_the_limit(threaded: tuple[Host, Path]) -> None:
     host, _ = threaded
-    threads = threading.active_count()
     with _connect(host) as conn:
         root = conn.root  # type: ignore[attr-defined]
+        assert root.held() == (0, 0)
+        threads = threading.active_count()
         first, second = root.endless(), root.endless()  # opened, never read
         with pytest.raises(OSError) as caught:
             root.endless()
         assert "limits.max_open_streams_per_connection: 2" in str(caught.value)
-        assert threading.active_count() == threads + 1  # the connection's thread, none per stream
+        assert threading.active_count() == threads  # no thread per stream
         assert root.held() == (2, 2)
         first.close()
         third = root.endless()
@@ -215,3 +217,16 @@ def test_a_chunk_is_bounded_by_count_and_by_bytes() -> None:
         stream.exposed_next_chunk(0)
     stream.close()
     assert stream.exposed_next_chunk(5) == ((), True)
+
+
+def test_the_demo_service_streams_count(
+    start_server: Callable[..., ServerProcess], write_config: Callable[[str], Path]
+) -> None:
+    proc = start_server(write_config(demo_config("threaded")))
+    host, port = proc.address("demo")
+    with client.connect(host=host, port=port) as conn:
+        assert list(conn.root.count(100_000, start=5)) == list(range(5, 100_005))
+        with pytest.raises(ValueError, match="n must be >= 0"):
+            conn.root.count(-1)
+    with rpyc.connect(host, port) as plain:
+        assert list(plain.root.count(3)) == [0, 1, 2]
