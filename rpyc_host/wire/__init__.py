@@ -9,6 +9,8 @@ Nothing here imports the rest of the host, the services or the client; both stan
   connection behaviour both ends share (call contexts out and in);
 - ``context``: the call context (deadline, trace context, request id) that travels with calls;
 - ``dial``: connect with retries, TLS, token and a tuned channel;
+- ``streams``, ``stream_reader``: streamed results (the host's stream object, the client's
+  chunked iterator);
 - ``bulk``: the one-time side connection for file bytes (tickets, sending, receiving);
 - ``hashes``: the integrity hashes a file transfer can name (blake3, xxh3_128, sha256);
 - ``jsonlines``: the JSON-lines payload encoder of ingest batches;
