@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from types import GeneratorType
 from typing import Any
 
+from rpyc.core.netref import BaseNetref
+
 from .budget import CONFIG_KEY, Account, LimitExceeded
 from .wire import context
 from .wire.streams import Stream
@@ -31,6 +33,8 @@ def streamable(result: Any) -> bool:
     if type(result) is GeneratorType:
         return True
     kind = type(result)
+    if issubclass(kind, BaseNetref):  # the client's own object, handed back: it stays theirs
+        return False
     if not hasattr(kind, "__next__") or not hasattr(kind, "__iter__") or isinstance(result, _NEVER):
         return False
     # A live object with exposed methods is what the service meant to hand out: leave it be.

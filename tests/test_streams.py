@@ -22,7 +22,7 @@ from tests.helpers import demo_config
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
 CONFIG = """
 server: {{type: {type}, pool_size: 4}}
-limits: {{max_open_streams_per_connection: {per_connection}}}
+limits: {{max_open_streams: {service_cap}, max_open_streams_per_connection: {per_connection}}}
 services:
   streams:
     class: tests.sample_services:StreamService
@@ -31,10 +31,14 @@ services:
 """
 
 
-def _host(tmp_path: Path, server_type: str, per_connection: int = 16) -> Iterator[tuple[Host, Path]]:
+def _host(
+    tmp_path: Path, server_type: str, per_connection: int = 16, service_cap: int = 256
+) -> Iterator[tuple[Host, Path]]:
     events = tmp_path / "events"
     events.touch()
-    text = CONFIG.format(type=server_type, per_connection=per_connection, events=events)
+    text = CONFIG.format(
+        type=server_type, per_connection=per_connection, service_cap=service_cap, events=events
+    )
     with running_host(text) as host:
         yield host, events
 
@@ -47,8 +51,8 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Hos
 
 @pytest.fixture
 def threaded(tmp_path: Path) -> Iterator[tuple[Host, Path]]:
-    """The stream service on a threaded server with at most 2 open streams per connection."""
-    yield from _host(tmp_path, "threaded", per_connection=2)
+    """The stream service on a threaded server: at most 2 open streams per connection, 3 in all."""
+    yield from _host(tmp_path, "threaded", per_connection=2, service_cap=3)
 
 
 def _connect(host: Host, **kwargs: object) -> object:
@@ -183,8 +187,13 @@ def test_the_cap_refuses_naming_the_limit(threaded: tuple[Host, Path]) -> None:
         first.close()
         third = root.endless()
         assert next(third) == 0 and next(second) == 0
+        with _connect(host) as other:
+            kept = other.root.endless()  # type: ignore[attr-defined]  # the service's third
+            with pytest.raises(OSError, match=r"limits\.max_open_streams: 3"):
+                other.root.endless()  # type: ignore[attr-defined]
+            assert next(kept) == 0
     ledger = host.hosted[0].server.ledger
-    assert ledger.refusal_counts() == {"max_open_streams_per_connection": 1}
+    assert ledger.refusal_counts() == {"max_open_streams_per_connection": 1, "max_open_streams": 1}
     wait_until(lambda: ledger.held("open_streams") == 0, 10, "the streams given back on disconnect")
 
 

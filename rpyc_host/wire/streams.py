@@ -130,7 +130,9 @@ class Stream:
         if not items:
             self._finish()
             raise error
-        self._error = error
+        # Kept without its traceback: the frames it holds would tie this stream in a cycle, and
+        # a stream must be freed (and its generator closed) as soon as its client drops it.
+        self._error = error.with_traceback(None)
         self.sent += len(items)
         return tuple(items), False
 
