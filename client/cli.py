@@ -28,6 +28,7 @@ from typing import Any
 import rpyc
 
 import client as client_pkg
+from rpyc_host.wire.stream_reader import StreamReader
 
 from .connection import DEFAULT_TIMEOUT, connect, describe
 from .errors import ConfigError, ConnectError, describe_error
@@ -137,6 +138,11 @@ def cmd_call(args: argparse.Namespace) -> int:
     with connect_from_args(args) as conn:
         method = getattr(conn.root, args.method)
         result = method(*[_literal(a) for a in args.args])
+        if isinstance(result, StreamReader):  # a streamed result: one item a line, as they come
+            with result:
+                for item in result:
+                    print(item if isinstance(item, str) else pprint.pformat(item), flush=True)
+            return EXIT_OK
         print(result if isinstance(result, str) else pprint.pformat(result))
     return EXIT_OK
 

@@ -13,7 +13,7 @@ import rpyc
 
 import client
 from rpyc_host.host import Host
-from rpyc_host.testing import ServerProcess, running_host, wait_until
+from rpyc_host.testing import ServerProcess, run_cli, running_host, wait_until
 from rpyc_host.wire import DeadlineExceeded, context
 from rpyc_host.wire.stream_reader import StreamReader
 from rpyc_host.wire.streams import CHUNK_BYTES, Stream
@@ -239,3 +239,6 @@ def test_the_demo_service_streams_count(
             conn.root.count(-1)
     with rpyc.connect(host, port) as plain:
         assert list(plain.root.count(3)) == [0, 1, 2]
+    shown = run_cli("-m", "client", "call", "demo", "count", "3", "--host", host, "--port", str(port))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.splitlines() == ["0", "1", "2"]  # one item a line
