@@ -77,7 +77,9 @@ class StreamReader:
                 self._ref = None
                 raise
             self._done = bool(done)
-            if not done:
+            if done:
+                self._ref = None  # the host closed it: let rpyc release its reference now
+            else:
                 self._pending = self._request()  # read ahead while this chunk is consumed
             self._items = iter(items)
             for item in self._items:

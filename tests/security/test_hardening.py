@@ -82,6 +82,7 @@ def test_dir_shows_only_exposed_names(conn: Any) -> None:
     names = set(dir(conn.root))
     exposed = {
         "add",
+        "count",
         "countdown",
         "describe",
         "health",
