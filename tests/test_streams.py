@@ -242,3 +242,28 @@ def test_the_demo_service_streams_count(
     shown = run_cli("-m", "client", "call", "demo", "count", "3", "--host", host, "--port", str(port))
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines() == ["0", "1", "2"]  # one item a line
+
+
+def test_the_file_service_scans_a_large_folder_as_a_stream(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "big").mkdir(parents=True)
+    names = {f"f{i:05d}" for i in range(3000)}
+    for name in names:
+        (root / "big" / name).write_bytes(b"x")
+    config = (
+        f"services:\n  files: {{class: services.files:FileService, port: 0, options: {{root: '{root}'}}}}\n"
+    )
+    with running_host(config) as host:
+        fds = Path("/proc/self/fd")
+        with client.connect(host="127.0.0.1", port=host.address("files")[1]) as conn:
+            fs = conn.root
+            assert set(fs.scan("big")) == names
+            entries = list(fs.scan("big", True).chunked(100))
+            assert len(entries) == 3000 and all(e[1] == "file" and e[2] == 1 for e in entries)
+            with pytest.raises(FileNotFoundError, match="'nowhere'"):
+                fs.scan("nowhere")  # refused at the call, not at the first chunk
+            before = len(list(fds.iterdir()))
+            with fs.scan("big") as listing:
+                next(listing)
+                assert len(list(fds.iterdir())) > before  # the directory, open meanwhile
+            wait_until(lambda: len(list(fds.iterdir())) == before, 10, "the directory closed")

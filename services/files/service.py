@@ -10,6 +10,7 @@ import secrets
 import shutil
 import stat as stat_mod
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from typing import Any
 
@@ -189,6 +190,14 @@ class FileService(rpyc.Service):
                 with suppress(FileNotFoundError):
                     entries.append(entry_of(name, os.lstat(name, dir_fd=fd)))
             return tuple(entries)
+
+    @exposed_op
+    def scan(self, path: str = ".", long: bool = False) -> Iterator[Any]:
+        """What ``ls`` lists, streamed in directory order (unsorted): for folders too large to
+        list in one reply. The directory stays open until the stream ends or is closed."""
+        parts = self._parts(path)
+        with self.sandbox.directory(parts) as fd, reworded(shown_path(parts)):
+            return _Scan(os.dup(fd), long)
 
     @exposed_op
     def stat(self, path: str) -> Entry:
@@ -587,3 +596,36 @@ class FileService(rpyc.Service):
             ("max_total_bytes", self.max_total_bytes),
             ("small_io_limit", self.small_io_limit),
         )
+
+
+class _Scan:
+    """Names (or entries) of an open directory, one per ``next()``; ``close()`` closes the
+    directory, also when nothing was read (a generator that never started could not)."""
+
+    def __init__(self, fd: int, long: bool) -> None:
+        self._fd = fd  # DirEntry.stat() reads relative to it: open until the end
+        self._entries = os.scandir(fd)
+        self._long = long
+
+    def __iter__(self) -> _Scan:
+        return self
+
+    def __next__(self) -> Any:
+        for entry in self._entries:
+            if hidden(entry.name):
+                continue
+            if not self._long:
+                return entry.name
+            with suppress(FileNotFoundError):
+                return entry_of(entry.name, entry.stat(follow_symlinks=False))
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._entries.close()
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
