@@ -17,11 +17,12 @@ from rpyc_host.testing import ServerProcess, run_cli, running_host, wait_until
 from rpyc_host.wire import DeadlineExceeded, context
 from rpyc_host.wire.stream_reader import StreamReader
 from rpyc_host.wire.streams import CHUNK_BYTES, Stream
-from tests.helpers import demo_config
+from tests.helpers import demo_config, get, metric, metrics_url
 
 SERVER_TYPES = ["threaded", "threadpool", "forking"]
 CONFIG = """
 server: {{type: {type}, pool_size: 4}}
+metrics: {{enabled: true, port: 0}}
 limits: {{max_open_streams: {service_cap}, max_open_streams_per_connection: {per_connection}}}
 services:
   streams:
@@ -194,6 +195,9 @@ def test_the_cap_refuses_naming_the_limit(threaded: tuple[Host, Path]) -> None:
             assert next(kept) == 0
     ledger = host.hosted[0].server.ledger
     assert ledger.refusal_counts() == {"max_open_streams_per_connection": 1, "max_open_streams": 1}
+    _, text = get(metrics_url(host) + "/metrics")
+    for limit in ("max_open_streams_per_connection", "max_open_streams"):
+        assert metric(text, "rpyc_host_limit_refusals_total", service="streams", limit=limit) == 1
     wait_until(lambda: ledger.held("open_streams") == 0, 10, "the streams given back on disconnect")
 
 
