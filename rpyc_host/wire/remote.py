@@ -10,7 +10,8 @@ from a local one; :func:`describe` gives the one line a person reads.
 :class:`WireConnection` also closes promptly when its owner gives up: rpyc's ``close()`` sends a
 close request and waits for the answer, which a server busy with the call that was interrupted
 (Ctrl-C, a deadline) gives only when that call ends. With a request still unanswered the socket
-is shut first, so ``close()`` returns at once.
+is shut first, so ``close()`` returns at once. A stream a host returns (an iterator result,
+:mod:`rpyc_host.wire.streams`) arrives as a :class:`~rpyc_host.wire.stream_reader.StreamReader`.
 """
 
 from __future__ import annotations
