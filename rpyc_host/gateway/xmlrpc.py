@@ -6,7 +6,7 @@ Fault codes follow the JSON-RPC numbering the gateway uses everywhere (-32700 pa
 as ``<base64>`` and arrives at the method as ``bytes``; ``None`` as ``<nil/>``. A body with a
 ``<!DOCTYPE`` is refused (-32700): XML-RPC has no use for DTDs, and entities are what XML
 expansion bombs are made of.
-Requests are decoded by :mod:`.xmldecode`.
+Requests are decoded by :mod:`.xmldecode`, responses encoded by :mod:`.xmlencode`.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import xml.parsers.expat
 from typing import Any
-from xmlrpc.client import Fault, dumps
 
+from . import xmlencode
 from .calls import (
     INTERNAL_ERROR,
     INVALID_PARAMS,
@@ -88,14 +88,14 @@ def multicall(session: Session, params: tuple[Any, ...]) -> list[Any]:
 
 def _check_marshallable(result: Any, method: str) -> None:
     try:
-        dumps((result,), methodresponse=True, allow_none=True)
+        xmlencode.check(result)
     except (TypeError, OverflowError) as exc:
         raise RPCError(INTERNAL_ERROR, f"{method} returned a value XML-RPC cannot carry: {exc}") from None
 
 
 def _response(result: Any, method: str) -> bytes:
     try:
-        return dumps((result,), methodresponse=True, allow_none=True, encoding="utf-8").encode("utf-8")
+        return xmlencode.response(result)
     except (TypeError, OverflowError) as exc:
         # e.g. an int over 2**31-1 (XML-RPC's <int> is 32-bit) or a complex number
         return _fault(RPCError(INTERNAL_ERROR, f"{method} returned a value XML-RPC cannot carry: {exc}"))
@@ -106,4 +106,4 @@ def _fault_string(exc: RPCError) -> str:
 
 
 def _fault(exc: RPCError) -> bytes:
-    return dumps(Fault(exc.code, _fault_string(exc)), methodresponse=True, encoding="utf-8").encode("utf-8")
+    return xmlencode.fault(exc.code, _fault_string(exc))
