@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
@@ -56,14 +55,29 @@ class ClientGone(Exception):
     """The peer closed the connection or stayed silent between requests: close quietly."""
 
 
-@dataclass
 class Request:
-    method: str
-    path: str
-    version: str
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    keep_alive: bool = True
+    """One parsed request: header names lower-cased, repeated headers joined with ", "."""
+
+    __slots__ = ("body", "headers", "keep_alive", "method", "path", "version")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        version: str,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        keep_alive: bool = True,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.version = version
+        self.headers = {} if headers is None else headers
+        self.body = body
+        self.keep_alive = keep_alive
+
+    def __repr__(self) -> str:
+        return f"Request({self.method!r}, {self.path!r}, {self.version!r}, {len(self.body)} bytes)"
 
 
 class _Parse:
@@ -72,8 +86,8 @@ class _Parse:
     def __init__(self, conn: HTTPConnection) -> None:
         self.conn = conn
         self.url = b""
-        self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers: dict[str, str] = {}
+        self.repeated: HTTPError | None = None  # the first header that may appear once, twice
         self.body: list[bytes] = []
         self.request: Request | None = None
         self.in_head = False
@@ -86,7 +100,8 @@ class _Parse:
         self.head_bytes = 0  # of the request line and headers parsed so far
         self.pending_bytes = 0  # received while the head was still incomplete
         self.url = b""
-        self.raw_headers = []
+        self.headers = {}
+        self.repeated = None
         self.body = []
 
     def on_url(self, url: bytes) -> None:
@@ -94,18 +109,29 @@ class _Parse:
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # httptools calls this once per whole header, however the bytes arrived.
         self._count(len(name) + len(value) + 4)
-        self.raw_headers.append((name, value))
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1").strip()
+        headers = self.headers
+        old = headers.get(key)
+        if old is not None:
+            if key in _SINGLE and self.repeated is None:
+                # Refused once the head is complete, so an oversize head is still a 431.
+                self.repeated = HTTPError(400, f"header {name.decode('latin-1')!r} sent twice")
+            text = f"{old}, {text}"
+        headers[key] = text
 
     def on_headers_complete(self) -> None:
         self.in_head = False
-        self.headers = headers = self._header_dict()
+        if self.repeated is not None:
+            self._fail(self.repeated)
+        headers = self.headers
         parser = self.conn._parser
-        version = _VERSIONS.get(parser.get_http_version())
+        raw_version = parser.get_http_version()
+        version = _VERSIONS.get(raw_version)
         if version is None:
-            self._fail(
-                HTTPError(505, f"HTTP/{parser.get_http_version()[:10]} is not supported; use HTTP/1.1")
-            )
+            self._fail(HTTPError(505, f"HTTP/{raw_version[:10]} is not supported; use HTTP/1.1"))
         method = parser.get_method().decode("ascii", "replace")
         if "transfer-encoding" in headers:
             self._fail(
@@ -127,7 +153,7 @@ class _Parse:
             )
         if length and headers.get("expect", "").lower() == "100-continue":
             self.conn._continue = True
-        path = self.url.decode("latin-1").split("?", 1)[0]
+        path = self.url.partition(b"?")[0].decode("latin-1")
         self.request = Request(method, path, version or "HTTP/1.1", headers, b"", parser.should_keep_alive())
 
     def on_body(self, body: bytes) -> None:
@@ -140,19 +166,6 @@ class _Parse:
         self.body = []
         self.request = None
         self.conn._ready.append(request)
-
-    def _header_dict(self) -> dict[str, str]:
-        headers: dict[str, str] = {}
-        for name, value in self.raw_headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1").strip()
-            old = headers.get(key)
-            if old is not None:
-                if key in _SINGLE:
-                    self._fail(HTTPError(400, f"header {name.decode('latin-1')!r} sent twice"))
-                text = f"{old}, {text}"
-            headers[key] = text
-        return headers
 
     def _count(self, size: int) -> None:
         self.head_bytes += size
@@ -271,21 +284,19 @@ class HTTPConnection:
         headers: dict[str, str] | None = None,
     ) -> None:
         """Send one response (one system call for bodies up to 64 kB)."""
-        head = [f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Length: {len(body)}\r\n"]
-        if body or status != 204:
-            head.append(f"Content-Type: {content_type}\r\n")
-        if not keep_alive:
-            head.append("Connection: close\r\n")
-        elif version == "HTTP/1.0":
-            head.append("Connection: keep-alive\r\n")
+        key = (status, content_type, keep_alive, version, not body)
+        cached = _HEADS.get(key)
+        if cached is None:
+            cached = _head(status, content_type if body or status != 204 else None, keep_alive, version)
+            if len(_HEADS) < _MAX_HEADS:
+                _HEADS[key] = cached
+        line, rest = cached
         if headers:
-            head.extend(f"{name}: {value}\r\n" for name, value in headers.items())
-        head.append("\r\n")
-        data = "".join(head).encode("latin-1")
+            rest += "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1")
         if len(body) <= 65536:
-            self.sock.sendall(data + body)
+            self.sock.sendall(b"%s\r\nContent-Length: %d\r\n%s\r\n%s" % (line, len(body), rest, body))
         else:
-            self.sock.sendall(data)
+            self.sock.sendall(b"%s\r\nContent-Length: %d\r\n%s\r\n" % (line, len(body), rest))
             self.sock.sendall(body)
 
     def linger_close(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
@@ -324,6 +335,22 @@ def plain_response(status: int, message: str, headers: dict[str, str] | None = N
         f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Length: {len(body)}\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n{extra}\r\n"
     ).encode("latin-1") + body
+
+
+# The fixed parts of a response head, around its Content-Length, by what they depend on: a
+# keep-alive connection's responses differ only in length and body.
+_HEADS: dict[tuple[int, str, bool, str, bool], tuple[bytes, bytes]] = {}
+_MAX_HEADS = 256
+
+
+def _head(status: int, content_type: str | None, keep_alive: bool, version: str) -> tuple[bytes, bytes]:
+    """The status line, and the headers after Content-Length (each ending in CRLF)."""
+    rest = f"Content-Type: {content_type}\r\n" if content_type is not None else ""
+    if not keep_alive:
+        rest += "Connection: close\r\n"
+    elif version == "HTTP/1.0":
+        rest += "Connection: keep-alive\r\n"
+    return f"HTTP/1.1 {status} {_reason(status)}".encode("latin-1"), rest.encode("latin-1")
 
 
 _REASONS: dict[int, str] = {}

@@ -44,6 +44,7 @@ ROUTES: dict[str, tuple[Handler, str]] = {
 }
 _WILDCARDS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 _TEXT = "text/plain; charset=utf-8"
+_CONTEXT_HEADERS = frozenset(CONTEXT_HEADERS)
 
 
 class _Peer:
@@ -275,7 +276,7 @@ class Gateway:
         headers = request.headers
         # A request that names no deadline, trace or id costs nothing here: its calls run with
         # the connection's own defaults, as before.
-        ctx = context_of(headers) if any(h in headers for h in CONTEXT_HEADERS) else None
+        ctx = None if _CONTEXT_HEADERS.isdisjoint(headers) else context_of(headers)
         session.trace = (ctx.traceparent, ctx.tracestate) if ctx is not None else (None, None)
         route = ROUTES.get(request.path)
         if route is None:
