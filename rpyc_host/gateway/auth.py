@@ -29,13 +29,10 @@ class Doorman:
 
     def __init__(self, tokens: tuple[str, ...], throttle: AuthThrottle) -> None:
         self.tokens = tuple(t.encode() for t in tokens)
+        self.needed = bool(self.tokens)  # read per request: an attribute, not a property
         self.throttle = throttle
         self._logged: dict[str, tuple[float, int]] = {}  # ip -> (last logged, not logged since)
         self._lock = threading.Lock()
-
-    @property
-    def needed(self) -> bool:
-        return bool(self.tokens)
 
     def screen(self, ip: str) -> None:
         """HTTPError(429) while the address is blocked after repeated failed logins."""

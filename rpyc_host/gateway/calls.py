@@ -283,8 +283,10 @@ class Session:
                 f"{name}: the request's deadline passed before the call",
                 "DeadlineExceeded",
             )
-        if args:
-            args = tuple([to_call_value(a) for a in args])
+        for arg in args:
+            if type(arg) not in _SCALARS:  # scalars cross as they are: no copy for them
+                args = tuple([to_call_value(a) for a in args])
+                break
         if kwargs:
             kwargs = {k: to_call_value(v) for k, v in kwargs.items()}
         method.check_params(args, kwargs)
@@ -300,7 +302,7 @@ class Session:
             if getattr(link, "broken", False):
                 self.drop(method.service)
             raise
-        return plain_result(result, name)
+        return result if type(result) in _SCALARS else plain_result(result, name)
 
     def drop(self, service: str) -> None:
         """Forget a service's link (it broke): the next call opens a new one."""

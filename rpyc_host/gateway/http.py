@@ -17,6 +17,7 @@ Keep-alive follows HTTP/1.1 (on unless ``Connection: close``) and HTTP/1.0 (off 
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from http import HTTPStatus
@@ -106,11 +107,15 @@ class _Parse:
 
     def on_url(self, url: bytes) -> None:
         self.url += url
-        self._count(len(url))
+        self.head_bytes += len(url)
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._fail(too_long_headers())
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # httptools calls this once per whole header, however the bytes arrived.
-        self._count(len(name) + len(value) + 4)
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEADER_BYTES:
+            self._fail(too_long_headers())
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1").strip()
         headers = self.headers
@@ -167,11 +172,6 @@ class _Parse:
         self.request = None
         self.conn._ready.append(request)
 
-    def _count(self, size: int) -> None:
-        self.head_bytes += size
-        if self.head_bytes > MAX_HEADER_BYTES:
-            self._fail(too_long_headers())
-
     def _fail(self, error: HTTPError) -> None:
         self.error = error
         raise error
@@ -194,6 +194,10 @@ class HTTPConnection:
         self._continue = False
         self._timeout: float | None = None
         self._set_timeout(idle_timeout)
+        # A plain socket with a timeout is non-blocking underneath: a response is first written
+        # straight to its descriptor, without the readiness poll socket.sendall makes first
+        # (the send buffer almost always has room); what does not fit goes through sendall.
+        self._fd = sock.fileno() if type(sock) is socket.socket and self._timeout else -1
 
     def read_request(self) -> Request:
         """The next request.
@@ -294,10 +298,21 @@ class HTTPConnection:
         if headers:
             rest += "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode("latin-1")
         if len(body) <= 65536:
-            self.sock.sendall(b"%s\r\nContent-Length: %d\r\n%s\r\n%s" % (line, len(body), rest, body))
+            self._send(b"%s\r\nContent-Length: %d\r\n%s\r\n%s" % (line, len(body), rest, body))
         else:
-            self.sock.sendall(b"%s\r\nContent-Length: %d\r\n%s\r\n" % (line, len(body), rest))
+            self._send(b"%s\r\nContent-Length: %d\r\n%s\r\n" % (line, len(body), rest))
             self.sock.sendall(body)
+
+    def _send(self, data: bytes) -> None:
+        sent = 0
+        if self._fd >= 0:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                pass
+            if sent == len(data):
+                return
+        self.sock.sendall(memoryview(data)[sent:] if sent else data)
 
     def linger_close(self, seconds: float = 1.0, limit: int = 1 << 20) -> None:
         """Stop sending, read and drop what the client is still sending (up to ``limit`` bytes or

@@ -82,7 +82,7 @@ class LocalLink:
             }
         )
         self.instance = per_connection(hosted.service)
-        self._bound: dict[str, Any] = {}
+        self._bound: dict[str, tuple[Any, str]] = {}  # method -> (bound method, name for metrics)
         self._connected = False
         try:
             with logs.connection_context(self.connid, self.peer_text):
@@ -95,9 +95,11 @@ class LocalLink:
         self._connected = True
 
     def call(self, method: Method, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        func = self._bound.get(method.name)
-        if func is None:
-            func = self._bound[method.name] = getattr(self.instance, EXPOSED_PREFIX + method.name)
+        bound = self._bound.get(method.name)
+        if bound is None:
+            func = getattr(self.instance, EXPOSED_PREFIX + method.name)
+            bound = self._bound[method.name] = (func, getattr(func, "__name__", method.name))
+        func = bound[0]
         context = logs.CONTEXT
         previous = context.connid, context.peer
         context.connid, context.peer = self.connid, self.peer_text
@@ -130,8 +132,7 @@ class LocalLink:
         finally:
             tracker.exit()
             if self.calls is not None:
-                name = getattr(func, "__name__", method.name)
-                self.calls.record(self.name, name, time.perf_counter() - started, failed)
+                self.calls.record(self.name, bound[1], time.perf_counter() - started, failed)
             context.connid, context.peer = previous
 
     def close(self) -> None:

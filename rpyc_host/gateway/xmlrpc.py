@@ -46,7 +46,12 @@ def handle(body: bytes, session: Session) -> bytes:
     if not isinstance(method, str) or not method:
         return _fault(RPCError(INVALID_REQUEST, "invalid request: no <methodName>"))
     try:
-        result = multicall(session, params) if method == MULTICALL else call(session, method, params)
+        if method == MULTICALL:
+            result = multicall(session, params)
+        elif method in SYSTEM_METHODS:
+            result = call(session, method, params)
+        else:  # the common case, without the call() in between
+            result = session.call(method, params, {})
         return _response(result, method)
     except RPCError as exc:
         return _fault(exc)
