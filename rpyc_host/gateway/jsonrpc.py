@@ -29,11 +29,11 @@ from .calls import (
     Session,
 )
 from .introspection import SYSTEM_METHODS, call_system
+from .jsonencode import BYTES_KEY, result_text
 
 log = logging.getLogger("rpyc_host.gateway")
 
 CONTENT_TYPE = "application/json"
-BYTES_KEY = "__bytes__"
 _ID_TYPES = (str, int, float, type(None))
 
 
@@ -87,7 +87,7 @@ def _one(request: Any, session: Session) -> str | None:
         if not has_id:
             return None
         try:
-            return _RESULTS.encode({"jsonrpc": "2.0", "result": result, "id": req_id})
+            return result_text(result, req_id)
         except (TypeError, ValueError) as exc:
             raise RPCError(INTERNAL_ERROR, f"{method} returned a value JSON cannot carry: {exc}") from None
     except RPCError as exc:
@@ -100,7 +100,11 @@ def _one(request: Any, session: Session) -> str | None:
 
 def _params(params: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     if isinstance(params, list):
-        return tuple(bytes_in(p) for p in params), {}
+        for param in params:
+            kind = type(param)
+            if kind is dict or kind is list:
+                return tuple([bytes_in(p) for p in params]), {}
+        return tuple(params), {}  # scalars only: nothing to decode
     if isinstance(params, dict):
         return (), {k: bytes_in(v) for k, v in params.items()}
     raise RPCError(INVALID_REQUEST, 'Invalid Request: "params" must be an array or an object')
@@ -130,16 +134,6 @@ def bytes_in(value: Any, depth: int = 0) -> Any:
                 ) from None
         return {k: bytes_in(v, depth + 1) for k, v in value.items()}
     return [bytes_in(v, depth + 1) for v in value]
-
-
-def _bytes_out(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray):
-        return {BYTES_KEY: base64.b64encode(value).decode("ascii")}
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-# Built once: json.dumps with options builds a new encoder on every call.
-_RESULTS = json.JSONEncoder(default=_bytes_out, allow_nan=False)
 
 
 def _error(req_id: Any, exc: RPCError) -> dict[str, Any]:
