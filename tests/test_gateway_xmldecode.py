@@ -65,3 +65,21 @@ def test_scalar_calls_take_the_regular_expression_path() -> None:
     body = dumps((1, "x", 2.5, True, None), "demo.add", allow_none=True).encode()
     assert _decode_flat(body) == ((1, "x", 2.5, True, None), "demo.add")
     assert _decode_flat(body.replace(b"x", b"&amp;")) is None  # entities go to the parsers
+
+
+def test_numbers_the_fast_path_does_not_convert_are_decided_by_the_standard_library() -> None:
+    # int() and float() of text take digits beyond ASCII, and whitespace around them, as
+    # xmlrpc.client does; the fast path converts only ASCII bytes and leaves the rest.
+    for value in (
+        b"<int>\xd9\xa1\xd9\xa2</int>",
+        b"<i4> 7\n</i4>",
+        b"<double>\xef\xbc\x91.5</double>",
+        b"<double>1_0.5</double>",
+        b"<int>+3</int>",
+        b"<double>-inf</double>",
+    ):
+        body = (
+            b"<methodCall><methodName>demo.add</methodName><params><param><value>%s</value></param></params></methodCall>"
+            % value
+        )
+        assert decode_request(body) == loads(body, use_builtin_types=True)

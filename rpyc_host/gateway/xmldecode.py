@@ -105,29 +105,33 @@ def _decode_flat(body: bytes) -> tuple[tuple[Any, ...], str] | None:
                 return None
             pos = param.end()
             kind, text, nil, plain = param.groups()
+            value: Any
             try:
-                if kind is not None:
-                    value = text.decode("utf-8")
-                    if kind == b"string":
-                        pass
-                    elif kind == b"double":
-                        value = float(value)
-                    elif kind == b"boolean":
-                        if value not in ("0", "1"):
-                            return None
-                        value = value == "1"
-                    else:
-                        value = int(value)
-                elif nil is not None:
-                    value = None
+                if kind is None:
+                    value = None if nil is not None else _text(plain)
+                elif kind == b"string":
+                    value = _text(text)
+                elif kind == b"double":
+                    # Numbers straight from the bytes: only ASCII ones convert, the rest (which
+                    # float() and int() of the text might still take) go to the slower paths.
+                    value = float(text)
+                elif kind == b"boolean":
+                    if text not in (b"0", b"1"):
+                        return None
+                    value = text == b"1"
                 else:
-                    value = plain.decode("utf-8")
-            except ValueError:  # not UTF-8, or not a number: the slower paths say why
+                    value = int(text)
+            except ValueError:  # not UTF-8, not XML text, or not a number: the slower paths say why
                 return None
-            if isinstance(value, str) and ("\ufffe" in value or "\uffff" in value):
-                return None  # not XML characters: expat refuses them
             values.append(value)
     return tuple(values), match[1].decode("ascii")
+
+
+def _text(raw: bytes) -> str:
+    text = raw.decode("utf-8")
+    if "\ufffe" in text or "\uffff" in text:
+        raise ValueError("not XML characters")  # expat refuses them
+    return text
 
 
 class _Unknown(Exception):
