@@ -15,7 +15,8 @@ with keep-alive, p99 no worse.
 
 Then the server's cost per call is split into stages, each timed in this process over many
 repetitions of the same request: HTTP parsing (the gateway's httptools parser; the standard
-library's ``email``-based header parser beside it), decoding and encoding each protocol, the
+library's ``email``-based header parser beside it), reading a request from a socket, decoding
+and encoding each protocol (the gateway's encoders; the standard library's beside them), the
 dispatch to ``demo.add`` (in-process, through the same Session an HTTP connection uses), and
 writing the response to a socket.
 """
@@ -205,9 +206,11 @@ def stage_split(repeat: int = 20_000) -> dict[str, float]:
     from xmlrpc.client import dumps
 
     from rpyc_host.gateway import jsonrpc as gw_json
+    from rpyc_host.gateway import xmlencode
     from rpyc_host.gateway import xmlrpc as gw_xml
     from rpyc_host.gateway.calls import Session
     from rpyc_host.gateway.http import HTTPConnection
+    from rpyc_host.gateway.jsonencode import ENCODER, result_text
     from rpyc_host.gateway.xmlrpc import decode_request
     from rpyc_host.testing import running_host
 
@@ -226,17 +229,24 @@ def stage_split(repeat: int = 20_000) -> dict[str, float]:
             conn._feed(raw)
             conn._ready.pop()
 
+        def read() -> None:
+            b.sendall(raw)
+            conn.read_request()
+
         stages["HTTP parse (httptools)"] = _per_call(parse, repeat)
+        stages["HTTP read (recv + parse)"] = _per_call(read, repeat)
         stages["HTTP parse (stdlib email headers)"] = _per_call(
             lambda: http.client.parse_headers(io.BytesIO(head)), repeat
         )
         stages["XML-RPC decode"] = _per_call(lambda: decode_request(XML_BODY), repeat)
-        stages["XML-RPC encode"] = _per_call(
+        stages["XML-RPC encode"] = _per_call(lambda: xmlencode.response(3), repeat)
+        stages["XML-RPC encode (xmlrpc.client.dumps)"] = _per_call(
             lambda: dumps((3,), methodresponse=True, allow_none=True, encoding="utf-8").encode(), repeat
         )
         stages["JSON-RPC decode"] = _per_call(lambda: json.loads(JSON_BODY), repeat)
-        stages["JSON-RPC encode"] = _per_call(
-            lambda: json.dumps({"jsonrpc": "2.0", "result": 3, "id": 1}).encode(), repeat
+        stages["JSON-RPC encode"] = _per_call(lambda: result_text(3, 1).encode(), repeat)
+        stages["JSON-RPC encode (json.JSONEncoder)"] = _per_call(
+            lambda: ENCODER.encode({"jsonrpc": "2.0", "result": 3, "id": 1}).encode(), repeat
         )
 
         class Peer:
