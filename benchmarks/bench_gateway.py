@@ -10,8 +10,9 @@ connection per call) and with ``protocol_version = "HTTP/1.1"`` (keep-alive, the
 baseline). 8 client processes (``--clients``) send the same pre-encoded request over one
 keep-alive connection each (reconnecting when a server closes), so the clients' own cost is
 small and equal for every server; every response is checked. Systems are measured in
-interleaved rounds and the median round is reported. Target: gateway >= 1.5x the stdlib server
-with keep-alive, p99 no worse.
+interleaved rounds and the median round is reported, with each server process's CPU time per
+call (from ``/proc``: less disturbed by other load on the machine than calls/s). Target:
+gateway >= 1.5x the stdlib server with keep-alive, p99 no worse.
 
 Then the server's cost per call is split into stages, each timed in this process over many
 repetitions of the same request: HTTP parsing (the gateway's httptools parser; the standard
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
 import sys
@@ -92,8 +94,8 @@ PROTOCOLS = {
 
 
 @contextmanager
-def gateway_server(timeout: float = 30) -> Iterator[int]:
-    """``python server.py`` with the demo service behind the gateway; yields the gateway port."""
+def gateway_server(timeout: float = 30) -> Iterator[tuple[int, int]]:
+    """``python server.py`` with the demo service behind the gateway; yields (gateway port, pid)."""
     from rpyc_host.testing import ServerProcess
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,8 @@ def gateway_server(timeout: float = 30) -> Iterator[int]:
     try:
         ready = proc.start().ready
         assert ready is not None and ready["gateway"] is not None, proc.log
-        yield int(ready["gateway"][1])
+        assert proc.proc is not None
+        yield int(ready["gateway"][1]), proc.proc.pid
     finally:
         proc.stop()
         path.unlink(missing_ok=True)
@@ -170,11 +173,20 @@ def _worker(port: int, protocol: str, seconds: float, max_calls: int, start_at: 
         out.put((0, [], client.reconnects, f"{type(exc).__name__}: {exc}"))
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def parallel(
-    port: int, protocol: str, clients: int, seconds: float, max_calls: int = 500_000
+    port: int, protocol: str, clients: int, seconds: float, max_calls: int = 500_000, pid: int = 0
 ) -> dict[str, float]:
-    """``clients`` processes calling at once for ``seconds`` (each at most ``max_calls``)."""
+    """``clients`` processes calling at once for ``seconds`` (each at most ``max_calls``); with
+    ``pid``, also the server's CPU time per call (its process, start-up of the clients included)."""
+    cpu_before = cpu_seconds(pid) if pid else 0.0
     results = run_clients(_worker, (port, protocol, seconds, max_calls), clients, seconds)
+    cpu = cpu_seconds(pid) - cpu_before if pid else 0.0
     errors = [r[3] for r in results if r[3]]
     if errors:
         raise RuntimeError(f"client failed: {errors[0]}")
@@ -185,6 +197,7 @@ def parallel(
         "p99_us": percentile(samples, 99) * 1e6,
         "calls": total,
         "connections": sum(r[2] for r in results),
+        "server_cpu_us_per_call": cpu / total * 1e6 if total else 0.0,
     }
 
 
@@ -292,21 +305,30 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     with ExitStack() as stack:
-        ports = {
-            "stdlib10": stack.enter_context(python_server(STDLIB, "HTTP/1.0"))[0],
-            "stdlib11": stack.enter_context(python_server(STDLIB, "HTTP/1.1"))[0],
+        servers = {
+            "stdlib10": stack.enter_context(python_server(STDLIB, "HTTP/1.0")),
+            "stdlib11": stack.enter_context(python_server(STDLIB, "HTTP/1.1")),
             "gateway": stack.enter_context(gateway_server()),
         }
         for _ in range(rounds):
             for name, (server, protocol) in systems.items():
-                runs[name].append(parallel(ports[server], protocol, args.clients, seconds))
+                port, pid = servers[server]
+                runs[name].append(parallel(port, protocol, args.clients, seconds, pid=pid))
 
     result = {name: median_of(r) for name, r in runs.items()}
     stages = stage_split(2_000 if args.quick else 20_000)
     base10 = result["stdlib HTTP/1.0 (one connection per call)"]["calls_per_s"]
     base11 = result["stdlib HTTP/1.1 keep-alive"]["calls_per_s"]
     rows = [
-        ["system", f"{args.clients}-client calls/s", "x stdlib 1.0", "x stdlib 1.1", "p99 us", "connections"]
+        [
+            "system",
+            f"{args.clients}-client calls/s",
+            "x stdlib 1.0",
+            "x stdlib 1.1",
+            "p99 us",
+            "server CPU us/call",
+            "connections",
+        ]
     ]
     for name, r in result.items():
         rows.append(
@@ -316,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['calls_per_s'] / base10:.2f}",
                 f"{r['calls_per_s'] / base11:.2f}",
                 fmt(r["p99_us"]),
+                f"{r['server_cpu_us_per_call']:.1f}",
                 fmt(r["connections"]),
             ]
         )
