@@ -199,6 +199,7 @@ def prepare_class(cls: type) -> type[rpyc.Service]:
     }
     # Tells the client library this peer takes call contexts off (rpyc_host.wire.context).
     namespace[EXPOSED_PREFIX + context.MARKER] = context.VERSION
+    namespace[EXPOSED_PREFIX + context.TEXT_MARKER] = context.TEXT_VERSION
     # Many calls in one request (rpyc_host.batching); hidden from describe() like the marker.
     namespace[EXPOSED_PREFIX + batch.ENTRY] = batching.entry
     if not hasattr(base, EXPOSED_PREFIX + "describe"):

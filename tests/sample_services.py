@@ -170,6 +170,14 @@ class ContextProbeService(rpyc.Service):
         ctx = context.current()
         return (ctx.request_id, ctx.remaining()) if ctx else (None, None)
 
+    @rpyc.exposed
+    def trace_seen(self) -> str | None:
+        """The traceparent this call runs under (what a call it made would hand on)."""
+        from rpyc_host.wire import context
+
+        ctx = context.current()
+        return ctx.traceparent if ctx else None
+
 
 @rpyc.service
 class ChainService(rpyc.Service):

@@ -36,6 +36,10 @@ KWARG = "__rpyc_host_context__"
 # clients that sent one first.
 MARKER = "rpyc_host_context"
 VERSION = 1
+# A host also answers this one: it takes the compact text form and derives a call's context
+# when the client sends none after telling the connection's timeout (rpyc_host.wire.contextwire).
+TEXT_MARKER = "rpyc_host_context_text"
+TEXT_VERSION = 2
 MAX_TEXT = 512  # traceparent is 55 characters; tracestate at most 512 by the W3C spec
 
 

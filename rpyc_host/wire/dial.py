@@ -82,16 +82,24 @@ def dial(
     }
     conn = WireConnection(root, make_channel(sock, compress=compression), conn_config)
     try:
-        # The first round trip shows a refusal (limits, a missing token) here; the second asks
-        # whether the peer is a host that takes call contexts off (a stock rpyc server is not).
-        conn.peer_speaks_context = getattr(conn.root, context.MARKER, None) == context.VERSION
-    except AttributeError:
-        conn.peer_speaks_context = False
+        # The first round trip shows a refusal (limits, a missing token) here; the next ask
+        # whether the peer is a host that takes call contexts in their compact form or, an
+        # older host, as tuples (a stock rpyc server takes none).
+        conn.peer_takes_text = _answers(conn, context.TEXT_MARKER, context.TEXT_VERSION)
+        conn.peer_speaks_context = conn.peer_takes_text or _answers(conn, context.MARKER, context.VERSION)
     except (ConnectionRefusedError, EOFError, TimeoutError) as exc:
         conn.close()
         text = message(exc) or "connection closed by the server"
         raise DialError(f"{target} refused the connection: {text}") from None
     return conn
+
+
+def _answers(conn: WireConnection, name: str, version: int) -> bool:
+    """Whether the peer's root exposes ``name`` with the value ``version``."""
+    try:
+        return bool(getattr(conn.root, name, None) == version)
+    except AttributeError:
+        return False
 
 
 def _connect(

@@ -17,13 +17,12 @@ is shut first, so ``close()`` returns at once. A stream a host returns (an itera
 from __future__ import annotations
 
 import socket
-from dataclasses import replace
 from typing import Any
 
 from rpyc.core import consts, netref
 from rpyc.core.protocol import Connection
 
-from . import context, tracing
+from . import context, contextwire, tracing
 from .errors import DeadlineExceeded
 from .stream_reader import StreamReader
 from .streams import STREAM_TYPE
@@ -83,7 +82,7 @@ def describe(exc: BaseException) -> str:
 def split_context(kwargs: Any) -> tuple[context.CallContext | None, Any]:
     """Take the call context off a call request's keyword arguments (pairs, as rpyc sends them)."""
     if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
-        return context.CallContext.from_wire(kwargs[-1][1]), kwargs[:-1]
+        return contextwire.decode(kwargs[-1][1])[0], kwargs[:-1]
     return None, kwargs
 
 
@@ -100,17 +99,23 @@ class ContextCalls:
 
     _config: dict[str, Any]
     peer_speaks_context = False  # set when the peer is known to take contexts off
+    peer_takes_text = False  # set when the peer takes the compact form (rpyc_host.wire.contextwire)
+    _told: float | contextwire._NotTold | None = contextwire.NOT_TOLD  # the timeout the peer knows
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
+        traced = tracing._tracer is not None  # the attribute, not tracing.active(): once a call
         if handler != consts.HANDLE_CALL or len(args) != 3:
-            if handler == consts.HANDLE_GETATTR and tracing.active():
+            if handler == consts.HANDLE_GETATTR and traced:
                 return self._remember_name(super().async_request(handler, *args, **kwargs), args)  # type: ignore[misc]
             return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
-        traced = tracing.active()
         if not self.peer_speaks_context and not traced:
             return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
         limit = kwargs.get("timeout") or self._config.get("sync_request_timeout")
+        if not traced and limit == self._told and context._CURRENT.get() is None:
+            # Nothing the host cannot derive (its timeout is told, no trace, no enclosing
+            # context): send no context at all.
+            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
         ctx = context.outgoing(limit)
         left = ctx.remaining()
         if left is not None:
@@ -119,7 +124,7 @@ class ContextCalls:
             kwargs["timeout"] = left
         obj, call_args, call_kwargs = args
         span = None
-        if traced:
+        if traced and not tracing.unsampled(ctx.traceparent):
             span = tracing.start_client_span(
                 str(self._config.get("peer_service") or "rpyc"),
                 self._name_of(obj),
@@ -127,18 +132,32 @@ class ContextCalls:
                 ctx.tracestate,
             )
             parent, state = tracing.headers_of(span)
-            ctx = replace(ctx, traceparent=parent, tracestate=state)
-        if self.peer_speaks_context:
+            ctx = context.CallContext(ctx.deadline, parent, state, ctx.request_id)
+        telling = False
+        if self.peer_takes_text:
+            default = self._config.get("sync_request_timeout")
+            telling = default != self._told
+            wire = contextwire.encode(ctx, default if telling else contextwire.NOT_TOLD)
+            args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, wire)))
+        elif self.peer_speaks_context:
             args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, ctx.to_wire())))
         try:
             result = super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
         except BaseException as exc:
             tracing.end_span(span, exc)
             raise
+        if telling and type(args[2][-1][1]) is str:
+            result.add_callback(lambda res, told=default: self._was_told(res, told))
         if span is not None:
             self._open_spans[id(result)] = span
             result.add_callback(lambda res: self._end_span(res, res._obj if res.error else None))
         return result
+
+    def _was_told(self, result: Any, default: float | None) -> None:
+        # A reply means the peer read the request, and with it the default; an error might be
+        # a refusal before it was read, so the next call tells it again.
+        if not result.error:
+            self._told = default
 
     def sync_request(self, handler: int, *args: Any) -> Any:
         # rpyc's own sync_request, with a deadline's timeout read as DeadlineExceeded.
@@ -202,14 +221,21 @@ class ContextServing:
         inner = handlers[consts.HANDLE_CALL]
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
-            ctx, kwargs = split_context(kwargs)
-            if ctx is not None:
-                self.peer_speaks_context = True  # its callbacks may carry contexts too
-                if ctx.expired():
-                    raise DeadlineExceeded(
-                        "the call's deadline had passed when it arrived; it was not started"
-                    )
-            if tracing.active():
+            if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
+                ctx, told = contextwire.decode(kwargs[-1][1])
+                kwargs = kwargs[:-1]
+                if told is not contextwire.NOT_TOLD:
+                    self._told_by_peer = told
+                if ctx is not None:
+                    self.peer_speaks_context = True  # its callbacks may carry contexts too
+                    if ctx.expired():
+                        raise DeadlineExceeded(
+                            "the call's deadline had passed when it arrived; it was not started"
+                        )
+            else:
+                told = self.__dict__.get("_told_by_peer", contextwire.NOT_TOLD)
+                ctx = None if told is contextwire.NOT_TOLD else contextwire.derived(told)
+            if tracing._tracer is not None:
                 return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
                 return inner(self, obj, args, kwargs)
@@ -224,11 +250,23 @@ class ContextServing:
 
 
 def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
+    if ctx is not None and tracing.unsampled(ctx.traceparent):
+        # The caller's trace is not recorded, nor would this span be: no span work at all, and
+        # the caller's traceparent (sampled flag off) goes on to whatever this call calls.
+        token = context._CURRENT.set(ctx)
+        try:
+            return inner(conn, obj, args, kwargs)
+        finally:
+            context._CURRENT.reset(token)
     service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
     with tracing.span("server", service, _method_name(obj), parent, state) as span:
         mine = tracing.headers_of(span)
-        child = replace(ctx or context.CallContext(), traceparent=mine[0], tracestate=mine[1])
+        child = (
+            context.CallContext(ctx.deadline, *mine, ctx.request_id)
+            if ctx
+            else context.CallContext(None, *mine)
+        )
         with context.use(child):
             return inner(conn, obj, args, kwargs)
 

@@ -28,6 +28,10 @@ log = logging.getLogger("rpyc_host.tracing")
 
 _tracer: Any = None
 _configured = False
+# True when the provider's sampler drops every child of an unsampled remote parent (the SDK's
+# default, ParentBased): such a call then costs no span work at all (see unsampled()).
+_drops_unsampled = False
+_EVEN_HEX = frozenset("02468ace")
 
 
 def active() -> bool:
@@ -54,13 +58,43 @@ def configure(provider: Any = None) -> bool:
         if provider is None:
             return False
     _tracer = provider.get_tracer("rpyc_host")
+    global _drops_unsampled
+    _drops_unsampled = _drops_children_of_unsampled(getattr(_tracer, "sampler", None))
     return True
 
 
 def disable() -> None:
     """Stop making spans (the provider is left to its owner)."""
-    global _tracer
+    global _tracer, _drops_unsampled
     _tracer = None
+    _drops_unsampled = False
+
+
+def _drops_children_of_unsampled(sampler: Any) -> bool:
+    try:
+        from opentelemetry.sdk.trace.sampling import Decision, ParentBased, StaticSampler
+    except ImportError:
+        return False
+    delegate = (
+        getattr(sampler, "_remote_parent_not_sampled", None) if isinstance(sampler, ParentBased) else None
+    )
+    return isinstance(delegate, StaticSampler) and getattr(delegate, "_decision", None) is Decision.DROP
+
+
+def unsampled(traceparent: str | None) -> bool:
+    """True when ``traceparent`` names a valid parent whose trace is not sampled and the sampler
+    would drop its child: the call needs no span, and hands the same traceparent on."""
+    return (
+        _drops_unsampled
+        and traceparent is not None
+        and len(traceparent) == 55
+        and traceparent[54] in _EVEN_HEX  # the sampled flag is the flags byte's lowest bit
+        and traceparent.startswith("00-")
+        and traceparent[35] == "-"
+        and traceparent[52] == "-"
+        and traceparent[3:35] != "0" * 32
+        and traceparent[36:52] != "0" * 16
+    )
 
 
 def _provider_from_environment(trace: Any) -> Any:

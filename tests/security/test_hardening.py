@@ -93,6 +93,7 @@ def test_dir_shows_only_exposed_names(conn: Any) -> None:
         "get_service_aliases",
         "get_service_name",
         "rpyc_host_context",  # the marker telling the client library this peer takes call contexts
+        "rpyc_host_context_text",  # and in their compact form
         "rpyc_host_batch",  # the batch entry point: many calls in one request
         "log_event",
         "events",

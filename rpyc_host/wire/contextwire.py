@@ -1,0 +1,86 @@
+"""The call context's compact wire form, and the connection default a peer is told once.
+
+A host that exposes :data:`~rpyc_host.wire.context.TEXT_MARKER` takes the context as one
+``str`` (brine encodes it in one step, where a 4-tuple costs an item each way)::
+
+    "<seconds left>\\x1f<traceparent>\\x1f<tracestate>\\x1f<request id>[\\x1f<default timeout>]"
+
+with an empty field for None. The optional fifth field tells the host the client's connection
+timeout, once: from then on a call with nothing else to carry (no enclosing context, the
+connection's own timeout, no trace) is sent with no context at all, and the host derives it:
+the deadline is that timeout from arrival, the request id one of its own. Fields holding the
+separator are not written as text: such a context goes as the 4-tuple every host reads.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Final
+
+from .context import MAX_TEXT, CallContext, new_request_id
+
+SEP: Final = "\x1f"
+MAX_WIRE: Final = 4 * MAX_TEXT + 128
+
+
+class _NotTold:
+    """The type of :data:`NOT_TOLD`."""
+
+    def __repr__(self) -> str:
+        return "NOT_TOLD"
+
+
+NOT_TOLD: Final = _NotTold()  # no connection default announced (None is a default: no deadline)
+
+
+def encode(ctx: CallContext, default: float | _NotTold | None = NOT_TOLD) -> Any:
+    """The wire form of ``ctx``, telling the connection's ``default`` timeout too (unless
+    NOT_TOLD); the 4-tuple when a field holds the separator."""
+    parent, state, request_id = ctx.traceparent, ctx.tracestate, ctx.request_id
+    if (state is not None and SEP in state) or (request_id is not None and SEP in request_id):
+        return ctx.to_wire()
+    left = None if ctx.deadline is None else ctx.deadline - time.monotonic()
+    text = f"{'' if left is None else left!r}{SEP}{parent or ''}{SEP}{state or ''}{SEP}{request_id or ''}"
+    if default is NOT_TOLD:
+        return text
+    return f"{text}{SEP}{'' if default is None else default!r}"
+
+
+def _seconds(text: str) -> float | None:
+    """A finite number of seconds, clamped to [-1 s, 1 year]; ValueError if it is not one."""
+    value = float(text)
+    if value != value or text.strip() != text:  # NaN; float() would also accept padding
+        raise ValueError(text)
+    return max(-1.0, min(value, 31_536_000.0))
+
+
+def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
+    """``(context, connection default)`` from what a peer sent as the context: the text form or
+    the 4-tuple; ``(None, NOT_TOLD)`` for anything malformed (it is ignored, like a bad tuple)."""
+    if type(value) is not str:
+        return CallContext.from_wire(value), NOT_TOLD
+    if len(value) > MAX_WIRE:
+        return None, NOT_TOLD
+    fields = value.split(SEP)
+    if len(fields) not in (4, 5) or any(len(field) > MAX_TEXT for field in fields):
+        return None, NOT_TOLD
+    try:
+        left = _seconds(fields[0]) if fields[0] else None
+        default: float | _NotTold | None = NOT_TOLD
+        if len(fields) == 5:
+            default = _seconds(fields[4]) if fields[4] else None
+    except ValueError:
+        return None, NOT_TOLD
+    ctx = CallContext(
+        None if left is None else time.monotonic() + left,
+        fields[1] or None,
+        fields[2] or None,
+        fields[3] or None,
+    )
+    return ctx, default
+
+
+def derived(default: float | None) -> CallContext:
+    """The context of a call sent without one on a connection whose default is ``default``:
+    what the client would have sent (its timeout from now; a request id, made here)."""
+    return CallContext(None if default is None else time.monotonic() + default, None, None, new_request_id())

@@ -1,0 +1,225 @@
+"""The call context on the wire: the compact text form, a connection timeout told once so that
+plain calls carry nothing, old peers (tuple-only hosts, plain rpyc clients) served as before,
+and no span work for a call whose trace is not sampled."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import rpyc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
+from rpyc.utils.server import ThreadedServer
+
+import client
+from rpyc_host.testing import running_host, wait_until
+from rpyc_host.wire import context, contextwire, tracing
+from rpyc_host.wire.contextwire import SEP
+
+ABSENT = "absent"
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+UNSAMPLED = f"00-{TRACE}-b7ad6b7169203331-00"
+SAMPLED = f"00-{TRACE}-b7ad6b7169203331-01"
+PROBE = "services:\n  probe: {class: tests.sample_services:ContextProbeService, port: 0}\n"
+
+
+class _Recorder(rpyc.Service):
+    """A stock rpyc service that keeps the context keyword each call brought (or ABSENT)."""
+
+    seen: list[Any]
+
+    @rpyc.exposed
+    def call(self, **kwargs: Any) -> None:
+        self.seen.append(kwargs.get(context.KWARG, ABSENT))
+
+
+@rpyc.service
+class _TextHost(_Recorder):
+    exposed_rpyc_host_context = context.VERSION
+    exposed_rpyc_host_context_text = context.TEXT_VERSION
+
+
+@rpyc.service
+class _TupleHost(_Recorder):
+    """What an older host answers: the first marker only."""
+
+    exposed_rpyc_host_context = context.VERSION
+
+
+@contextmanager
+def recording_peer(service: type[_Recorder]) -> Iterator[tuple[int, list[Any]]]:
+    """A stock rpyc ThreadedServer for ``service`` on 127.0.0.1; yields (port, what it saw)."""
+    seen: list[Any] = []
+    bound = type(service.__name__, (service,), {"seen": seen})
+    server = ThreadedServer(bound, hostname="127.0.0.1", port=0, protocol_config={"allow_pickle": False})
+    thread = threading.Thread(target=server.start, daemon=True)
+    thread.start()
+    try:
+        yield server.port, seen
+        wait_until(lambda: not server.clients, 10, "the recording server to see the close")
+    finally:
+        server.close()
+        thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_the_timeout_is_told_once_then_plain_calls_carry_nothing_and_a_deadline_still_travels() -> None:
+    with (
+        recording_peer(_TextHost) as (port, seen),
+        client.connect(host="127.0.0.1", port=port, timeout=7) as conn,
+    ):
+        call = conn.root.call
+        call()
+        call()
+        with context.deadline(0.5, request_id="order-7"):
+            call()
+        call()
+    first, second, in_block, after = seen
+    fields = first.split(SEP)
+    assert len(fields) == 5 and 0 < float(fields[0]) <= 7 and float(fields[4]) == 7
+    assert fields[1] == fields[2] == "" and fields[3]  # no trace; a request id
+    assert second == ABSENT and after == ABSENT
+    left, parent, state, request_id = in_block.split(SEP)
+    assert 0 < float(left) <= 0.5 and request_id == "order-7" and parent == state == ""
+
+
+def test_a_changed_timeout_travels_and_is_told_again() -> None:
+    with (
+        recording_peer(_TextHost) as (port, seen),
+        client.connect(host="127.0.0.1", port=port, timeout=7) as conn,
+    ):
+        call = conn.root.call
+        call()
+        conn._config["sync_request_timeout"] = 3
+        call()
+        call()
+    told_7, told_3, plain = seen
+    assert float(told_7.split(SEP)[4]) == 7
+    left, *_, default = told_3.split(SEP)
+    assert 0 < float(left) <= 3 and float(default) == 3
+    assert plain == ABSENT
+
+
+def test_an_older_host_gets_the_tuple_on_every_call() -> None:
+    with (
+        recording_peer(_TupleHost) as (port, seen),
+        client.connect(host="127.0.0.1", port=port, timeout=7) as conn,
+    ):
+        call = conn.root.call
+        for _ in range(3):
+            call()
+    assert len(seen) == 3
+    for value in seen:
+        assert type(value) is tuple and len(value) == 4
+        left, parent, state, request_id = value
+        assert 0 < left <= 7 and parent is None and state is None and request_id
+    assert len({value[3] for value in seen}) == 3
+
+
+def test_a_separator_in_a_request_id_goes_as_the_tuple() -> None:
+    with (
+        recording_peer(_TextHost) as (port, seen),
+        client.connect(host="127.0.0.1", port=port) as conn,
+        context.deadline(5, request_id=f"a{SEP}b"),
+    ):
+        conn.root.call()
+    (value,) = seen
+    assert type(value) is tuple and value[3] == f"a{SEP}b"
+
+
+def test_a_host_derives_the_context_of_a_plain_call_on_a_told_connection() -> None:
+    with running_host(PROBE) as host:
+        with client.connect(host="127.0.0.1", port=host.address("probe")[1], timeout=7) as conn:
+            seen = conn.root.context_seen
+            calls = [seen() for _ in range(3)]
+            with context.deadline(0.5, request_id="order-8"):
+                in_block = seen()
+        ids = [request_id for request_id, _ in calls]
+        assert all(ids) and len(set(ids)) == 3
+        assert all(0 < left <= 7 for _, left in calls)
+        assert in_block[0] == "order-8" and 0 < in_block[1] <= 0.5
+        # A raw rpyc client telling the default itself: the same derivation.
+        with rpyc.connect(*host.address("probe")) as raw:
+            told = f"{SEP}{SEP}{SEP}req-9{SEP}3"
+            assert tuple(raw.root.context_seen(**{context.KWARG: told})) == ("req-9", None)
+            request_id, left = raw.root.context_seen()
+            assert request_id and request_id != "req-9" and 0 < left <= 3
+
+
+def test_old_clients_and_plain_rpyc_clients_are_served_as_before() -> None:
+    with running_host(PROBE) as host, rpyc.connect(*host.address("probe")) as raw:
+        seen = raw.root.context_seen
+        assert tuple(seen()) == (None, None)  # a plain rpyc client: no context, ever
+        assert tuple(seen()) == (None, None)
+        request_id, left = seen(**{context.KWARG: (4.0, None, None, "old-1")})  # an older client
+        assert request_id == "old-1" and 0 < left <= 4
+        assert tuple(seen()) == (None, None)  # a tuple tells no default
+        with pytest.raises(Exception, match="deadline had passed when it arrived"):
+            seen(**{context.KWARG: f"-0.5{SEP}{SEP}{SEP}late-1"})
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "garbage",
+        f"soon{SEP}{SEP}{SEP}x",
+        f"nan{SEP}{SEP}{SEP}x",
+        f" 1{SEP}{SEP}{SEP}x",
+        f"1{SEP}{SEP}{SEP}x{SEP}later",
+        f"1{SEP}{SEP}{SEP}{'x' * (context.MAX_TEXT + 1)}",
+        f"1{SEP}{SEP}{SEP}x{SEP}1{SEP}extra",
+    ],
+)
+def test_a_malformed_text_context_is_ignored_and_the_call_served(value: str) -> None:
+    assert contextwire.decode(value) == (None, contextwire.NOT_TOLD)
+    with running_host(PROBE) as host, rpyc.connect(*host.address("probe")) as raw:
+        assert tuple(raw.root.context_seen(**{context.KWARG: value})) == (None, None)
+        assert tuple(raw.root.context_seen()) == (None, None)  # and nothing was told
+
+
+def _traced(sampler: Sampler | None = None) -> InMemorySpanExporter:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider() if sampler is None else TracerProvider(sampler=sampler)
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    assert tracing.configure(provider)
+    return memory
+
+
+@pytest.fixture
+def exporter() -> Iterator[InMemorySpanExporter]:
+    """This process (the in-process host and its clients) traces into memory, default sampler."""
+    yield _traced()
+    tracing.disable()
+
+
+def test_an_unsampled_trace_costs_no_span_and_is_handed_on(exporter: InMemorySpanExporter) -> None:
+    with running_host(PROBE) as host:
+        with rpyc.connect(*host.address("probe")) as raw:
+            assert raw.root.trace_seen(**{context.KWARG: f"5{SEP}{UNSAMPLED}{SEP}{SEP}r-1"}) == UNSAMPLED
+            mine = raw.root.trace_seen(**{context.KWARG: f"5{SEP}{SAMPLED}{SEP}{SEP}r-2"})
+        with client.connect(host="127.0.0.1", port=host.address("probe")[1]) as conn:
+            trace_seen = conn.root.trace_seen
+            with context.use(context.CallContext(traceparent=UNSAMPLED)):
+                assert trace_seen() == UNSAMPLED  # no CLIENT span either
+    (server,) = exporter.get_finished_spans()
+    assert server.name == "probe/trace_seen" and server.kind.name == "SERVER"
+    assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
+    assert mine == f"00-{TRACE}-{server.context.span_id:016x}-01"
+
+
+def test_a_sampler_that_records_unsampled_parents_still_gets_its_spans() -> None:
+    memory = _traced(ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON))
+    try:
+        with running_host(PROBE) as host, rpyc.connect(*host.address("probe")) as raw:
+            seen = raw.root.trace_seen(**{context.KWARG: f"5{SEP}{UNSAMPLED}{SEP}{SEP}r-1"})
+    finally:
+        tracing.disable()
+    (server,) = memory.get_finished_spans()
+    assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
+    assert seen == f"00-{TRACE}-{server.context.span_id:016x}-01"
