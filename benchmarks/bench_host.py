@@ -10,10 +10,12 @@ from this run): host ``threaded`` >= 0.95x bare calls/s; ``threadpool`` p50 <= 1
 
 Call contexts: the same threaded host called through ``client.connect`` with the call context
 off, on (the default), and on with OpenTelemetry tracing at both ends (in-memory exporters),
-every trace recorded or one in ten. Targets: context on >= 0.97x and tracing on >= 0.90x the
-calls/s with the context off. OpenTelemetry's SDK spends tens of microseconds making each span,
-and a traced call makes two, so recording every call cannot reach 0.90x of a 100 µs call; the
-sampled row shows the cost a deployment that samples pays.
+every trace recorded or one in ten, and every trace recorded with the server making no SERVER
+span where the caller's CLIENT span covers the call (``RPYC_HOST_SERVER_SPANS=roots``). Targets:
+context on >= 0.97x, tracing on and 1 in 10 sampled >= 0.90x the calls/s with the context
+off. OpenTelemetry's SDK spends tens of microseconds making each span, and a traced call makes
+two, so recording every call cannot reach 0.90x of a 100 µs call; the sampled row shows the cost
+a deployment that samples pays, the client-spans-only row what one span per call costs.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ services:
 METRICS_ON = "metrics: {enabled: true, port: 0}"
 # The threaded host with tracing on at the server end, exported to memory.
 TRACED = """
-import sys, threading
+import os, sys, threading
+os.environ["RPYC_HOST_SERVER_SPANS"] = sys.argv[1]
 from benchmarks.harness import traced_in_memory
 from rpyc_host.testing import running_host
 exporter = traced_in_memory()
@@ -68,7 +71,13 @@ with running_host(config) as host:
         threading.Event().wait(1.0)
         exporter.clear()
 """
-CONTEXT_MODES = ("context off", "context on", "tracing on", "tracing, 1 in 10 sampled")
+CONTEXT_MODES = (
+    "context off",
+    "context on",
+    "tracing on",
+    "tracing, 1 in 10 sampled",
+    "tracing on, client spans only",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             ports[f"host {kind}"] = stack.enter_context(host_server(config, "add"))
         config = HOST_CONFIG.format(type="threaded", extra=METRICS_ON)
         ports["host threaded+metrics"] = stack.enter_context(host_server(config, "add"))
-        traced_port = stack.enter_context(python_server(TRACED))[0]
+        traced_port = stack.enter_context(python_server(TRACED, "all"))[0]
+        # RPYC_HOST_SERVER_SPANS=roots: the server makes no span where the caller's covers it.
+        client_spans_port = stack.enter_context(python_server(TRACED, "roots"))[0]
         ctx: dict[str, list[dict[str, float]]] = {m: [] for m in CONTEXT_MODES}
         for round_ in range(rounds):
             # Rotate the order each round: whoever goes first or follows a heavy run is not
@@ -110,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             turn = round_ % len(CONTEXT_MODES)
             for mode in CONTEXT_MODES[turn:] + CONTEXT_MODES[:turn]:
                 # The server end traces everything its callers sampled (it follows their decision).
-                port = traced_port if mode.startswith("tracing") else ports["host threaded"]
+                port = ports["host threaded"]
+                if mode.startswith("tracing"):
+                    port = client_spans_port if mode.endswith("client spans only") else traced_port
                 ctx[mode].append(library_sequential_calls(port, seq_calls, seq_secs, mode))
 
     s = {k: median_of(v) for k, v in seq.items()}

@@ -132,13 +132,14 @@ def traced_in_memory(ratio: float = 1.0) -> Any:
 def library_sequential_calls(port: int, count: int, seconds: float, mode: str) -> dict[str, float]:
     """:func:`sequential_calls` through ``client.connect``: ``mode`` is ``context off`` (the
     connection sends no call context), ``context on`` (the default), ``tracing on`` (context and
-    a CLIENT span per call, exported to memory) or ``tracing, 1 in 10 sampled``."""
+    a CLIENT span per call, exported to memory; the same for ``tracing on, client spans only``,
+    whose server makes none) or ``tracing, 1 in 10 sampled``."""
     import client
     from rpyc_host.wire import tracing
 
     exporter = None
     if mode.startswith("tracing"):
-        exporter = traced_in_memory(1.0 if mode == "tracing on" else 0.1)
+        exporter = traced_in_memory(0.1 if "1 in 10" in mode else 1.0)
     try:
         with client.connect(host="127.0.0.1", port=port) as conn:
             if mode == "context off":

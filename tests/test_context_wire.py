@@ -223,3 +223,20 @@ def test_a_sampler_that_records_unsampled_parents_still_gets_its_spans() -> None
     (server,) = memory.get_finished_spans()
     assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
     assert seen == f"00-{TRACE}-{server.context.span_id:016x}-01"
+
+
+def test_server_spans_for_roots_only_leaves_a_call_to_its_callers_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(tracing.SERVER_SPANS_VARIABLE, "roots")
+    memory = _traced()
+    try:
+        with running_host(PROBE) as host, rpyc.connect(*host.address("probe")) as raw:
+            seen = raw.root.trace_seen(**{context.KWARG: f"5{SEP}{SAMPLED}{SEP}{SEP}r-1"})
+            assert memory.get_finished_spans() == ()
+            root = raw.root.trace_seen()  # no caller's span to stand in: a root SERVER span
+    finally:
+        tracing.disable()
+    assert seen == SAMPLED  # what this call calls becomes a child of the caller's span
+    (server,) = memory.get_finished_spans()
+    assert server.parent is None and root == tracing.headers_of(server)[0]

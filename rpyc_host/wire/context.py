@@ -88,12 +88,34 @@ class CallContext:
         return cls(time.monotonic() + max(-1.0, min(left, 31_536_000.0)), parent, state, request_id)
 
 
-_CURRENT: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("rpyc_host_call", default=None)
+class Derived:
+    """The context of a call that arrived without one on a connection whose client told its
+    timeout (:mod:`rpyc_host.wire.contextwire`): built on first read, since most calls never
+    read theirs."""
+
+    __slots__ = ("_arrived", "_built", "_timeout")
+
+    def __init__(self, timeout: float | None, arrived: float) -> None:
+        self._timeout, self._arrived = timeout, arrived
+        self._built: CallContext | None = None
+
+    def build(self) -> CallContext:
+        built = self._built
+        if built is None:
+            deadline = None if self._timeout is None else self._arrived + self._timeout
+            built = self._built = CallContext(deadline, None, None, new_request_id())
+        return built
+
+
+_CURRENT: contextvars.ContextVar[CallContext | Derived | None] = contextvars.ContextVar(
+    "rpyc_host_call", default=None
+)
 
 
 def current() -> CallContext | None:
     """The context of the call being served or made in this thread, if any."""
-    return _CURRENT.get()
+    ctx = _CURRENT.get()
+    return ctx.build() if isinstance(ctx, Derived) else ctx
 
 
 @contextmanager
@@ -132,7 +154,7 @@ def new_request_id() -> str:
 def outgoing(timeout: float | None) -> CallContext:
     """The context for a call about to be sent: the current one (or a new request id), with a
     deadline no later than ``timeout`` from now."""
-    base = _CURRENT.get()
+    base = current()
     if base is None:  # the common case, kept cheap: one object, no copies
         deadline = None if timeout is None else time.monotonic() + timeout
         return CallContext(deadline, None, None, new_request_id())

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from .context import MAX_TEXT, CallContext, new_request_id
+from .context import MAX_TEXT, CallContext, Derived
 
 SEP: Final = "\x1f"
 MAX_WIRE: Final = 4 * MAX_TEXT + 128
@@ -62,7 +62,7 @@ def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
     if len(value) > MAX_WIRE:
         return None, NOT_TOLD
     fields = value.split(SEP)
-    if len(fields) not in (4, 5) or any(len(field) > MAX_TEXT for field in fields):
+    if not 4 <= len(fields) <= 5 or max(map(len, fields)) > MAX_TEXT:
         return None, NOT_TOLD
     try:
         left = _seconds(fields[0]) if fields[0] else None
@@ -80,7 +80,8 @@ def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
     return ctx, default
 
 
-def derived(default: float | None) -> CallContext:
+def derived(default: float | None) -> Derived:
     """The context of a call sent without one on a connection whose default is ``default``:
-    what the client would have sent (its timeout from now; a request id, made here)."""
-    return CallContext(None if default is None else time.monotonic() + default, None, None, new_request_id())
+    what the client would have sent (its timeout from now; a request id, made here), built
+    when it is first read."""
+    return Derived(default, time.monotonic())

@@ -221,6 +221,7 @@ class ContextServing:
         inner = handlers[consts.HANDLE_CALL]
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
+            ctx: context.CallContext | context.Derived | None
             if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
                 ctx, told = contextwire.decode(kwargs[-1][1])
                 kwargs = kwargs[:-1]
@@ -236,6 +237,8 @@ class ContextServing:
                 told = self.__dict__.get("_told_by_peer", contextwire.NOT_TOLD)
                 ctx = None if told is contextwire.NOT_TOLD else contextwire.derived(told)
             if tracing._tracer is not None:
+                if isinstance(ctx, context.Derived):
+                    ctx = ctx.build()
                 return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
                 return inner(self, obj, args, kwargs)
@@ -250,9 +253,9 @@ class ContextServing:
 
 
 def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
-    if ctx is not None and tracing.unsampled(ctx.traceparent):
-        # The caller's trace is not recorded, nor would this span be: no span work at all, and
-        # the caller's traceparent (sampled flag off) goes on to whatever this call calls.
+    if ctx is not None and not tracing.server_span_needed(ctx.traceparent):
+        # The caller's trace is not recorded (nor would this span be), or its CLIENT span is
+        # the one wanted: no span work at all; the caller's traceparent goes on as it is.
         token = context._CURRENT.set(ctx)
         try:
             return inner(conn, obj, args, kwargs)
@@ -260,15 +263,21 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
             context._CURRENT.reset(token)
     service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
-    with tracing.span("server", service, _method_name(obj), parent, state) as span:
-        mine = tracing.headers_of(span)
-        child = (
-            context.CallContext(ctx.deadline, *mine, ctx.request_id)
-            if ctx
-            else context.CallContext(None, *mine)
-        )
-        with context.use(child):
-            return inner(conn, obj, args, kwargs)
+    span = tracing.start_server_span(service, _method_name(obj), parent, state)
+    mine = tracing.headers_of(span) if span is not None else (parent, state)  # turned off meanwhile
+    child = (
+        context.CallContext(ctx.deadline, *mine, ctx.request_id) if ctx else context.CallContext(None, *mine)
+    )
+    token = context._CURRENT.set(child)
+    try:
+        result = inner(conn, obj, args, kwargs)
+    except BaseException as exc:
+        tracing.end_span(span, exc)
+        raise
+    finally:
+        context._CURRENT.reset(token)
+    tracing.end_span(span, None)
+    return result
 
 
 _STREAM_REF = netref.class_factory((STREAM_TYPE, 0, 0), [])

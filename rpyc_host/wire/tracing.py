@@ -10,6 +10,12 @@ installed *and* an exporter is configured through the standard environment varia
 - or an application that set its own tracer provider: its provider is used as it is.
 
 Anything else costs one check per call: :func:`active` is a module attribute read.
+
+``RPYC_HOST_SERVER_SPANS=roots`` (default ``all``) makes a host skip the SERVER span of a call
+whose caller sent a sampled trace context: the caller's CLIENT span already times the call,
+and what the call calls becomes its child. A call without one still gets its own (root) span.
+A call whose caller's trace is not sampled gets no span work at all when the sampler would
+drop its child anyway (the SDK's default, parent-based).
 Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
 ``rpc.method``, and the span status is ERROR when the call raised.
 """
@@ -31,6 +37,8 @@ _configured = False
 # True when the provider's sampler drops every child of an unsampled remote parent (the SDK's
 # default, ParentBased): such a call then costs no span work at all (see unsampled()).
 _drops_unsampled = False
+_server_spans_for_roots_only = False  # RPYC_HOST_SERVER_SPANS=roots
+SERVER_SPANS_VARIABLE = "RPYC_HOST_SERVER_SPANS"
 _EVEN_HEX = frozenset("02468ace")
 
 
@@ -58,16 +66,26 @@ def configure(provider: Any = None) -> bool:
         if provider is None:
             return False
     _tracer = provider.get_tracer("rpyc_host")
-    global _drops_unsampled
+    global _drops_unsampled, _server_spans_for_roots_only
     _drops_unsampled = _drops_children_of_unsampled(getattr(_tracer, "sampler", None))
+    choice = os.environ.get(SERVER_SPANS_VARIABLE, "all").strip().lower()
+    if choice not in ("all", "roots"):
+        log.warning(
+            "%s=%r is not one of all, roots: SERVER spans for all calls", SERVER_SPANS_VARIABLE, choice
+        )
+    _server_spans_for_roots_only = choice == "roots"
     return True
 
 
 def disable() -> None:
     """Stop making spans (the provider is left to its owner)."""
-    global _tracer, _drops_unsampled
+    global _tracer, _drops_unsampled, _server_spans_for_roots_only
     _tracer = None
-    _drops_unsampled = False
+    _drops_unsampled = _server_spans_for_roots_only = False
+
+
+_server_spans_for_roots_only = False  # RPYC_HOST_SERVER_SPANS=roots
+SERVER_SPANS_VARIABLE = "RPYC_HOST_SERVER_SPANS"
 
 
 def _drops_children_of_unsampled(sampler: Any) -> bool:
@@ -81,19 +99,34 @@ def _drops_children_of_unsampled(sampler: Any) -> bool:
     return isinstance(delegate, StaticSampler) and getattr(delegate, "_decision", None) is Decision.DROP
 
 
+def server_span_needed(traceparent: str | None) -> bool:
+    """Whether a call that arrived with ``traceparent`` gets a SERVER span (see the module
+    docstring); without one it runs under, and hands on, the caller's traceparent."""
+    if _server_spans_for_roots_only and _valid(traceparent):
+        return False
+    return not unsampled(traceparent)
+
+
+def _valid(traceparent: str | None) -> bool:
+    return (
+        traceparent is not None
+        and len(traceparent) == 55
+        and traceparent.startswith("00-")
+        and traceparent[35] == "-"
+        and traceparent[52] == "-"
+        and traceparent[3:35] != "0" * 32
+        and traceparent[36:52] != "0" * 16
+    )
+
+
 def unsampled(traceparent: str | None) -> bool:
     """True when ``traceparent`` names a valid parent whose trace is not sampled and the sampler
     would drop its child: the call needs no span, and hands the same traceparent on."""
     return (
         _drops_unsampled
         and traceparent is not None
-        and len(traceparent) == 55
-        and traceparent[54] in _EVEN_HEX  # the sampled flag is the flags byte's lowest bit
-        and traceparent.startswith("00-")
-        and traceparent[35] == "-"
-        and traceparent[52] == "-"
-        and traceparent[3:35] != "0" * 32
-        and traceparent[36:52] != "0" * 16
+        and traceparent[-1:] in _EVEN_HEX  # the sampled flag is the flags byte's lowest bit
+        and _valid(traceparent)
     )
 
 
@@ -206,6 +239,16 @@ def span(
 
 def start_client_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
     """A CLIENT span for a call whose reply arrives later (end it with :func:`end_span`)."""
+    return _start("client", service, method, traceparent, tracestate)
+
+
+def start_server_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
+    """A SERVER span for a call being served (end it with :func:`end_span`): what :func:`span`
+    makes, without a generator's frame per call."""
+    return _start("server", service, method, traceparent, tracestate)
+
+
+def _start(kind: str, service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
     if _tracer is None:
         return None
     from opentelemetry.trace import SpanKind
@@ -213,7 +256,7 @@ def start_client_span(service: str, method: str, traceparent: str | None, traces
     return _tracer.start_span(
         f"{service}/{method}",
         context=_parent(traceparent, tracestate),
-        kind=SpanKind.CLIENT,
+        kind=SpanKind.SERVER if kind == "server" else SpanKind.CLIENT,
         attributes={"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method},
     )
 
