@@ -33,13 +33,19 @@ class _NotTold:
 NOT_TOLD: Final = _NotTold()  # no connection default announced (None is a default: no deadline)
 
 
-def encode(ctx: CallContext, default: float | _NotTold | None = NOT_TOLD) -> Any:
-    """The wire form of ``ctx``, telling the connection's ``default`` timeout too (unless
-    NOT_TOLD); the 4-tuple when a field holds the separator."""
-    parent, state, request_id = ctx.traceparent, ctx.tracestate, ctx.request_id
+def encode(
+    deadline: float | None,
+    parent: str | None,
+    state: str | None,
+    request_id: str | None,
+    default: float | _NotTold | None = NOT_TOLD,
+) -> Any:
+    """The wire form of a context (``deadline`` a ``time.monotonic()`` reading), telling the
+    connection's ``default`` timeout too (unless NOT_TOLD); the 4-tuple when a field holds the
+    separator."""
+    left = None if deadline is None else deadline - time.monotonic()
     if (state is not None and SEP in state) or (request_id is not None and SEP in request_id):
-        return ctx.to_wire()
-    left = None if ctx.deadline is None else ctx.deadline - time.monotonic()
+        return (left, parent, state, request_id)
     text = f"{'' if left is None else left!r}{SEP}{parent or ''}{SEP}{state or ''}{SEP}{request_id or ''}"
     if default is NOT_TOLD:
         return text

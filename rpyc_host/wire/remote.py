@@ -17,6 +17,7 @@ is shut first, so ``close()`` returns at once. A stream a host returns (an itera
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 from rpyc.core import consts, netref
@@ -116,30 +117,41 @@ class ContextCalls:
             # Nothing the host cannot derive (its timeout is told, no trace, no enclosing
             # context): send no context at all.
             return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
-        ctx = context.outgoing(limit)
-        left = ctx.remaining()
-        if left is not None:
+        # The context's fields as locals: no CallContext is built for the call being sent.
+        base = context.current()
+        request_id: str | None
+        if base is None:
+            deadline = None if limit is None else time.monotonic() + limit
+            parent = state = None
+            request_id = context.new_request_id()
+        else:
+            ctx = context.outgoing(limit)
+            deadline, parent, state, request_id = (
+                ctx.deadline,
+                ctx.traceparent,
+                ctx.tracestate,
+                ctx.request_id,
+            )
+        if deadline is not None:
+            left = deadline - time.monotonic()
             if left <= 0:
                 raise DeadlineExceeded("the call's deadline passed before it was sent")
             kwargs["timeout"] = left
         obj, call_args, call_kwargs = args
         span = None
-        if traced and not tracing.unsampled(ctx.traceparent):
-            span = tracing.start_client_span(
-                str(self._config.get("peer_service") or "rpyc"),
-                self._name_of(obj),
-                ctx.traceparent,
-                ctx.tracestate,
-            )
-            parent, state = tracing.headers_of(span)
-            ctx = context.CallContext(ctx.deadline, parent, state, ctx.request_id)
+        if traced:
+            service = str(self._config.get("peer_service") or "rpyc")
+            span, parent, state = tracing.start_call(service, self._name_of(obj), parent, state)
         telling = False
         if self.peer_takes_text:
             default = self._config.get("sync_request_timeout")
             telling = default != self._told
-            wire = contextwire.encode(ctx, default if telling else contextwire.NOT_TOLD)
+            wire = contextwire.encode(
+                deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD
+            )
             args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, wire)))
         elif self.peer_speaks_context:
+            ctx = context.CallContext(deadline, parent, state, request_id)
             args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, ctx.to_wire())))
         try:
             result = super().async_request(handler, *args, **kwargs)  # type: ignore[misc]

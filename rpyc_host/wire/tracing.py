@@ -30,6 +30,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from . import presample
+
 log = logging.getLogger("rpyc_host.tracing")
 
 _tracer: Any = None
@@ -38,6 +40,7 @@ _configured = False
 # default, ParentBased): such a call then costs no span work at all (see unsampled()).
 _drops_unsampled = False
 _server_spans_for_roots_only = False  # RPYC_HOST_SERVER_SPANS=roots
+_roots: Any = None  # a presample.RootSampler, when new traces may be dropped
 SERVER_SPANS_VARIABLE = "RPYC_HOST_SERVER_SPANS"
 _EVEN_HEX = frozenset("02468ace")
 
@@ -53,7 +56,7 @@ def configure(provider: Any = None) -> bool:
     Safe to call again: later calls only switch to an explicitly given ``provider`` (tests
     pass one with an in-memory exporter).
     """
-    global _tracer, _configured
+    global _tracer, _configured, _drops_unsampled, _server_spans_for_roots_only, _roots
     if _configured and provider is None:
         return active()
     _configured = True
@@ -66,8 +69,8 @@ def configure(provider: Any = None) -> bool:
         if provider is None:
             return False
     _tracer = provider.get_tracer("rpyc_host")
-    global _drops_unsampled, _server_spans_for_roots_only
     _drops_unsampled = _drops_children_of_unsampled(getattr(_tracer, "sampler", None))
+    _roots = presample.for_tracer(_tracer)
     choice = os.environ.get(SERVER_SPANS_VARIABLE, "all").strip().lower()
     if choice not in ("all", "roots"):
         log.warning(
@@ -79,13 +82,9 @@ def configure(provider: Any = None) -> bool:
 
 def disable() -> None:
     """Stop making spans (the provider is left to its owner)."""
-    global _tracer, _drops_unsampled, _server_spans_for_roots_only
-    _tracer = None
+    global _tracer, _drops_unsampled, _server_spans_for_roots_only, _roots
+    _tracer = _roots = None
     _drops_unsampled = _server_spans_for_roots_only = False
-
-
-_server_spans_for_roots_only = False  # RPYC_HOST_SERVER_SPANS=roots
-SERVER_SPANS_VARIABLE = "RPYC_HOST_SERVER_SPANS"
 
 
 def _drops_children_of_unsampled(sampler: Any) -> bool:
@@ -235,6 +234,25 @@ def span(
         raise
     finally:
         current.end()
+
+
+def start_call(
+    service: str, method: str, traceparent: str | None, tracestate: str | None
+) -> tuple[Any, str | None, str | None]:
+    """``(CLIENT span or None, traceparent, tracestate)`` for a call about to be sent, child of
+    the given trace context: no span at all for a trace that is not sampled (the parent's, or a
+    new one the sampler drops), whose traceparent goes on as it is."""
+    if unsampled(traceparent):
+        return None, traceparent, tracestate
+    roots = _roots
+    if traceparent is None and roots is not None:
+        dropped = roots.dropped(f"{service}/{method}")
+        if dropped is not None:
+            return None, dropped, None
+    current = _start("client", service, method, traceparent, tracestate)
+    if current is None:  # turned off meanwhile
+        return None, traceparent, tracestate
+    return (current, *headers_of(current))
 
 
 def start_client_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
