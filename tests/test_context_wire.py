@@ -4,6 +4,7 @@ and no span work for a call whose trace is not sampled."""
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,8 @@ import rpyc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
+from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from rpyc.utils.server import ThreadedServer
 
 import client
@@ -240,3 +242,40 @@ def test_server_spans_for_roots_only_leaves_a_call_to_its_callers_span(
     assert seen == SAMPLED  # what this call calls becomes a child of the caller's span
     (server,) = memory.get_finished_spans()
     assert server.parent is None and root == tracing.headers_of(server)[0]
+
+
+class _Alternating(IdGenerator):
+    """Trace ids a 0.5 ratio sampler keeps and drops in turn (it reads the low 64 bits)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def generate_trace_id(self) -> int:
+        self.count += 1
+        return (self.count << 64) | (1 if self.count % 2 else (1 << 63) | 1)
+
+    def generate_span_id(self) -> int:
+        return random.getrandbits(63) + 1
+
+
+def test_a_new_trace_the_sampler_drops_costs_no_span_and_a_kept_one_keeps_its_decision() -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.5)), id_generator=_Alternating())
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    assert tracing.configure(provider)
+    try:
+        with (
+            running_host(PROBE) as host,
+            client.connect(host="127.0.0.1", port=host.address("probe")[1]) as conn,
+        ):
+            trace_seen = conn.root.trace_seen
+            parents = [trace_seen() for _ in range(10)]
+    finally:
+        tracing.disable()
+    # Kept, dropped, kept...: each call's decision is made once, on the trace id it then carries.
+    assert [parent[-2:] for parent in parents] == ["01", "00"] * 5
+    assert [int(parent[3:35], 16) >> 64 for parent in parents] == list(range(1, 11))
+    spans = memory.get_finished_spans()
+    recorded = sorted({span.context.trace_id >> 64 for span in spans})
+    assert recorded == [1, 3, 5, 7, 9]  # and a dropped trace made no span at all
+    assert sorted(span.kind.name for span in spans) == ["CLIENT"] * 5 + ["SERVER"] * 5

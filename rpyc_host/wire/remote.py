@@ -143,7 +143,7 @@ class ContextCalls:
             service = str(self._config.get("peer_service") or "rpyc")
             span, parent, state = tracing.start_call(service, self._name_of(obj), parent, state)
         telling = False
-        if self.peer_takes_text:
+        if self.peer_takes_text and self.peer_speaks_context:
             default = self._config.get("sync_request_timeout")
             telling = default != self._told
             wire = contextwire.encode(
