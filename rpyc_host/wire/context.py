@@ -4,10 +4,11 @@ rpyc frames carry no header, so the context rides as one extra keyword argument 
 call request, named :data:`KWARG` (a name no service method takes). The host's connections take
 it off before the method runs; a call without it (a plain ``rpyc.connect`` client) is served
 exactly as before, and such a client is never sent one (see :data:`MARKER`). The client
-library's connections (:class:`~rpyc_host.wire.remote.WireConnection`) attach it to every
+library's connections (:class:`~rpyc_host.wire.remote.WireConnection`) give it to every
 call: the deadline is the connection's timeout, narrowed by any :func:`deadline` block and by
 the context of the call being served (so a service calling another service hands on the time
-its own caller has left).
+its own caller has left). A host derives it for a call that carries nothing more than the
+connection's timeout, which it is told once (:mod:`rpyc_host.wire.contextwire`).
 
 Usage::
 
@@ -15,8 +16,9 @@ Usage::
         conn.root.slow()                 # DeadlineExceeded after 200 ms
     ctx = context.current()              # inside a service method: the caller's context
 
-On the wire the context is ``(seconds left or None, traceparent, tracestate, request id)``:
-time left rather than a clock reading, so the two machines' clocks need not agree.
+On the wire the context is ``(seconds left or None, traceparent, tracestate, request id)``, or
+the same fields as one string: time left rather than a clock reading, so the two machines'
+clocks need not agree.
 """
 
 from __future__ import annotations

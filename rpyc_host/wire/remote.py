@@ -95,8 +95,9 @@ def _method_name(obj: Any) -> str:
 class ContextCalls:
     """Connection behaviour both ends share: every call request this side sends carries the
     call context (:mod:`rpyc_host.wire.context`), bounded by the connection's call timeout, to a
-    peer that takes it off; a call whose deadline has passed is not sent at all; with tracing on,
-    each call sent is a CLIENT span."""
+    peer that takes it off (a host told the timeout gets none for a call that carries nothing
+    more: :mod:`rpyc_host.wire.contextwire`); a call whose deadline has passed is not sent at
+    all; with tracing on, each call sent is a CLIENT span (none for an unsampled trace)."""
 
     _config: dict[str, Any]
     peer_speaks_context = False  # set when the peer is known to take contexts off
@@ -105,7 +106,7 @@ class ContextCalls:
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
-        traced = tracing._tracer is not None  # the attribute, not tracing.active(): once a call
+        traced = tracing._tracer is not None  # what tracing.active() reads, without the call
         if handler != consts.HANDLE_CALL or len(args) != 3:
             if handler == consts.HANDLE_GETATTR and traced:
                 return self._remember_name(super().async_request(handler, *args, **kwargs), args)  # type: ignore[misc]
