@@ -48,7 +48,7 @@ def as_stream(conn: Any, result: Any) -> Any:
     config = conn._config
     account: Account | None = config.get(CONFIG_KEY)
     if account is None:  # not one of the host's connections: no budget to hold it in
-        return Stream(result, context.current())
+        return Stream(result, _creating_context(conn))
     open_streams: weakref.WeakSet[Stream] | None = config.get(_OPEN_KEY)
     if open_streams is None:
         open_streams = config[_OPEN_KEY] = weakref.WeakSet()
@@ -60,9 +60,26 @@ def as_stream(conn: Any, result: Any) -> Any:
     except LimitExceeded as exc:
         _close_source(result)
         raise OSError(errno.EMFILE, f"stream not opened: {exc}") from None
-    stream = Stream(result, context.current(), lambda: account.release(RESOURCE))
+    stream = Stream(result, _creating_context(conn), lambda: account.release(RESOURCE))
     open_streams.add(stream)
     return stream
+
+
+def _creating_context(conn: Any) -> context.CallContext | None:
+    """The context a stream keeps for its lifetime: the caller's own deadline (a
+    ``context.deadline`` block), or None when the call's deadline is only the connection's
+    timeout (derived by the host, or told with this call). That timeout bounds each chunk
+    request, not the stream: a long stream read steadily is not cut off after one timeout."""
+    raw = context._CURRENT.get()
+    if isinstance(raw, context.Derived):
+        return None
+    ctx = context.current()
+    told = conn.__dict__.get("_told_by_peer")
+    if ctx is not None and ctx.deadline is not None and type(told) in (int, float):
+        left = ctx.remaining()
+        if left is not None and left >= told - 1.0:
+            return None
+    return ctx
 
 
 def close_all(open_streams: weakref.WeakSet[Stream]) -> None:

@@ -5,6 +5,7 @@ for plain rpyc clients."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -171,6 +172,21 @@ def test_a_stream_open_past_its_deadline_is_ended(served: tuple[Host, Path]) -> 
                 pass
         _closed(events, "endless")
         assert root.held() == (0, 0)
+
+
+def test_a_stream_without_a_deadline_outlives_one_call_timeout(served: tuple[Host, Path]) -> None:
+    """The connection's timeout bounds each chunk request, not the whole stream."""
+    host, _ = served
+    with _connect(host, timeout=1.0) as conn:
+        root = conn.root  # type: ignore[attr-defined]
+        assert root.held() == (0, 0)  # the host now knows the connection's timeout
+        numbers = root.endless().chunked(10)
+        assert next(numbers) == 0
+        past = time.monotonic() + 1.5
+        wait_until(lambda: time.monotonic() > past, 10, "one call timeout to pass")
+        assert [next(numbers) for _ in range(30)] == list(range(1, 31))
+        numbers.close()
+        wait_until(lambda: root.held() == (0, 0), 10, "the stream to be given back")
 
 
 def test_the_cap_refuses_naming_the_limit(threaded: tuple[Host, Path]) -> None:

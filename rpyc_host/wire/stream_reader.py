@@ -56,7 +56,7 @@ class StreamReader:
             "next_chunk",
             (self._chunk, CHUNK_BYTES),
             (),
-            timeout=self._conn._config["sync_request_timeout"],
+            timeout=None,  # bounded when read: a chunk read ahead may wait on a slow consumer
         )
 
     def __iter__(self) -> StreamReader:
@@ -70,6 +70,9 @@ class StreamReader:
                 raise StopIteration
             pending = self._pending if self._pending is not None else self._request()
             self._pending = None
+            # The call timeout bounds this wait, from now: a reply read ahead may already sit
+            # unread in the socket, however long the consumer took with the previous chunk.
+            pending.set_expiry(self._conn._config["sync_request_timeout"])
             try:
                 items, done = pending.value
             except BaseException:

@@ -106,7 +106,9 @@ class Stream:
         self._check_deadline()
         items: list[Any] = []
         size = 0
-        token = context._CURRENT.set(self._ctx)  # the generator runs in its call's context
+        # The generator runs in the context the stream was created in; without one (no deadline
+        # of the caller's own), in the context of the chunk request it is running for.
+        token = context._CURRENT.set(self._ctx) if self._ctx is not None else None
         try:
             while len(items) < count and size < budget:
                 try:
@@ -122,7 +124,8 @@ class Stream:
                 items.append(item)
                 size += item_size
         finally:
-            context._CURRENT.reset(token)
+            if token is not None:
+                context._CURRENT.reset(token)
         self.sent += len(items)
         return tuple(items), False
 
@@ -161,14 +164,15 @@ class Stream:
             if source is None:
                 raise StopIteration
             self._check_deadline()
-            token = context._CURRENT.set(self._ctx)
+            token = context._CURRENT.set(self._ctx) if self._ctx is not None else None
             try:
                 item = next(source)
             except BaseException:
                 self._finish()
                 raise
             finally:
-                context._CURRENT.reset(token)
+                if token is not None:
+                    context._CURRENT.reset(token)
                 if self._closing:
                     self._finish()
             self.sent += 1
