@@ -6,6 +6,11 @@ every frame over 3 kB. Here a frame goes out with one gather ``sendmsg`` (no cop
 with ``recv_into`` a buffer of the right size, and is never compressed unless asked. The frame
 format is unchanged (``!LB`` header, payload, ``\\n``), so a stock rpyc peer interoperates; the
 receiver honours the per-frame compression flag either way.
+
+Small frames are read through a receive buffer: one ``recv`` takes the header and the payload
+(and whatever follows) where rpyc makes two, and ``poll`` answers from the buffer without a
+system call. Every system call releases the GIL, and under concurrency each release can cost a
+wait for another thread to hand it back, so calls per frame matter more than their own time.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from __future__ import annotations
 import select
 import socket
 import zlib
+from typing import Any
 
 from rpyc.core.channel import Channel
 from rpyc.core.stream import SocketStream
+from rpyc.lib import Timeout
 
 from .errors import FrameTooLarge, PeerStalled
 
 _HEADER = Channel.FRAME_HEADER
 _FLUSHER = Channel.FLUSHER
 _RECV_CHUNK = 1 << 20
+# What one buffered recv asks for: several small frames, or a few TLS records (16 KiB each).
+_BUFFERED = 1 << 16
 
 
 def tune_socket(sock: socket.socket) -> None:
@@ -39,11 +48,16 @@ class FastSocketStream(SocketStream):
     only when the peer is not ready. A TLS socket keeps its timeout (its records need it).
     """
 
-    __slots__ = ("stall",)
+    __slots__ = ("_poller", "_rbuf", "_rpos", "stall")
 
     def __init__(self, sock: socket.socket, stall: float | None = None) -> None:
         super().__init__(sock)
         self.stall = stall if stall is not None and not _is_tls(sock) else None
+        # Received bytes not yet read: _rbuf[_rpos:]. Empty between frames (an idle connection
+        # keeps no buffer).
+        self._rbuf = b""
+        self._rpos = 0
+        self._poller: select.poll | None = None
 
     def _stalled(self) -> PeerStalled:
         self.close()
@@ -71,8 +85,68 @@ class FastSocketStream(SocketStream):
                 self.close()
                 raise EOFError(exc) from exc
 
+    def _recv_some(self) -> bytes:
+        """At least one byte (up to _BUFFERED), waiting within the stall limit; EOFError at the end."""
+        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        while True:
+            try:
+                data = self.sock.recv(_BUFFERED, flags)
+            except BlockingIOError:
+                self._wait(select.POLLIN)
+                continue
+            except InterruptedError:
+                continue
+            except TimeoutError:
+                raise self._stalled() from None
+            except OSError as exc:
+                self.close()
+                raise EOFError(exc) from exc
+            if not data:
+                self.close()
+                raise EOFError("connection closed by peer")
+            return data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read (TLS: decrypted ones the TLS layer holds too)."""
+        held = len(self._rbuf) - self._rpos
+        pending = getattr(self.sock, "pending", None)
+        return held + (pending() if pending is not None else 0)
+
+    def fill(self) -> bool:
+        """One non-blocking ``recv`` into the buffer, for a caller told the socket is readable:
+        False if nothing was there after all. A TLS socket is left to the next read (a record
+        may need more than one ``recv``). Raises EOFError if the peer has closed."""
+        if self.stall is None:
+            return True
+        try:
+            data = self.sock.recv(_BUFFERED, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return self.buffered > 0
+        except OSError as exc:
+            self.close()
+            raise EOFError(exc) from exc
+        if not data:
+            self.close()
+            raise EOFError("connection closed by peer")
+        self._rbuf = self._rbuf[self._rpos :] + data if self._rpos < len(self._rbuf) else data
+        self._rpos = 0
+        return True
+
+    def _take_buffered(self) -> bytes:
+        data = self._rbuf[self._rpos :]
+        self._rbuf, self._rpos = b"", 0
+        return data
+
     def read_into(self, view: memoryview) -> None:
         """Fill ``view`` completely, or raise EOFError."""
+        if self._rpos < len(self._rbuf):
+            held = self._take_buffered()
+            n = min(len(held), len(view))
+            view[:n] = held[:n]
+            if n < len(held):
+                self._rbuf = held[n:]
+            view = view[n:]
         while view:
             n = self._recv_into(view)
             if not n:
@@ -81,29 +155,30 @@ class FastSocketStream(SocketStream):
             view = view[n:]
 
     def read(self, count: int) -> bytes:
-        # Small frames usually arrive whole: one recv, no buffer juggling.
-        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
-        try:
-            first = self.sock.recv(count, flags)
-        except (BlockingIOError, InterruptedError):
-            first = None  # nothing there yet
-        except TimeoutError:
-            raise self._stalled() from None
-        except OSError as exc:
-            self.close()
-            raise EOFError(exc) from exc
-        if first is None:
-            first = b""
-        elif len(first) == count:
-            return first
-        elif not first:
-            self.close()
-            raise EOFError("connection closed by peer")
-        # Short (or not there yet): read_into finishes the job or raises EOFError.
-        buf = bytearray(count)
-        buf[: len(first)] = first
-        self.read_into(memoryview(buf)[len(first) :])
-        return bytes(buf)
+        buf, pos = self._rbuf, self._rpos
+        have = len(buf) - pos
+        if have >= count:  # the usual case for a payload: its header's recv brought it along
+            end = pos + count
+            if end == len(buf):
+                self._rbuf, self._rpos = b"", 0  # drained: keep nothing between frames
+            else:
+                self._rpos = end
+            return buf[pos:end]
+        if count - have > _BUFFERED:
+            # Big: what is buffered, then straight into the result (no buffer in between).
+            out = bytearray(count)
+            out[:have] = self._take_buffered()
+            self.read_into(memoryview(out)[have:])
+            return bytes(out)
+        parts = [self._take_buffered()] if have else []
+        while have < count:
+            data = self._recv_some()
+            parts.append(data)
+            have += len(data)
+        buf = parts[0] if len(parts) == 1 else b"".join(parts)
+        if have > count:
+            self._rbuf, self._rpos = buf, count
+        return buf[:count] if have > count else buf
 
     def read_growing(self, count: int) -> bytearray:
         """Read ``count`` bytes into a buffer that grows with what arrives (never more than twice
@@ -118,12 +193,19 @@ class FastSocketStream(SocketStream):
             got = min(len(buf), got + _RECV_CHUNK)
         return buf
 
-    def poll(self, timeout: float | None) -> bool:
-        # A TLS socket may hold decrypted bytes the kernel no longer reports as readable.
-        pending = getattr(self.sock, "pending", None)
-        if pending is not None and pending():
+    def poll(self, timeout: Any) -> bool:
+        """Whether a read would find data within ``timeout`` (seconds, or rpyc's ``Timeout``);
+        buffered bytes answer at once, and one poll object per stream serves every wait."""
+        if self.buffered:
             return True
-        return bool(super().poll(timeout))
+        if self.closed or self.sock.fileno() < 0:
+            return bool(super().poll(timeout))  # closed: raises as rpyc's own does
+        left = (timeout if isinstance(timeout, Timeout) else Timeout(timeout)).timeleft()
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(self.sock.fileno(), select.POLLIN)
+        return bool(poller.poll(None if left is None else max(0.0, left) * 1000))
 
     def writev(self, parts: list[bytes | memoryview]) -> None:
         """Send every part in order, as few system calls as the kernel allows."""
