@@ -173,6 +173,7 @@ class HostThreadPoolServer(HostServerMixin, Server):
     def _serve_ready(self, fd: int, entry: _Entry) -> None:
         entry.last = time.monotonic()
         conn = entry.conn
+        mask = _MASK
         if conn is None:
             conn = entry.conn = self._open(entry.sock, entry.peer, entry.connid)
             if conn is None:
@@ -181,11 +182,17 @@ class HostThreadPoolServer(HostServerMixin, Server):
             # TLS may have replaced the socket object; the fd stays the same.
             entry.sock = conn._channel.stream.sock
         else:
+            stream = conn._channel.stream
             try:
-                # Serve what is ready, then hand the socket back; a busy client does not hog a worker.
-                for _ in range(16):
-                    if not conn.poll(0):
-                        break
+                # epoll said readable: one recv fills the stream's buffer, and the frames in it are
+                # served with no poll() of their own (each system call is a GIL hand-off under
+                # load). At most 16 in a row, then the socket goes back: a busy client does not
+                # hog a worker.
+                if stream.fill():
+                    for _ in range(16):
+                        conn.poll(0)
+                        if conn.closed or not stream.buffered:
+                            break
             except Exception as exc:
                 log_closed(self.logger, conn, exc)
                 self._drop(fd, entry)
@@ -193,8 +200,12 @@ class HostThreadPoolServer(HostServerMixin, Server):
             if conn.closed:
                 self._drop(fd, entry)
                 return
+            if stream.buffered:
+                # Frames already read into the buffer: the kernel will not report them, so ask
+                # for writability too, which wakes a worker at once (the next one in turn).
+                mask = _MASK | select.EPOLLOUT
         try:
-            self._epoll.modify(fd, _MASK)
+            self._epoll.modify(fd, mask)
         except OSError:
             self._drop(fd, entry)
 
@@ -217,24 +228,47 @@ class HostThreadPoolServer(HostServerMixin, Server):
         self._release(entry.peer)
 
     def _sweep(self) -> None:
-        """Close connections that stay silent too long (idle, or never finishing a handshake)."""
+        """Close connections that stay silent too long (idle, or never finishing a handshake).
+
+        Every half second it checks whether anything can be due yet, and only then walks every
+        connection (a walk of 10,000 holds the GIL for milliseconds). A connection's ``last``
+        only moves forward, so after a walk nothing known expires before the earliest deadline
+        it saw, and nothing registered later before now + the shorter limit; new limits (a
+        reload) start a walk at once.
+        """
+        due = 0.0
+        walked_with = None
         while self.active:
             time.sleep(0.5)
             now = time.monotonic()
-            with self._entries_lock:
-                entries = list(self._entries.values())
-            for entry in entries:
-                limit = self.limits.idle_timeout if entry.conn is not None else self.limits.handshake_timeout
-                if limit and now - entry.last > limit:
-                    entry.last = now  # once: the worker that sees the EOF drops it
-                    kind = "idle" if entry.conn is not None else "silent before its handshake"
-                    self.logger.info(
-                        "closing connection from %s:%s: %s for %.0f s", *entry.peer[:2], kind, limit
-                    )
-                    try:
-                        entry.sock.shutdown(socket.SHUT_RDWR)
-                    except OSError:
-                        pass
+            limits = self.limits
+            if now < due and limits is walked_with:
+                continue
+            walked_with = limits
+            due = self._sweep_once(now, limits.idle_timeout, limits.handshake_timeout)
+
+    def _sweep_once(self, now: float, idle: float, handshake: float) -> float:
+        """One walk: close what is due; returns when the next walk may find something due."""
+        with self._entries_lock:
+            entries = list(self._entries.values())
+        shortest = min((x for x in (idle, handshake) if x), default=0.0)
+        due = now + shortest if shortest else now + 3600.0
+        for entry in entries:
+            limit = idle if entry.conn is not None else handshake
+            if not limit:
+                continue
+            deadline = entry.last + limit
+            if now > deadline:
+                entry.last = now  # once: the worker that sees the EOF drops it
+                kind = "idle" if entry.conn is not None else "silent before its handshake"
+                self.logger.info("closing connection from %s:%s: %s for %.0f s", *entry.peer[:2], kind, limit)
+                try:
+                    entry.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            elif deadline < due:
+                due = deadline
+        return due
 
     def close(self) -> None:
         # rpyc's Server.close() closes client fds, which silently drops them from the epoll set:
