@@ -166,7 +166,13 @@ def test_startup_logs_one_line_per_service_with_the_real_port(
         """
     )
     proc = start_server(path)
-    lines = [line for line in proc.lines if "serving " in line]
+
+    def serving() -> list[str]:
+        return [line for line in proc.lines if "serving " in line]
+
+    # The log is read from the process's stderr by a thread: the ready file may come first.
+    wait_until(lambda: len(serving()) >= 2, 10, "both 'serving' lines")
+    lines = serving()
     assert len(lines) == 2
     demo_port = proc.address("demo")[1]
     assert demo_port > 0
