@@ -49,6 +49,7 @@ class _Entry:
     conn: HostConnection | None  # None until the handshake is done
     last: float
     connid: str = ""
+    peer_text: str = ""  # formatted once: log records of every request are tagged with it
 
 
 class HostThreadPoolServer(HostServerMixin, Server):
@@ -92,7 +93,7 @@ class HostThreadPoolServer(HostServerMixin, Server):
                 self.clients.discard(sock)
                 self._release(peer)
                 return
-        self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic(), connid))
+        self._register(sock.fileno(), _Entry(sock, peer, conn, time.monotonic(), connid, format_peer(peer)))
 
     def _register(self, fd: int, entry: _Entry) -> None:
         # Under the lock with _drop's unregister: rpyc may close a dropped connection's socket
@@ -167,8 +168,13 @@ class HostThreadPoolServer(HostServerMixin, Server):
                 with self._entries_lock:
                     entry = self._entries.get(fd)
                 if entry is not None:
-                    with logs.connection_context(entry.connid, format_peer(entry.peer)):
+                    # Tag this worker's log records with the connection while it serves it (a
+                    # plain set and reset: this runs for every request).
+                    logs.set_connection(entry.connid, entry.peer_text)
+                    try:
                         self._serve_ready(fd, entry)
+                    finally:
+                        logs.set_connection(None, None)
 
     def _serve_ready(self, fd: int, entry: _Entry) -> None:
         entry.last = time.monotonic()
