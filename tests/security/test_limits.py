@@ -194,6 +194,14 @@ def test_two_thousand_connections_at_once_against_max_connections(
     grown = rss_kib(proc.pid) - before
     for sock in socks:
         sock.close()
-    calls_work(address)
+
+    def served_again() -> bool:
+        try:
+            calls_work(address)
+        except ConnectionRefusedError:  # the 200 closed ones not all released yet (a loaded machine)
+            return False
+        return True
+
+    wait_until(served_again, 30, "a call once the 2,000 connections are closed")
     assert grown < 200 * 1024, f"server grew {grown} KiB"
     print(f"2,000 connections: {replies}, server RSS growth {grown / 1024:.1f} MiB")
