@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import schema
 from .errors import ConfigError, did_you_mean
+from .instances import MODES as INSTANCE_MODES
 from .wire.configtext import ConfigTextError, read_text
 from .wire.etcd import parse_endpoint
 
@@ -220,6 +221,8 @@ class ServiceSection:
     backlog: int | None = field(default=None, metadata={"check": schema.at_least(1)})
     compression: bool | None = None
     enabled: bool = True
+    # Which instance serves a connection or a call (rpyc_host.instances): connection, shared, call.
+    instance: str = field(default="connection", metadata={"check": schema.one_of(INSTANCE_MODES)})
     options: dict[str, Any] = field(default_factory=dict)
     limits: LimitsOverride = field(default_factory=LimitsOverride)
     # Extra names to register under in the registry (besides the class-derived rpyc name).
@@ -308,6 +311,7 @@ class ServiceConfig:
     options: Mapping[str, Any]
     limits: LimitsSection = field(default_factory=LimitsSection)
     aliases: tuple[str, ...] = ()
+    instance: str = "connection"
 
     @property
     def key_path(self) -> str:
@@ -440,6 +444,7 @@ def _resolve(sections: FileSections, source: str) -> Config:
                 options=dict(svc.options),
                 limits=svc.limits.apply(sections.limits),
                 aliases=svc.aliases,
+                instance=svc.instance,
             )
         )
     classic = sections.debug.classic

@@ -6,9 +6,18 @@
 - every served class gets ``describe()`` (name, exposed methods, signatures, first doc line)
   and the hidden batch entry point (many calls in one request, :mod:`rpyc_host.batching`).
 
-Options from the config go to the class's constructor once, at start-up. Each connection is
-then served by a shallow copy of that instance: attributes set in ``__init__`` are shared by
-all connections (stores, limits), those set in ``on_connect`` belong to the connection.
+Options from the config go to the class's constructor once, at start-up. Which instance then
+serves a connection is ``services.<name>.instance`` (:mod:`rpyc_host.instances`):
+
+- ``connection`` (default): a shallow copy of that instance per connection (:func:`per_connection`):
+  attributes set in ``__init__`` are shared by all connections (stores, limits), those set in
+  ``on_connect`` or by a call belong to the connection;
+- ``shared``: the instance itself serves every connection; ``on_connect``/``on_disconnect`` run
+  once per connection, each with its connection, and the service must be thread-safe (on the
+  ``forking`` server it is shared within one child process, i.e. one connection);
+- ``call``: ``on_connect``/``on_disconnect`` run once per connection on the connection's copy,
+  and each call runs on a fresh shallow copy of that copy as ``on_connect`` left it: what
+  ``on_connect`` set is seen by every call, what a call sets is gone by the next one.
 """
 
 from __future__ import annotations
@@ -273,5 +282,6 @@ def instantiate(cls: type[rpyc.Service], options: Mapping[str, Any], path: str) 
 
 
 def per_connection(prototype: rpyc.Service) -> rpyc.Service:
-    """The root object for one new connection: a shallow copy of the configured instance."""
+    """The root object for one new connection in ``connection`` mode: a shallow copy of the
+    configured instance."""
     return copy.copy(prototype)

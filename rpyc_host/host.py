@@ -274,6 +274,7 @@ class Host:
             pool_size=svc.pool_size,
             grace_period=self.config.grace_period,
             calls=self.calls,
+            instance=svc.instance,
         )
         kwargs: dict[str, Any] = {
             "hostname": svc.host,

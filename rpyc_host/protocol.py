@@ -24,6 +24,7 @@ from . import batching, oneway_calls
 from .batching import BATCH, MODEL_ATTR
 from .budget import CONFIG_KEY
 from .errors import did_you_mean
+from .instances import PER_CALL_KEY, call_target
 from .oneway_calls import ONEWAY
 from .streams import as_stream
 from .wire.errors import DeadlineExceeded
@@ -291,9 +292,11 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         if kwargs and count is None:
             count = _ItemCount()
         plain_kwargs = {k: to_plain(v, 0, count) for k, v in dict(kwargs).items()} if kwargs else {}
+        config = self._config
+        if PER_CALL_KEY in config:  # services.<name>.instance: call (one-way calls too)
+            obj = call_target(self._local_root, obj)
         if model == ONEWAY:
             return oneway_calls.submit(self, obj, plain_args, plain_kwargs)
-        config = self._config
         book = config.get("host_calls")
         logger: logging.Logger | None = config.get("host_logger")
         debug = logger is not None and logger.isEnabledFor(logging.DEBUG)

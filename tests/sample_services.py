@@ -350,3 +350,39 @@ class StreamService(rpyc.Service):
                 if line.startswith("VmRSS:"):
                     return int(line.split()[1])
         return -1
+
+
+@rpyc.service
+class InstanceModeService(rpyc.Service):
+    """Remembers a value set by a call and records its hooks in a file (seen across processes)."""
+
+    def __init__(self, events: str = "") -> None:
+        self.events = Path(events) if events else None
+        self.connid = None
+
+    def _record(self, text: str) -> None:
+        if self.events is not None:
+            with self.events.open("a") as fh:
+                fh.write(text + "\n")
+
+    def on_connect(self, conn: Any) -> None:
+        self.connid = conn._config.get("connid")
+        self._record(f"connect {self.connid}")
+
+    def on_disconnect(self, conn: Any) -> None:
+        self._record(f"disconnect {conn._config.get('connid')}")
+
+    @rpyc.exposed
+    def remember(self, value: str) -> None:
+        """Set an attribute on the instance serving this call."""
+        self.value = value
+
+    @rpyc.exposed
+    def recall(self) -> str | None:
+        """The attribute an earlier call set, if this instance sees it."""
+        return getattr(self, "value", None)
+
+    @rpyc.exposed
+    def connection_id(self) -> str | None:
+        """The connection id on_connect stored on this instance."""
+        return self.connid

@@ -32,7 +32,7 @@ from .. import logs
 from ..budget import CONFIG_KEY, Ledger, caps_from_limits
 from ..config import LimitsSection, SecurityConfig
 from ..errors import Refused
-from ..exposure import per_connection
+from ..instances import CALL, CONNECTION, PER_CALL_KEY, connection_root
 from ..oneway_calls import BOOK_KEY, OnewayBook
 from ..protocol import NO_WAIT, SAFE_PROTOCOL, HostConnection, InflightTracker
 from ..security import Gatekeeper, closer
@@ -55,6 +55,7 @@ class ServerSettings:
     pool_size: int = 16
     grace_period: float = 10.0
     calls: Any = None  # a rpyc_host.metrics.CallBook when metrics are on
+    instance: str = CONNECTION  # services.<name>.instance (rpyc_host.instances)
 
 
 class HostServerMixin:
@@ -198,7 +199,9 @@ class HostServerMixin:
         )
         account = config[CONFIG_KEY] = self.ledger.open_account(connid)
         config["host_opened_at"] = time.monotonic()
-        root = per_connection(self.service)
+        root = connection_root(self.service, self.settings.instance)
+        if self.settings.instance == CALL:
+            config[PER_CALL_KEY] = True
         tune_socket(sock)
         channel = CountingChannel(
             FastSocketStream(sock, self.limits.handshake_timeout),
