@@ -15,10 +15,10 @@ Connections set TCP_NODELAY, do not zlib-compress frames, time out calls after `
 seconds and retry refused or timed-out connects with exponential backoff. Plain
 ``rpyc.connect(host, port)`` works against the same servers too.
 
-Modules: ``connection`` (:func:`connect`), ``settings`` (the light config reader), ``pool``
-(instances found through a registry), ``batch`` (many calls in one request: :func:`batch`),
-``ingest`` (collectors), ``files`` (transfers), ``errors`` (the exception tree), ``cli``
-(``python -m client``).
+Modules: ``connection`` (:func:`connect`), ``aio`` (the asyncio client), ``settings`` (the
+light config reader), ``pool`` (instances found through a registry), ``batch`` (many calls in
+one request: :func:`batch`), ``ingest`` (collectors), ``files`` (transfers), ``errors`` (the
+exception tree), ``cli`` (``python -m client``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from rpyc_host.wire.context import current as current_context
 from rpyc_host.wire.context import deadline
 
+from . import aio
 from .batch import Batch, Result, batch
 from .connection import DEFAULT_TIMEOUT, connect, describe, resolve, tls_context
 from .errors import (
@@ -53,6 +54,7 @@ __all__ = [
     "NoInstanceError",
     "Result",
     "ServicePool",
+    "aio",
     "batch",
     "connect",
     "connect_service",
