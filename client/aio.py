@@ -14,8 +14,10 @@ Usage::
 How it works: dialing (DNS, connect retries, TLS, the token) runs in a worker thread. Each call
 is sent from the event loop with rpyc's asynchronous requests, so tasks pipeline over the one
 socket; one background thread per connection reads the replies and completes each call's
-asyncio future with ``loop.call_soon_threadsafe``. Sending a large argument writes to the socket
-from the loop: pass bulk data through :mod:`client.files` instead.
+asyncio future with ``loop.call_soon_threadsafe`` (replies that arrive together share one
+wake-up). Small requests sent in one turn of the loop leave in one write
+(:mod:`client.aiowire`); a large argument is written from the loop at once, so pass bulk data
+through :mod:`client.files` instead.
 
 Deadlines: a call's deadline is the nearest of ``timeout=``, the connection's ``timeout``, an
 enclosing :func:`client.deadline` block, and an enclosing ``asyncio.timeout()`` (or, on Python
@@ -39,6 +41,7 @@ import functools
 import heapq
 import itertools
 import threading
+from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
 from typing import Any
 
@@ -50,6 +53,9 @@ from rpyc_host.wire.errors import DeadlineExceeded
 from . import connection as _sync
 from .aiodeadline import enclosing_timeout
 from .aiopool import AsyncPooledCollector, AsyncServicePool, connect_service
+from .aiowire import coalesce
+
+NOT_GATHERING: AbstractContextManager[object] = nullcontext()
 
 __all__ = [
     "AsyncConnection",
@@ -85,6 +91,10 @@ class AsyncConnection:
         self._methods: dict[str, Any] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         self._deadlines = _Deadlines(loop)
+        self._replies: list[tuple[asyncio.Future[Any], Any]] = []
+        self._replies_lock = threading.Lock()
+        self._drain_scheduled = False
+        self._channel = coalesce(conn, loop)
         self._error: BaseException | None = None
         self._closing = False
         self._reader = threading.Thread(target=self._read, name="client-aio-reader", daemon=True)
@@ -122,11 +132,10 @@ class AsyncConnection:
         if remaining is not None and remaining <= 0:
             raise DeadlineExceeded("the call's deadline passed before it was sent")
         future: asyncio.Future[Any] = self.loop.create_future()
-        with context.use(ctx):
+        with context.use(ctx), self._gathering():
             result = self.sync.async_request(handler, *args, timeout=remaining)
         self._pending.add(future)
-        loop = self.loop
-        result.add_callback(lambda res: loop.call_soon_threadsafe(_settle, future, res))
+        result.add_callback(lambda res: self._deliver(future, res))
         if result._is_ready:
             # The reader may have delivered the reply between the send and add_callback, after
             # rpyc ran its callbacks: settle it here (settling twice is harmless).
@@ -137,6 +146,29 @@ class AsyncConnection:
             return await future
         finally:
             self._pending.discard(future)  # at once: a done callback would run a loop turn later
+
+    def _deliver(self, future: asyncio.Future[Any], result: Any) -> None:
+        """In the reader thread: hand a reply to the loop. Replies that arrive together share
+        one wake-up of the loop (each ``call_soon_threadsafe`` writes to its self-pipe)."""
+        with self._replies_lock:
+            self._replies.append((future, result))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            pass  # the loop is closed: nobody waits any more
+
+    def _drain(self) -> None:
+        with self._replies_lock:
+            replies, self._replies = self._replies, []
+            self._drain_scheduled = False
+        for future, result in replies:
+            _settle(future, result)
+
+    def _gathering(self) -> AbstractContextManager[object]:
+        return NOT_GATHERING if self._channel is None else self._channel.gathering()
 
     def _read(self) -> None:
         """The reader thread: serve the socket (replies, and the service's callbacks) until it

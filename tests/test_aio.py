@@ -84,6 +84,11 @@ def test_100_tasks_share_one_connection_while_the_loop_stays_responsive(host: Ho
                 results = await asyncio.gather(*(conn.root.add(i, i) for i in range(100)))
                 more = await asyncio.gather(*(conn.call("add", i, 1) for i in range(100)))
                 assert more == [i + 1 for i in range(100)]
+                # Large frames (written at once) and small ones (gathered per loop turn) mixed.
+                mixed = await asyncio.gather(
+                    *(conn.root.echo(f"{i}:" + "x" * 40_000 * (i % 2)) for i in range(20))
+                )
+                assert mixed == [f"{i}:" + "x" * 40_000 * (i % 2) for i in range(20)]
                 assert await sleeping == 1.0
                 took = time.monotonic() - started
             return results, beat.max_gap, took, beat.ticks
