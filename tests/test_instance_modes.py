@@ -3,7 +3,10 @@ type, and how often the connection hooks run."""
 
 from __future__ import annotations
 
+import json
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,7 +14,7 @@ import client
 from rpyc_host.config import parse_config
 from rpyc_host.errors import ConfigError
 from rpyc_host.testing import running_host, wait_until
-from tests.helpers import SERVER_TYPES
+from tests.helpers import SERVER_TYPES, post, read_response
 
 CONFIG = """
 server: {{type: {server_type}, pool_size: 4}}
@@ -80,3 +83,34 @@ def test_an_unknown_mode_is_one_line_naming_the_allowed_values() -> None:
 def test_the_default_is_connection() -> None:
     config = parse_config("services:\n  demo: {class: services.demo:DemoService, port: 0}\n")
     assert config.service("demo").instance == "connection"
+
+
+GATEWAY_CONFIG = """
+services:
+  modes:
+    class: tests.sample_services:InstanceModeService
+    port: 0
+    instance: {instance}
+gateway: {{enabled: true, port: 0, services: [modes]}}
+"""
+
+
+def _jsonrpc(sock: socket.socket, address: tuple[str, int], method: str, *params: Any) -> Any:
+    payload = {"jsonrpc": "2.0", "method": f"modes.{method}", "params": list(params), "id": 1}
+    sock.sendall(post("/jsonrpc", json.dumps(payload).encode(), f"{address[0]}:{address[1]}"))
+    status, _, body = read_response(sock)
+    assert status == 200, body
+    return json.loads(body)["result"]
+
+
+@pytest.mark.parametrize("mode", ["connection", "shared", "call"])
+def test_gateway_clients_get_the_same_modes(mode: str) -> None:
+    expected_same, expected_other = SEEN[mode]
+    with running_host(GATEWAY_CONFIG.format(instance=mode)) as host:
+        address = host.gateway.address
+        with socket.create_connection(address, timeout=10) as sock:  # one keep-alive connection
+            _jsonrpc(sock, address, "remember", "a")
+            assert _jsonrpc(sock, address, "recall") == expected_same
+            assert _jsonrpc(sock, address, "connection_id").startswith("modes-")
+            with client.connect(host="127.0.0.1", port=host.address("modes")[1]) as conn:
+                assert conn.root.recall() == expected_other

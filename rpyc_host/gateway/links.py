@@ -2,7 +2,7 @@
 
 - :class:`LocalLink`: in this process, without a network round trip. The HTTP connection gets
   what an rpyc client gets: an admission slot of the service (its connection limits and the
-  shared login throttle), its own service instance (``exposure.per_connection``) with
+  shared login throttle), its service instance (``services.<name>.instance``) with
   ``on_connect``/``on_disconnect`` called with a stand-in connection whose ``_config`` carries
   the connection id, endpoints, credentials and the connection's budget account; each call is
   counted in flight (so a graceful stop waits for it), timed for ``/metrics``, logged with the
@@ -25,7 +25,8 @@ from typing import Any
 from .. import logs
 from ..budget import CONFIG_KEY
 from ..errors import Refused
-from ..exposure import EXPOSED_PREFIX, per_connection
+from ..exposure import EXPOSED_PREFIX
+from ..instances import CALL, call_target, connection_root
 from ..servers.base import format_peer
 from ..wire import DialError, dial, is_remote, tracing
 from ..wire.context import CallContext
@@ -81,7 +82,8 @@ class LocalLink:
                 CONFIG_KEY: self.account,
             }
         )
-        self.instance = per_connection(hosted.service)
+        self.instance = connection_root(hosted.service, hosted.config.instance)
+        self.per_call = hosted.config.instance == CALL
         self._bound: dict[str, tuple[Any, str]] = {}  # method -> (bound method, name for metrics)
         self._connected = False
         try:
@@ -100,6 +102,8 @@ class LocalLink:
             func = getattr(self.instance, EXPOSED_PREFIX + method.name)
             bound = self._bound[method.name] = (func, getattr(func, "__name__", method.name))
         func = bound[0]
+        if self.per_call:  # services.<name>.instance: call
+            func = call_target(self.instance, func)
         context = logs.CONTEXT
         previous = context.connid, context.peer
         context.connid, context.peer = self.connid, self.peer_text
