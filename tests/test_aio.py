@@ -100,6 +100,17 @@ def test_100_tasks_share_one_connection_while_the_loop_stays_responsive(host: Ho
     assert ticks >= 10 and took >= 1.0
 
 
+def test_the_service_calls_back_into_the_client_while_tasks_wait(host: Host) -> None:
+    async def main() -> None:
+        async with await client.aio.connect(host="127.0.0.1", port=port(host, "demo")) as conn:
+            seen: list[int] = []
+            counted, added = await asyncio.gather(conn.root.countdown(50, seen.append), conn.root.add(1, 2))
+            assert (counted, added) == (50, 3)
+            assert seen == list(range(50, 0, -1))  # run by the reader thread, in order
+
+    asyncio.run(main())
+
+
 def test_deadlines_reach_the_server_and_expire_as_deadline_exceeded(host: Host) -> None:
     async def main() -> None:
         async with await client.aio.connect(host="127.0.0.1", port=port(host, "probe"), timeout=30) as conn:
