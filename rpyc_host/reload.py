@@ -4,7 +4,7 @@ Applied without dropping a connection: the log level and format, tokens and TLS 
 (new connections use them; open ones stay), limits (admission at once; timeouts for new
 connections), and a service's options when its class defines ``reload(**options)``.
 Needing a restart, and so logged as ignored: ports, hosts, classes, server types, pool sizes,
-added or removed services, and the gateway, metrics, registry and debug sections.
+instance modes, added or removed services, and the gateway, metrics, registry and debug sections.
 An invalid new file changes nothing: the exact error is logged and the running config stays.
 """
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rpyc_host.reload")
 
-_RESTART_FIELDS = ("class_path", "host", "port", "type", "pool_size", "backlog", "compression")
+_RESTART_FIELDS = ("class_path", "host", "port", "type", "pool_size", "backlog", "compression", "instance")
 _RESTART_SECTIONS = ("gateway", "metrics", "registry", "classic", "grace_period", "drain_delay")
 
 

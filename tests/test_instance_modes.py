@@ -4,6 +4,7 @@ type, and how often the connection hooks run."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,10 @@ from typing import Any
 import pytest
 
 import client
-from rpyc_host.config import parse_config
+from rpyc_host.config import load_config, parse_config
 from rpyc_host.errors import ConfigError
+from rpyc_host.host import Host
+from rpyc_host.reload import reload
 from rpyc_host.testing import running_host, wait_until
 from tests.helpers import SERVER_TYPES, post, read_response
 
@@ -114,3 +117,24 @@ def test_gateway_clients_get_the_same_modes(mode: str) -> None:
             assert _jsonrpc(sock, address, "connection_id").startswith("modes-")
             with client.connect(host="127.0.0.1", port=host.address("modes")[1]) as conn:
                 assert conn.root.recall() == expected_other
+
+
+def test_a_reload_keeps_the_running_mode_and_says_it_needs_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "config.yaml"
+    text = "services:\n  modes: {{class: tests.sample_services:InstanceModeService, port: 0, instance: {}}}\n"
+    path.write_text(text.format("shared"))
+    host = Host(load_config(path))
+    host.start()
+    try:
+        port = host.address("modes")[1]
+        path.write_text(text.format("call"))
+        with caplog.at_level(logging.WARNING, logger="rpyc_host"):
+            assert reload(host)
+        assert "services.modes.instance changed; that needs a restart" in caplog.text
+        with client.connect(host="127.0.0.1", port=port) as conn:
+            conn.root.remember("kept")
+            assert conn.root.recall() == "kept"  # still shared, not per call
+    finally:
+        host.stop(grace=0)
