@@ -227,6 +227,19 @@ def test_async_pool_spreads_calls_over_two_instances(host: Host) -> None:
     assert max_gap < 0.5, f"the event loop was blocked for {max_gap:.3f} s"
 
 
+def test_async_pool_calls_carry_the_tasks_deadline(host: Host) -> None:
+    async def main() -> tuple[float, float]:
+        async with await client.aio.connect_service(f"static:127.0.0.1:{port(host, 'probe')}") as pool:
+            async with asyncio.timeout(4):
+                _, in_timeout = await pool.root.context_seen()
+            with client.deadline(2):
+                _, in_deadline = await pool.call("context_seen")
+        return in_timeout, in_deadline
+
+    in_timeout, in_deadline = asyncio.run(main())
+    assert 0 < in_timeout <= 4 and 0 < in_deadline <= 2
+
+
 def test_async_collector_stores_exactly_the_records_added(host: Host) -> None:
     target = f"static:127.0.0.1:{port(host, 'ingest')}"
 
