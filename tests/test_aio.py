@@ -80,7 +80,7 @@ def test_100_tasks_share_one_connection_while_the_loop_stays_responsive(host: Ho
             slow = await client.aio.connect(host="127.0.0.1", port=port(host, "slow"))
             async with slow, Heartbeat() as beat:
                 started = time.monotonic()
-                sleeping = asyncio.create_task(slow.root.sleep(1.0))
+                sleeping = asyncio.create_task(slow.root.sleep(2.0))
                 results = await asyncio.gather(*(conn.root.add(i, i) for i in range(100)))
                 more = await asyncio.gather(*(conn.call("add", i, 1) for i in range(100)))
                 assert more == [i + 1 for i in range(100)]
@@ -89,15 +89,15 @@ def test_100_tasks_share_one_connection_while_the_loop_stays_responsive(host: Ho
                     *(conn.root.echo(f"{i}:" + "x" * 40_000 * (i % 2)) for i in range(20))
                 )
                 assert mixed == [f"{i}:" + "x" * 40_000 * (i % 2) for i in range(20)]
-                assert await sleeping == 1.0
+                assert await sleeping == 2.0
                 took = time.monotonic() - started
             return results, beat.max_gap, took, beat.ticks
 
     results, max_gap, took, ticks = asyncio.run(main())
     assert results == [2 * i for i in range(100)]
-    # A loop blocked by the 1 s call (or by dialing) would show a gap of a second or more.
-    assert max_gap < 0.5, f"the event loop was blocked for {max_gap:.3f} s"
-    assert ticks >= 10 and took >= 1.0
+    # A loop blocked by the 2 s call would show a gap of 2 s; a loaded machine may delay a tick.
+    assert max_gap < 1.0, f"the event loop was blocked for {max_gap:.3f} s"
+    assert ticks >= 10 and took >= 2.0
 
 
 def test_the_service_calls_back_into_the_client_while_tasks_wait(host: Host) -> None:
@@ -211,10 +211,13 @@ def test_async_pool_spreads_calls_over_two_instances(host: Host) -> None:
     target = f"static:127.0.0.1:{port(host, 'demo')},127.0.0.1:{port(host, 'demo2')}"
 
     async def main() -> tuple[list[Any], dict[Any, int], float]:
-        async with Heartbeat() as beat:
+        slow_target = f"static:127.0.0.1:{port(host, 'slow')}"
+        async with Heartbeat() as beat, await client.aio.connect_service(slow_target) as slow:
+            sleeping = asyncio.create_task(slow.root.sleep(2.0))  # holds a worker, not the loop
             pool = await client.aio.connect_service(target, max_workers=4)
             async with pool:
                 results = await asyncio.gather(*(pool.root.add(i, 1) for i in range(40)))
+                assert await sleeping == 2.0
                 assert await pool.call("echo", "hi") == "hi"
                 with pytest.raises(TypeError):
                     await pool.root.add(1)  # the service's own error, not retried
@@ -224,7 +227,7 @@ def test_async_pool_spreads_calls_over_two_instances(host: Host) -> None:
     results, stats, max_gap = asyncio.run(main())
     assert results == [i + 1 for i in range(40)]
     assert len(stats) == 2 and all(calls >= 10 for calls in stats.values()), stats
-    assert max_gap < 0.5, f"the event loop was blocked for {max_gap:.3f} s"
+    assert max_gap < 1.0, f"the event loop was blocked for {max_gap:.3f} s"
 
 
 def test_async_pool_calls_carry_the_tasks_deadline(host: Host) -> None:
