@@ -89,6 +89,7 @@ class AsyncConnection:
         self.root = _AsyncRoot(self)
         self._root_ref = conn.root  # fetched while dialing: no round trip here
         self._methods: dict[str, Any] = {}
+        self._lookups: dict[str, asyncio.Task[Any]] = {}
         self._pending: set[asyncio.Future[Any]] = set()
         self._deadlines = _Deadlines(loop)
         self._replies: list[tuple[asyncio.Future[Any], Any]] = []
@@ -116,9 +117,23 @@ class AsyncConnection:
         """Call the service's ``method``; ``timeout`` (seconds) narrows this call's deadline."""
         remote = self._methods.get(method)
         if remote is None:
-            remote = await self._request(consts.HANDLE_GETATTR, (self._root_ref, method), timeout)
-            self._methods[method] = remote
+            remote = await self._lookup(method, timeout)
         return await self._request(consts.HANDLE_CALL, (remote, args, tuple(kwargs.items())), timeout)
+
+    async def _lookup(self, method: str, timeout: float | None) -> Any:
+        """The remote bound method, looked up once however many tasks ask for it at once."""
+        lookup = self._lookups.get(method)
+        if lookup is None:
+            request = self._request(consts.HANDLE_GETATTR, (self._root_ref, method), timeout)
+            lookup = self._lookups[method] = self.loop.create_task(request)
+            lookup.add_done_callback(functools.partial(self._looked_up, method))
+        # A caller cancelled while waiting leaves the lookup running for the others.
+        return await asyncio.shield(lookup)
+
+    def _looked_up(self, method: str, lookup: asyncio.Task[Any]) -> None:
+        self._lookups.pop(method, None)
+        if not lookup.cancelled() and lookup.exception() is None:  # exception(): retrieved here
+            self._methods[method] = lookup.result()
 
     async def _request(self, handler: int, args: tuple[Any, ...], timeout: float | None) -> Any:
         if self._error is not None or self.sync.closed:

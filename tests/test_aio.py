@@ -100,6 +100,23 @@ def test_100_tasks_share_one_connection_while_the_loop_stays_responsive(host: Ho
     assert ticks >= 10 and took >= 2.0
 
 
+def test_tasks_calling_a_method_first_at_once_share_one_lookup(host: Host) -> None:
+    server = next(h.server for h in host.hosted if h.config.name == "demo2")
+
+    async def main() -> int:
+        earlier = set(server.connections)  # other tests' connections may still be closing
+        async with await client.aio.connect(host="127.0.0.1", port=port(host, "demo2")) as conn:
+            (served,) = set(server.connections) - earlier
+            before = served._config["host_traffic"].requests
+            assert await asyncio.gather(*(conn.root.echo(str(i)) for i in range(100))) == [
+                str(i) for i in range(100)
+            ]
+            return int(served._config["host_traffic"].requests - before)
+
+    # 100 calls and one attribute lookup (each extra lookup would also cost a delete later).
+    assert asyncio.run(main()) <= 102
+
+
 def test_the_service_calls_back_into_the_client_while_tasks_wait(host: Host) -> None:
     async def main() -> None:
         async with await client.aio.connect(host="127.0.0.1", port=port(host, "demo")) as conn:
