@@ -138,3 +138,16 @@ def test_a_reload_keeps_the_running_mode_and_says_it_needs_a_restart(
             assert conn.root.recall() == "kept"  # still shared, not per call
     finally:
         host.stop(grace=0)
+
+
+@pytest.mark.parametrize("mode", ["connection", "call"])
+def test_each_call_in_a_batch_gets_the_modes_instance(mode: str, tmp_path: Path) -> None:
+    text = CONFIG.format(server_type="threaded", instance=f"instance: {mode}", events=tmp_path / "e")
+    with (
+        running_host(text) as host,
+        client.connect(host="127.0.0.1", port=host.address("modes")[1]) as conn,
+        client.batch(conn) as b,  # sent, in one request, when the block ends
+    ):
+        b.root.remember("a")
+        recalled = b.root.recall()
+    assert recalled.value == SEEN[mode][0]
