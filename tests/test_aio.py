@@ -221,7 +221,7 @@ def test_pending_calls_fail_when_the_server_goes_away(tmp_path: Path) -> None:
 
     with running_host(config) as h:
         error = asyncio.run(main(h))
-    assert isinstance(error, EOFError | ConnectionError), repr(error)
+    assert isinstance(error, EOFError | OSError), repr(error)  # closed, reset or refused
 
 
 def test_async_pool_spreads_calls_over_two_instances(host: Host) -> None:
