@@ -151,6 +151,26 @@ def library_sequential_calls(port: int, count: int, seconds: float, mode: str) -
             tracing.disable()
 
 
+def interleaved_context_calls(port: int, slices: int, seconds: float) -> dict[str, list[dict[str, float]]]:
+    """``context off`` and ``context on`` (see :func:`library_sequential_calls`) over two
+    connections to one host, open together and measured in ``slices`` alternating slices of
+    ``seconds`` each (the order flipping every slice): the machine's slow and fast spells, which
+    last seconds on a shared box, fall on both modes alike. Returns each mode's slices."""
+    import client
+
+    with (
+        client.connect(host="127.0.0.1", port=port) as off_conn,
+        client.connect(host="127.0.0.1", port=port) as on_conn,
+    ):
+        off_conn.peer_speaks_context = False
+        adds = {"context off": off_conn.root.add, "context on": on_conn.root.add}
+        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in adds}
+        for i in range(slices):
+            for mode in list(adds) if i % 2 == 0 else list(reversed(adds)):
+                runs[mode].append(timed_calls(adds[mode], 1_000_000, seconds))
+    return runs
+
+
 def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, out: Any) -> None:
     with rpyc.connect("127.0.0.1", port) as conn:
         add = conn.root.add
