@@ -41,9 +41,13 @@ def streamable(result: Any) -> bool:
     return not any(name.startswith("exposed_") for name in dir(kind))
 
 
+# Results that are never streams, checked first: most calls return one of these.
+_PLAIN_RESULTS = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict})
+
+
 def as_stream(conn: Any, result: Any) -> Any:
     """``result`` as a stream when :func:`streamable`, else unchanged (see the module docstring)."""
-    if not streamable(result):
+    if type(result) in _PLAIN_RESULTS or not streamable(result):
         return result
     config = conn._config
     account: Account | None = config.get(CONFIG_KEY)
