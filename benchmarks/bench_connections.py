@@ -26,6 +26,7 @@ time, for bare rpyc's ThreadedServer and the host's ``threaded``, ``threadpool``
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing as mp
 import os
 import resource
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rpyc
 
 from benchmarks.bench_host import BARE
-from benchmarks.harness import fmt, machine, python_server, save, sequential_calls, table
+from benchmarks.harness import fmt, machine, python_server, save, sequential_calls, setup_rate, table
 from rpyc_host.testing import ServerProcess, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,21 +157,6 @@ def _wait_accepted(pid: int, fds: int) -> None:
     wait_until(lambda: open_fds(pid) >= fds, 30, f"the server holding {fds} fds")
 
 
-def setup_rate(port: int, count: int, seconds: float) -> float:
-    """Connect, first call, close: how many per second (bounded by ``count`` and ``seconds``)."""
-    done = 0
-    start = time.perf_counter()
-    deadline = start + seconds
-    while done < count and time.perf_counter() < deadline:
-        conn = rpyc.connect("127.0.0.1", port)
-        try:
-            assert conn.root.add(1, 2) == 3
-        finally:
-            conn.close()
-        done += 1
-    return done / (time.perf_counter() - start)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1,000 connections and short loops (smoke test)")
@@ -223,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(1 if args.quick else 3):
             order = list(ports)[r:] + list(ports)[:r]
             for name in order:
-                rates[name].append(setup_rate(ports[name], setups, setup_secs))
+                rates[name].append(
+                    setup_rate(functools.partial(rpyc.connect, "127.0.0.1", ports[name]), setups, setup_secs)
+                )
         rate = {name: statistics.median(v) for name, v in rates.items()}
         result["setup_per_s"] = rates
 

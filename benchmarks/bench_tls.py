@@ -21,6 +21,7 @@ TLS >= 0.8x the same transfer in plaintext, each direction.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import socket
 import ssl
@@ -28,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import textwrap
-import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from rpyc.core.stream import SocketStream
 
 import client
 from benchmarks.bench_files import Meter, MiB, rss_now_kib, warm_cache
-from benchmarks.harness import fmt, machine, python_server, save, table, timed_calls
+from benchmarks.harness import fmt, machine, python_server, save, setup_rate, table, timed_calls
 from client import files
 from rpyc_host.testing import ServerProcess, make_certificates
 
@@ -105,20 +105,6 @@ def calls(port: int, ca: str | None, count: int, seconds: float) -> dict[str, fl
         return timed_calls(conn.root.add, count, seconds)
     finally:
         conn.close()
-
-
-def setup_rate(port: int, ca: str | None, count: int, seconds: float) -> float:
-    """Connect (with the TLS handshake), first call, close: per second, bounded in count and time."""
-    done = 0
-    start = time.perf_counter()
-    while done < count and time.perf_counter() - start < seconds:
-        conn = dial_once(port, ca)
-        try:
-            assert conn.root.add(1, 2) == 3
-        finally:
-            conn.close()
-        done += 1
-    return done / (time.perf_counter() - start)
 
 
 def negotiated(port: int, ca: str) -> str:
@@ -195,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 seq[name].append(calls(ports[name], cas[name], n_calls, secs))
             for name in order:
-                setup[name].append(setup_rate(ports[name], cas[name], n_setup, setup_secs))
+                setup[name].append(
+                    setup_rate(functools.partial(dial_once, ports[name], cas[name]), n_setup, setup_secs)
+                )
         src = work / "src.bin"
         with open(src, "wb") as f:
             for _ in range(size_mib):

@@ -171,6 +171,21 @@ def interleaved_context_calls(port: int, slices: int, seconds: float) -> dict[st
     return runs
 
 
+def setup_rate(dial: Callable[[], Any], count: int, seconds: float) -> float:
+    """``dial()`` a connection, make a first call, close it: how many per second, bounded by
+    ``count`` and ``seconds``."""
+    done = 0
+    start = time.perf_counter()
+    while done < count and time.perf_counter() - start < seconds:
+        conn = dial()
+        try:
+            assert conn.root.add(1, 2) == 3
+        finally:
+            conn.close()
+        done += 1
+    return done / (time.perf_counter() - start)
+
+
 def _client_worker(port: int, seconds: float, max_calls: int, start_at: float, out: Any) -> None:
     with rpyc.connect("127.0.0.1", port) as conn:
         add = conn.root.add
