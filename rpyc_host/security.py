@@ -69,8 +69,24 @@ class Closer:
         self._wake_r, self._wake_w = socket.socketpair()
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._deadlines: dict[socket.socket, float] = {}
+        self._fds: dict[socket.socket, int] = {}
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="refusal-closer", daemon=True)
         self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread and close what still lingers (the process-wide closer never is)."""
+        self._stopping = True
+        self._wake_w.send(b"x")
+        self._thread.join(5)
+        with self._lock:
+            for sock in list(self._deadlines):
+                sock.close()
+            self._deadlines.clear()
+            self._fds.clear()
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def close_after(self, sock: socket.socket, data: bytes = b"") -> None:
         try:
@@ -83,12 +99,30 @@ class Closer:
             sock.close()
             return
         with self._lock:
+            # Whoever else holds a socket may close it while it lingers here (a server stopping
+            # closes its clients): the kernel then forgets it, the selector does not, and the
+            # fd number comes back with a new socket. So the fd is kept, and a stale one freed.
+            self._forget_fd(sock.fileno())
+            try:
+                self._fds[sock] = self._selector.register(sock, selectors.EVENT_READ).fd
+            except (ValueError, OSError):  # closed meanwhile
+                sock.close()
+                return
             self._deadlines[sock] = time.monotonic() + self.linger
-            self._selector.register(sock, selectors.EVENT_READ)
         self._wake_w.send(b"x")
 
+    def _forget_fd(self, fd: int) -> None:
+        for stale in [s for s, known in self._fds.items() if known == fd]:
+            del self._fds[stale]
+            self._deadlines.pop(stale, None)
+            stale.close()
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
     def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with self._lock:
                 timeout = (
                     min((d for d in self._deadlines.values()), default=time.monotonic() + 1)
@@ -118,7 +152,10 @@ class Closer:
         with self._lock:
             if self._deadlines.pop(sock, None) is None:
                 return
-            self._selector.unregister(sock)
+            try:
+                self._selector.unregister(self._fds.pop(sock))
+            except (KeyError, ValueError):
+                pass
         sock.close()
 
     @property
