@@ -54,6 +54,7 @@ from . import connection as _sync
 from .aiodeadline import enclosing_timeout
 from .aiopool import AsyncPooledCollector, AsyncServicePool, connect_service
 from .aiowire import coalesce
+from .byname import MethodsByName
 
 NOT_GATHERING: AbstractContextManager[object] = nullcontext()
 
@@ -86,7 +87,7 @@ class AsyncConnection:
         self.sync = conn  # the blocking rpyc connection underneath (a WireConnection)
         self.loop = loop
         self.timeout = float(conn._config["sync_request_timeout"])
-        self.root = _AsyncRoot(self)
+        self.root = MethodsByName(self.call)
         self._root_ref = conn.root  # fetched while dialing: no round trip here
         self._methods: dict[str, Any] = {}
         self._lookups: dict[str, asyncio.Task[Any]] = {}
@@ -289,15 +290,3 @@ def _copy_error(error: BaseException) -> BaseException:
         return type(error)(*error.args)
     except Exception:
         return EOFError(str(error))
-
-
-class _AsyncRoot:
-    """``await conn.root.method(...)`` is ``await conn.call("method", ...)``."""
-
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return functools.partial(self._conn.call, name)

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from rpyc_host.wire import context
 
 from .aiodeadline import enclosing_timeout
+from .byname import MethodsByName
 from .ingest import PooledCollector
 from .pool import ServicePool
 
@@ -77,7 +78,7 @@ class AsyncServicePool:
     def __init__(self, pool: ServicePool, executor: ThreadPoolExecutor | None = None) -> None:
         self.sync = pool
         self._executor = executor or ThreadPoolExecutor(max_workers=8, thread_name_prefix="client-aio-pool")
-        self.root = _AsyncPoolRoot(self)
+        self.root = MethodsByName(self.call)
 
     def __repr__(self) -> str:
         return f"Async{self.sync!r}"
@@ -118,18 +119,6 @@ class AsyncServicePool:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-class _AsyncPoolRoot:
-    """``await pool.root.method(...)`` is ``await pool.call("method", ...)``."""
-
-    def __init__(self, pool: AsyncServicePool) -> None:
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return functools.partial(self._pool.call, name)
 
 
 class AsyncPooledCollector:

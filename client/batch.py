@@ -37,6 +37,8 @@ from rpyc.core.protocol import Connection
 from rpyc_host.wire.batch import ENTRY
 from rpyc_host.wire.remote import clean, describe, is_remote
 
+from .byname import MethodsByName
+
 if TYPE_CHECKING:
     from .pool import ServicePool, _Instance
 
@@ -89,24 +91,6 @@ class Result:
         return f"<Result {self.method}: {describe(self._error) if self._error else repr(self._value)}>"
 
 
-class _Recorder:
-    """``b.root.method(...)`` records a call and returns its :class:`Result`."""
-
-    def __init__(self, batch: Batch) -> None:
-        self._batch = batch
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        batch = self._batch
-
-        def record(*args: Any, **kwargs: Any) -> Result:
-            return batch.call(name, *args, **kwargs)
-
-        record.__name__ = name
-        return record
-
-
 class Batch:
     """Calls recorded for one flush; see the module docstring. Not thread-safe: one thread
     records and flushes."""
@@ -115,7 +99,7 @@ class Batch:
         self.target = target  # an rpyc connection or a ServicePool
         self.idempotent = idempotent
         self.results: list[Result] = []
-        self.root = _Recorder(self)
+        self.root = MethodsByName(self.call)
         self.sent = False
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Result:

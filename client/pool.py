@@ -66,6 +66,7 @@ from rpyc.utils.registry import REGISTRY_PORT
 from rpyc_host.wire import context, tracing
 
 from .batch import Batch
+from .byname import MethodsByName
 from .connection import DEFAULT_TIMEOUT, connect
 from .discovery import DiscoveryError, Endpoint, RegistryResolver, Resolver, is_target, resolver_for
 from .errors import ConfigError, NoInstanceError, describe_error, is_remote
@@ -248,7 +249,7 @@ class ServicePool:
         # Each pool starts its rotation somewhere else, so many clients do not all begin on one.
         self._turn = itertools.count(random.randrange(1 << 16))
         self._closed = False
-        self.root = _PoolRoot(self)
+        self.root = MethodsByName(self.call)
 
     def __repr__(self) -> str:
         return (
@@ -502,24 +503,6 @@ class ServicePool:
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-class _PoolRoot:
-    """``pool.root.method(...)`` is ``pool.call("method", ...)``."""
-
-    def __init__(self, pool: ServicePool) -> None:
-        self._pool = pool
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        pool = self._pool
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return pool.call(name, *args, **kwargs)
-
-        call.__name__ = name
-        return call
 
 
 def connect_service(
