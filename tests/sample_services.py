@@ -62,7 +62,7 @@ class SlowService(rpyc.Service):
     def sleep(self, seconds: float) -> float:
         """Sleep, then return how long."""
         self._record("call-start")
-        time.sleep(seconds)
+        time.sleep(seconds)  # the slow method the deadline tests call
         self._record("call-end")
         return seconds
 
@@ -250,7 +250,7 @@ class OnewayService(rpyc.Service):
         """Record ``tag`` once the file ``flag`` exists (at most 30 s): a gate across processes."""
         deadline = time.monotonic() + 30
         while not Path(flag).exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # polls a gate file across processes, within the deadline above
         self.record(tag)
 
     @rpyc.exposed

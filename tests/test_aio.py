@@ -45,7 +45,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float, what: str) -
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll interval of a wait with a deadline, off the loop
 
 
 class Heartbeat:
@@ -59,7 +59,7 @@ class Heartbeat:
     async def _beat(self) -> None:
         last = time.monotonic()
         while True:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # the heartbeat's tick: its lateness is what is measured
             now = time.monotonic()
             self.max_gap, self.ticks, last = max(self.max_gap, now - last), self.ticks + 1, now
 

@@ -44,7 +44,7 @@ DRIVER = textwrap.dedent(
         for _ in range(int(n)):
             if time.monotonic() - started > limit:
                 break
-            time.sleep(pace)
+            time.sleep(pace)  # paces the calls of a bounded load loop; nothing is awaited
             try:
                 seen[pool.root.ping()] += 1
             except Exception as exc:

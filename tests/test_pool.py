@@ -81,11 +81,11 @@ def test_non_idempotent_call_is_not_resent_and_service_errors_pass_through(
         assert len(pool.instances()) == 2
         # Sleeping server-side past the call timeout: a timeout after sending, not idempotent.
         with pytest.raises(TimeoutError):
-            pool.call("countdown", 3, lambda n: time.sleep(0.6))
+            pool.call("countdown", 3, lambda n: time.sleep(0.6))  # a callback slower than the timeout
         assert len(pool.instances()) == 1  # the instance that timed out is quarantined
         # The same call marked idempotent moves on... and times out again on the other one.
         with pytest.raises(TimeoutError):
-            pool.call("countdown", 3, lambda n: time.sleep(0.6), idempotent=True)
+            pool.call("countdown", 3, lambda n: time.sleep(0.6), idempotent=True)  # slow again
         assert pool.instances() == ()
         # Everything quarantined: the pool still tries quarantined instances rather than fail.
         assert pool.root.add(1, 1) == 2
