@@ -4,7 +4,8 @@
   (a demo instance that registers with a registry);
 - HTTP: ``http``/``read_response``/``read_responses``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
   ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
-- processes: ``rss_kib``, ``refused`` (nothing listens at an address any more);
+- processes: ``rss_kib``, ``refused`` (nothing listens at an address any more), ``LineDriver``
+  (a child process asked one JSON line at a time);
 - data: ``make_png``.
 """
 
@@ -18,6 +19,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import textwrap
 import urllib.error
 import urllib.request
@@ -81,6 +83,41 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+class LineDriver:
+    """A Python child process (``code``, run with ``prefix`` before the interpreter) that answers each
+    line written to its stdin with one JSON line; closing stdin ends it."""
+
+    def __init__(self, prefix: list[str], code: str, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*prefix, sys.executable, "-c", code, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            cwd=ROOT,
+        )
+
+    def ask(self, line: str) -> dict[str, object]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline()
+        assert answer, "the client driver exited"
+        return dict(json.loads(answer))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 def refused(address: tuple[str, int]) -> bool:

@@ -15,11 +15,8 @@ them the test fails and says why.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from rpyc_host.testing import RegistryProcess, ServerProcess
-from tests.helpers import ROOT, Network, namespaces, registered_demo_config
+from tests.helpers import LineDriver, Network, namespaces, registered_demo_config
 
 TOKEN = "netns-test-token-0123456789"
 HOSTS = {"reg": 1, "s1": 2, "s2": 3, "s3": 4, "cli": 9}
@@ -61,40 +58,15 @@ def network() -> Iterator[Network]:
         yield net
 
 
-class Driver:
+class Driver(LineDriver):
     """The pool, running in the client namespace; each ``run`` makes up to n calls."""
 
     def __init__(self, net: Network, registry: str) -> None:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(
-            [*net.exec("cli"), sys.executable, "-c", DRIVER, registry, TOKEN],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
+        super().__init__(net.exec("cli"), DRIVER, registry, TOKEN)
 
     def run(self, calls: int, limit: float = 30.0, pace: float = 0.0) -> dict[str, object]:
         """Up to ``calls`` calls within ``limit`` seconds, ``pace`` seconds apart."""
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(f"{calls} {limit} {pace}\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the client driver exited"
-        return dict(json.loads(line))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        return self.ask(f"{calls} {limit} {pace}")
 
 
 @pytest.mark.slow

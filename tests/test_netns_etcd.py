@@ -13,11 +13,8 @@ Needs root and ``ip``; not skipped: without them the test fails and says why.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -25,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from rpyc_host.testing import PROJECT_ROOT, ServerProcess, wait_until
+from rpyc_host.testing import ServerProcess, wait_until
 from rpyc_host.testing_engines import EtcdCluster, demo_etcd_config, need
-from tests.helpers import Network, namespaces
+from tests.helpers import LineDriver, Network, namespaces
 
 TTL = 3
 TOKEN = "netns-etcd-test-token-0123456789"
@@ -100,27 +97,11 @@ def servers() -> Iterator[list[ServerProcess]]:
         assert proc.proc is not None and proc.proc.poll() is not None, "server still running"
 
 
-class Driver:
+class Driver(LineDriver):
     """The pool, running in the client namespace."""
 
     def __init__(self, net: Network, target: str, endpoints: list[str]) -> None:
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
-        self.proc = subprocess.Popen(
-            [*net.exec("cli"), sys.executable, "-c", DRIVER, target, ",".join(endpoints), TOKEN],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=PROJECT_ROOT,
-        )
-
-    def ask(self, line: str) -> dict[str, object]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        answer = self.proc.stdout.readline()
-        assert answer, "the client driver exited"
-        return dict(json.loads(answer))
+        super().__init__(net.exec("cli"), DRIVER, target, ",".join(endpoints), TOKEN)
 
     def calls(self, n: int, limit: float = 20.0, until: str = "") -> dict[str, object]:
         """Up to ``n`` calls within ``limit`` seconds (stopping at the first from ``until``)."""
@@ -130,18 +111,6 @@ class Driver:
         keys = self.ask(f"keys {prefix}")["keys"]
         assert isinstance(keys, list), "no etcd member answered the driver"
         return [str(k) for k in keys]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            assert self.proc.stdin is not None
-            self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
 
 @pytest.mark.slow
