@@ -118,8 +118,12 @@ class LocalLink:
                     # Calls the method makes are children of this span, within the same deadline.
                     mine = tracing.headers_of(span)
                     base = current_context() or CallContext()
-                    with use_context(replace(base, traceparent=mine[0], tracestate=mine[1])):
-                        result = func(*args, **kwargs)
+                    token = tracing.attach(span)  # the service's own spans are its children
+                    try:
+                        with use_context(replace(base, traceparent=mine[0], tracestate=mine[1])):
+                            result = func(*args, **kwargs)
+                    finally:
+                        tracing.detach(token)
             else:
                 result = func(*args, **kwargs)
             failed = False

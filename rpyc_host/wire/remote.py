@@ -106,18 +106,26 @@ class ContextCalls:
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
+        result, span = self._request(handler, args, kwargs)
+        if span is not None:
+            self._open_spans[id(result)] = span
+            result.add_callback(lambda res: self._end_span(res, res._obj if res.error else None))
+        return result
+
+    def _request(self, handler: int, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        """``(rpyc's async result, CLIENT span or None)`` for a request; the caller ends the span."""
         traced = tracing._tracer is not None  # what tracing.active() reads, without the call
         if handler != consts.HANDLE_CALL or len(args) != 3:
             if handler == consts.HANDLE_GETATTR and traced:
-                return self._remember_name(super().async_request(handler, *args, **kwargs), args)  # type: ignore[misc]
-            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+                return self._remember_name(super().async_request(handler, *args, **kwargs), args), None  # type: ignore[misc]
+            return super().async_request(handler, *args, **kwargs), None  # type: ignore[misc]
         if not self.peer_speaks_context and not traced:
-            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+            return super().async_request(handler, *args, **kwargs), None  # type: ignore[misc]
         limit = kwargs.get("timeout") or self._config.get("sync_request_timeout")
         if not traced and limit == self._told and context._CURRENT.get() is None:
             # Nothing the host cannot derive (its timeout is told, no trace, no enclosing
             # context): send no context at all.
-            return super().async_request(handler, *args, **kwargs)  # type: ignore[misc]
+            return super().async_request(handler, *args, **kwargs), None  # type: ignore[misc]
         # The context's fields as locals: no CallContext is built for the call being sent.
         base = context.current()
         request_id: str | None
@@ -161,10 +169,7 @@ class ContextCalls:
             raise
         if telling and type(args[2][-1][1]) is str:
             result.add_callback(lambda res, told=default: self._was_told(res, told))
-        if span is not None:
-            self._open_spans[id(result)] = span
-            result.add_callback(lambda res: self._end_span(res, res._obj if res.error else None))
-        return result
+        return result, span
 
     def _was_told(self, result: Any, default: float | None) -> None:
         # A reply means the peer read the request, and with it the default; an error might be
@@ -173,15 +178,21 @@ class ContextCalls:
             self._told = default
 
     def sync_request(self, handler: int, *args: Any) -> Any:
-        # rpyc's own sync_request, with a deadline's timeout read as DeadlineExceeded.
-        result = self.async_request(handler, *args, timeout=self._config["sync_request_timeout"])
+        # rpyc's own sync_request, with a deadline's timeout read as DeadlineExceeded; the
+        # call's span ends here, without a callback on the reply.
+        result, span = self._request(handler, args, {"timeout": self._config["sync_request_timeout"]})
         try:
-            return result.value
+            value = result.value
         except TimeoutError as exc:
+            tracing.end_span(span, exc)
             if handler == consts.HANDLE_CALL and not is_remote(exc) and not isinstance(exc, DeadlineExceeded):
-                self._end_span(result, exc)
                 raise DeadlineExceeded("no reply before the call's deadline") from None
             raise
+        except BaseException as exc:
+            tracing.end_span(span, exc)
+            raise
+        tracing.end_span(span, None)
+        return value
 
     @property
     def _open_spans(self) -> dict[int, Any]:
@@ -282,12 +293,14 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
         context.CallContext(ctx.deadline, *mine, ctx.request_id) if ctx else context.CallContext(None, *mine)
     )
     token = context._CURRENT.set(child)
+    current = tracing.attach(span)  # service code's own spans are children of this one
     try:
         result = inner(conn, obj, args, kwargs)
     except BaseException as exc:
         tracing.end_span(span, exc)
         raise
     finally:
+        tracing.detach(current)
         context._CURRENT.reset(token)
     tracing.end_span(span, None)
     return result

@@ -16,6 +16,10 @@ whose caller sent a sampled trace context: the caller's CLIENT span already time
 and what the call calls becomes its child. A call without one still gets its own (root) span.
 A call whose caller's trace is not sampled gets no span work at all when the sampler would
 drop its child anyway (the SDK's default, parent-based).
+With the SDK's own provider, processors and samplers, a span is recorded as a few fields and
+handed to the processors as a finished span when it ends (:mod:`rpyc_host.wire.leanspan`);
+anything else gets the SDK's spans. While a call is served, its SERVER span is OpenTelemetry's
+current span: service code's own spans are its children.
 Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
 ``rpc.method``, and the span status is ERROR when the call raised.
 """
@@ -41,6 +45,9 @@ _configured = False
 _drops_unsampled = False
 _server_spans_for_roots_only = False  # RPYC_HOST_SERVER_SPANS=roots
 _roots: Any = None  # a presample.RootSampler, when new traces may be dropped
+_lean: Any = None  # a leanspan.LeanTracer, when the provider is the SDK's in the shape it needs
+_LeanSpan: Any = None  # leanspan.LeanSpan, once imported
+_leanspan: Any = None  # the module, once imported (it needs the SDK)
 SERVER_SPANS_VARIABLE = "RPYC_HOST_SERVER_SPANS"
 _EVEN_HEX = frozenset("02468ace")
 
@@ -50,13 +57,14 @@ def active() -> bool:
     return _tracer is not None
 
 
-def configure(provider: Any = None) -> bool:
+def configure(provider: Any = None, lean: bool = True) -> bool:
     """Set up tracing once, from ``provider`` or the ``OTEL_*`` environment; True if active.
 
     Safe to call again: later calls only switch to an explicitly given ``provider`` (tests
-    pass one with an in-memory exporter).
+    pass one with an in-memory exporter). ``lean=False`` makes every span through the SDK
+    (to compare the two).
     """
-    global _tracer, _configured, _drops_unsampled, _server_spans_for_roots_only, _roots
+    global _tracer, _configured, _drops_unsampled, _server_spans_for_roots_only, _roots, _lean
     if _configured and provider is None:
         return active()
     _configured = True
@@ -71,6 +79,7 @@ def configure(provider: Any = None) -> bool:
     _tracer = provider.get_tracer("rpyc_host")
     _drops_unsampled = _drops_children_of_unsampled(getattr(_tracer, "sampler", None))
     _roots = presample.for_tracer(_tracer)
+    _lean = _lean_tracer(_tracer) if lean else None
     choice = os.environ.get(SERVER_SPANS_VARIABLE, "all").strip().lower()
     if choice not in ("all", "roots"):
         log.warning(
@@ -82,9 +91,24 @@ def configure(provider: Any = None) -> bool:
 
 def disable() -> None:
     """Stop making spans (the provider is left to its owner)."""
-    global _tracer, _drops_unsampled, _server_spans_for_roots_only, _roots
-    _tracer = _roots = None
+    global _tracer, _drops_unsampled, _server_spans_for_roots_only, _roots, _lean
+    _tracer = _roots = _lean = None
     _drops_unsampled = _server_spans_for_roots_only = False
+
+
+def _lean_tracer(tracer: Any) -> Any:
+    global _LeanSpan, _leanspan
+    try:
+        from . import leanspan
+    except ImportError:  # the API without the SDK: nothing to hand finished spans to
+        return None
+    _LeanSpan, _leanspan = leanspan.LeanSpan, leanspan
+    return leanspan.for_tracer(tracer)
+
+
+def lean() -> bool:
+    """Whether spans are recorded lean (see the module docstring)."""
+    return _lean is not None
 
 
 def _drops_children_of_unsampled(sampler: Any) -> bool:
@@ -194,6 +218,9 @@ def _parent(traceparent: str | None, tracestate: str | None) -> Any:
 
 def headers_of(span: Any) -> tuple[str | None, str | None]:
     """``(traceparent, tracestate)`` naming ``span`` as the parent of what comes next."""
+    if type(span) is _LeanSpan:
+        headers: tuple[str | None, str | None] = span.headers()
+        return headers
     ctx = span.get_span_context()
     if not ctx.is_valid:
         return None, None
@@ -215,25 +242,25 @@ def span(
     if _tracer is None:
         yield None
         return
-    from opentelemetry.trace import SpanKind, Status, StatusCode
+    current = None if attributes else _start_lean(kind, service, method, traceparent, tracestate)
+    if current is None:
+        from opentelemetry.trace import SpanKind
 
-    attrs = {"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method, **(attributes or {})}
-    # Not start_as_current_span: the trace context travels in the call context, so attaching
-    # OpenTelemetry's own context on every call would be work for nothing.
-    current = _tracer.start_span(
-        f"{service}/{method}",
-        context=_parent(traceparent, tracestate),
-        kind=SpanKind.SERVER if kind == "server" else SpanKind.CLIENT,
-        attributes=attrs,
-    )
+        attrs = {"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method, **(attributes or {})}
+        # Not start_as_current_span: the trace context travels in the call context (a served
+        # call is made current by attach()).
+        current = _tracer.start_span(
+            f"{service}/{method}",
+            context=_parent(traceparent, tracestate),
+            kind=SpanKind.SERVER if kind == "server" else SpanKind.CLIENT,
+            attributes=attrs,
+        )
     try:
         yield current
     except BaseException as exc:
-        current.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"[:200]))
-        current.set_attribute("rpc.error", type(exc).__name__)
+        end_span(current, exc)
         raise
-    finally:
-        current.end()
+    end_span(current, None)
 
 
 def start_call(
@@ -244,6 +271,13 @@ def start_call(
     new one the sampler drops), whose traceparent goes on as it is."""
     if unsampled(traceparent):
         return None, traceparent, tracestate
+    lean_tracer = _lean
+    if lean_tracer is not None:
+        made = lean_tracer.start(False, service, method, traceparent, tracestate)
+        if made is not None:
+            if not made.recording:  # the sampler dropped it: only its traceparent goes on
+                return (None, *made.headers())
+            return (made, *made.headers())
     roots = _roots
     if traceparent is None and roots is not None:
         dropped = roots.dropped(f"{service}/{method}")
@@ -266,9 +300,21 @@ def start_server_span(service: str, method: str, traceparent: str | None, traces
     return _start("server", service, method, traceparent, tracestate)
 
 
+def _start_lean(kind: str, service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
+    lean_tracer = _lean
+    if lean_tracer is None:
+        return None
+    return lean_tracer.start(kind == "server", service, method, traceparent, tracestate)
+
+
 def _start(kind: str, service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
     if _tracer is None:
         return None
+    lean_tracer = _lean
+    if lean_tracer is not None:
+        made = lean_tracer.start(kind == "server", service, method, traceparent, tracestate)
+        if made is not None:
+            return made
     from opentelemetry.trace import SpanKind
 
     return _tracer.start_span(
@@ -282,12 +328,38 @@ def _start(kind: str, service: str, method: str, traceparent: str | None, traces
 def end_span(current: Any, error: BaseException | None) -> None:
     if current is None:
         return
+    if type(current) is _LeanSpan:
+        current.finish(error)
+        return
     if error is not None:
         from opentelemetry.trace import Status, StatusCode
 
         current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
         current.set_attribute("rpc.error", type(error).__name__)
     current.end()
+
+
+def attach(current: Any) -> Any:
+    """Make ``current`` (a span from this module) OpenTelemetry's current span, for the code a
+    served call runs; returns the token for :func:`detach`. None for no span."""
+    if current is None:
+        return None
+    if _leanspan is not None:
+        return _leanspan.attach(current)
+    from opentelemetry import context, trace
+
+    return context.attach(trace.set_span_in_context(current))
+
+
+def detach(token: Any) -> None:
+    if token is None:
+        return
+    if _leanspan is not None:
+        _leanspan.detach(token)
+        return
+    from opentelemetry import context
+
+    context.detach(token)
 
 
 def spans_from_lines(lines: list[str]) -> list[dict[str, Any]]:

@@ -1,0 +1,504 @@
+"""Spans recorded as a few fields and handed to the SDK's processors as finished spans.
+
+The OpenTelemetry SDK's ``start_span`` and ``end`` cost tens of microseconds a span (sampler
+result objects, a lock, bounded attribute copies, a processor round on start and on end).
+A call's span needs little of that: a fixed name, kind and attributes, two timestamps, a
+status, and events only for a pool's retries. :class:`LeanTracer` keeps just those fields
+while the span is open and builds the SDK's own ``ReadableSpan`` (with the provider's resource
+and instrumentation scope) when it ends, handing it to each span processor's ``on_end``,
+which is how the SDK's exporters receive spans.
+
+It is used only where that is exactly what the SDK would do (:func:`for_tracer`): the SDK's
+tracer, enabled, without its internal metrics, whose processors are all the SDK's
+``SimpleSpanProcessor`` or ``BatchSpanProcessor`` (their ``on_start`` does nothing), and whose
+sampler is built of ``ParentBased``, ``TraceIdRatioBased`` and the static samplers (the ones
+``OTEL_TRACES_SAMPLER`` configures); its decision is the sampler's own rule, read from the
+sampler's own settings. Anything else (a custom processor or sampler, a processor added
+later, an OpenTelemetry context already holding a span) gets the SDK's spans as before.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from time import time_ns
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.attributes import BoundedAttributes
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanLimits
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import (
+    Decision,
+    ParentBased,
+    Sampler,
+    StaticSampler,
+    TraceIdRatioBased,
+)
+from opentelemetry.sdk.util import BoundedList
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from opentelemetry.trace.propagation import _SPAN_KEY
+
+_LEAN_PROCESSORS = (SimpleSpanProcessor, BatchSpanProcessor)
+_FLAGS = tuple(TraceFlags(value) for value in range(256))
+_UNSET = Status(StatusCode.UNSET)
+_NO_STATE = TraceState()
+_CACHE_LIMIT = 4096  # (kind, service, method) names and attributes kept for reuse
+
+
+def _checked_context(
+    trace_id: int, span_id: int, remote: bool, flags: int, state: TraceState | None
+) -> SpanContext:
+    return SpanContext(trace_id, span_id, remote, _FLAGS[flags], state or _NO_STATE)
+
+
+def _fast_context(
+    trace_id: int, span_id: int, remote: bool, flags: int, state: TraceState | None
+) -> SpanContext:
+    """``SpanContext(...)`` for ids known valid: the tuple it would build, without its checks."""
+    fields = (trace_id, span_id, remote, _FLAGS[flags], state or _NO_STATE, True)
+    return tuple.__new__(SpanContext, fields)
+
+
+# The fast form, unless this API version lays a SpanContext out differently.
+_new_context = (
+    _fast_context
+    if _fast_context(1, 1, True, 1, None) == _checked_context(1, 1, True, 1, None)
+    else _checked_context
+)
+
+
+Decide = Callable[[int], bool | None]  # trace id -> sampled, None to record without sampling
+
+
+def _rule(sampler: Sampler) -> Decide | None:
+    """The decision of a static or ratio sampler as a function of the trace id, else None."""
+    if type(sampler) is StaticSampler:
+        decision = sampler._decision
+        kept = _decided(decision)
+        return lambda _trace_id: kept
+    if type(sampler) is TraceIdRatioBased:
+        bound, mask = sampler.bound, TraceIdRatioBased.TRACE_ID_LIMIT
+        return lambda trace_id: trace_id & mask < bound
+    return None
+
+
+def _decided(decision: Decision) -> bool | None:
+    """True: record and sample; None: record only; False: drop."""
+    if decision.is_sampled():
+        return True
+    return None if decision.is_recording() else False
+
+
+def _rules(sampler: Any) -> tuple[Decide, Decide, Decide] | None:
+    """``(root, remote parent sampled, remote parent not sampled)`` rules, or None when the
+    sampler is not one whose rule is known (the SDK then decides every span)."""
+    if type(sampler) is ParentBased:
+        parts = (sampler._root, sampler._remote_parent_sampled, sampler._remote_parent_not_sampled)
+        rules = [_rule(part) for part in parts]
+        if any(rule is None for rule in rules):
+            return None
+        return rules[0], rules[1], rules[2]  # type: ignore[return-value]
+    rule = _rule(sampler)
+    return None if rule is None else (rule, rule, rule)
+
+
+def _limits_ok(limits: Any) -> bool:
+    return isinstance(limits, SpanLimits)
+
+
+def eligible(tracer: Any) -> bool:
+    """Whether ``tracer`` is the SDK's, in the shape whose spans :class:`LeanTracer` makes."""
+    processor = getattr(tracer, "span_processor", None)
+    return (
+        type(tracer) is sdk_trace.Tracer
+        and tracer._is_enabled()
+        and type(tracer._tracer_metrics).__name__ == "NoOpTracerMetrics"
+        and type(processor) is sdk_trace.SynchronousMultiSpanProcessor
+        and all(type(each) in _LEAN_PROCESSORS for each in processor._span_processors)
+        and _rules(tracer.sampler) is not None
+        and _limits_ok(tracer._span_limits)
+    )
+
+
+def for_tracer(tracer: Any) -> LeanTracer | None:
+    """A :class:`LeanTracer` for ``tracer``, or None when the SDK's own spans are needed."""
+    return LeanTracer(tracer) if eligible(tracer) else None
+
+
+def parse_traceparent(traceparent: str | None) -> tuple[int, int, int] | None:
+    """``(trace id, span id, flags)`` of a W3C ``00-<trace>-<span>-<flags>``; None when it is
+    missing or malformed (the same rule the SDK path's parent context follows)."""
+    if not traceparent or len(traceparent) != 55 or traceparent.count("-") != 3:
+        return None
+    version, trace_hex, span_hex, flags_hex = traceparent.split("-")
+    try:
+        trace_id, span_id, flags = int(trace_hex, 16), int(span_hex, 16), int(flags_hex, 16)
+    except ValueError:
+        return None
+    if version != "00" or not trace_id or not span_id or not 0 <= flags <= 255:
+        return None
+    return trace_id, span_id, flags
+
+
+class LeanSpan:
+    """One open span: what the SDK's span would hold, as plain fields (see the module
+    docstring). ``recording`` False: a span the sampler dropped, which only names a context."""
+
+    __slots__ = (
+        "_attrs",
+        "_context",
+        "_events",
+        "_named",
+        "_owner",
+        "_parent",
+        "_start",
+        "_status",
+        "ended",
+        "flags",
+        "recording",
+        "span_id",
+        "state",
+        "trace_id",
+    )
+
+    def __init__(
+        self,
+        owner: LeanTracer,
+        named: tuple[str, SpanKind, Any],
+        trace_id: int,
+        span_id: int,
+        flags: int,
+        state: TraceState | None,
+        parent: tuple[int, int, int] | None,
+    ) -> None:
+        self._owner, self._named, self._attrs = owner, named, named[2]
+        self.trace_id, self.span_id, self.flags, self.state = trace_id, span_id, flags, state
+        self._parent = parent
+        self.recording = True
+        self._context: SpanContext | None = None
+        self._events: Any = ()
+        self._status = _UNSET
+        self.ended = False
+        self._start = time_ns()
+
+    def headers(self) -> tuple[str, str | None]:
+        """``(traceparent, tracestate)`` naming this span as the parent of what comes next."""
+        state = self.state
+        return (
+            f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}",
+            (state.to_header() or None) if state else None,
+        )
+
+    def get_span_context(self) -> SpanContext:
+        built = self._context
+        if built is None:
+            built = self._context = _new_context(self.trace_id, self.span_id, False, self.flags, self.state)
+        return built
+
+    def is_recording(self) -> bool:
+        return self.recording and not self.ended
+
+    def set_status(self, status: Status) -> None:
+        if self._status.status_code is StatusCode.OK or status.status_code is StatusCode.UNSET:
+            return
+        self._status = status
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        if self.ended:
+            return
+        limits = self._owner.limits
+        attrs = BoundedAttributes(
+            limits.max_span_attributes,
+            self._attrs,
+            immutable=False,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        attrs[key] = value
+        attrs._immutable = True
+        self._attrs = attrs
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self.ended or not self.recording:
+            return
+        limits = self._owner.limits
+        if not self._events:
+            self._events = BoundedList(limits.max_events)
+        event_attributes = BoundedAttributes(
+            limits.max_event_attributes, attributes, max_value_len=limits.max_attribute_length, immutable=True
+        )
+        self._events.append(Event(name=name, attributes=event_attributes, timestamp=timestamp))
+
+    def end(self) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if self.recording:
+            self._owner.finish(self, time_ns())
+
+    def finish(self, error: BaseException | None) -> None:
+        """End the span, ERROR with the exception's type and message when ``error`` is given."""
+        if error is not None:
+            self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+            self.set_attribute("rpc.error", type(error).__name__)
+        self.end()
+
+    def readable(self, end: int) -> ReadableSpan:
+        """The SDK's finished span for this one."""
+        tracer = self._owner.tracer
+        parent = self._parent
+        named = self._named
+        return _readable(
+            named[0],
+            self.get_span_context(),
+            None if parent is None else _new_context(parent[0], parent[1], True, parent[2], self.state),
+            tracer.resource,
+            self._attrs,
+            self._events,
+            named[1],
+            tracer.instrumentation_info,
+            self._status,
+            self._start,
+            end,
+            tracer._instrumentation_scope,
+        )
+
+
+def _checked_readable(
+    name: str,
+    context: SpanContext,
+    parent: SpanContext | None,
+    resource: Any,
+    attributes: Any,
+    events: Any,
+    kind: SpanKind,
+    info: Any,
+    status: Status,
+    start: int,
+    end: int,
+    scope: Any,
+) -> ReadableSpan:
+    return ReadableSpan(
+        name=name,
+        context=context,
+        parent=parent,
+        resource=resource,
+        attributes=attributes,
+        events=events,
+        links=(),
+        kind=kind,
+        instrumentation_info=info,
+        status=status,
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
+def _fast_readable(
+    name: str,
+    context: SpanContext,
+    parent: SpanContext | None,
+    resource: Any,
+    attributes: Any,
+    events: Any,
+    kind: SpanKind,
+    info: Any,
+    status: Status,
+    start: int,
+    end: int,
+    scope: Any,
+) -> ReadableSpan:
+    """What ``ReadableSpan(...)`` sets, set at once (its constructor costs a keyword call)."""
+    made = object.__new__(ReadableSpan)
+    made.__dict__.update(
+        _name=name,
+        _context=context,
+        _kind=kind,
+        _instrumentation_info=info,
+        _instrumentation_scope=scope,
+        _parent=parent,
+        _start_time=start,
+        _end_time=end,
+        _attributes=attributes,
+        _events=events,
+        _links=(),
+        _resource=resource,
+        _status=status,
+    )
+    return made
+
+
+def _same_fields() -> bool:
+    """Whether this SDK's ReadableSpan holds exactly the fields :func:`_fast_readable` sets."""
+    from opentelemetry.sdk.resources import Resource
+
+    probe: tuple[Any, ...] = (
+        "n",
+        _new_context(1, 2, False, 1, None),
+        None,
+        Resource.get_empty(),
+        {},
+        (),
+        SpanKind.CLIENT,
+        None,
+        _UNSET,
+        1,
+        2,
+        None,
+    )
+    return vars(_fast_readable(*probe)) == vars(_checked_readable(*probe))
+
+
+_readable = _fast_readable if _same_fields() else _checked_readable
+
+
+class LeanTracer:
+    """Makes :class:`LeanSpan` s for an eligible SDK tracer (see :func:`for_tracer`)."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self.limits = tracer._span_limits
+        self._multi = tracer.span_processor
+        self._seen = self._multi._span_processors
+        self._sinks = _sinks(self._seen)
+        self._config = tracer._tracer_config
+        rules = _rules(tracer.sampler)
+        assert rules is not None
+        self._root, self._sampled, self._unsampled = rules
+        self._current = otel_context.get_current
+        self._names: dict[tuple[bool, str, str], tuple[str, SpanKind, Any]] = {}
+        ids = tracer.id_generator
+        inner = getattr(ids, "inner", ids)  # presample's wrapper keeps the tracer's own generator
+        fast = type(inner) is RandomIdGenerator
+        self._span_id: Callable[[], int] = _random_span_id if fast else inner.generate_span_id
+        self._trace_id: Callable[[], int] = _random_trace_id if fast else inner.generate_trace_id
+        self._random_roots = bool(inner.is_trace_id_random())
+
+    def usable(self) -> bool:
+        """False once the provider changed in a way lean spans cannot follow (a processor added,
+        the tracer reconfigured): the caller goes back to the SDK."""
+        multi = self._multi
+        if multi._span_processors is self._seen and self.tracer._tracer_config is self._config:
+            return True
+        if eligible(self.tracer):
+            self._seen, self._config = multi._span_processors, self.tracer._tracer_config
+            self._sinks = _sinks(self._seen)
+            return True
+        return False
+
+    def start(
+        self, server: bool, service: str, method: str, traceparent: str | None, tracestate: str | None
+    ) -> LeanSpan | None:
+        """A span for one call, child of ``traceparent`` (a new trace without a valid one); None
+        when the SDK must make it (see the module docstring). A span the sampler drops has
+        ``recording`` False."""
+        if (
+            self._multi._span_processors is not self._seen or self.tracer._tracer_config is not self._config
+        ) and not self.usable():
+            return None
+        parent = parse_traceparent(traceparent) if traceparent else None
+        state: TraceState | None = None
+        if parent is None:
+            if self._current():  # the application's own context may hold the parent
+                return None
+            trace_id = self._trace_id()
+            kept = self._root(trace_id)
+            flags = 2 if self._random_roots else 0
+        else:
+            trace_id = parent[0]
+            kept = (self._sampled if parent[2] & 1 else self._unsampled)(trace_id)
+            flags = parent[2] & 2
+            if tracestate:
+                state = TraceState.from_header([tracestate])
+        named = self._names.get((server, service, method))
+        if named is None:
+            named = self._named(server, service, method)
+        made = LeanSpan(self, named, trace_id, self._span_id(), flags | 1 if kept else flags, state, parent)
+        if kept is False:
+            made.recording = False
+        return made
+
+    def _named(self, server: bool, service: str, method: str) -> tuple[str, SpanKind, Any]:
+        limits = self.limits
+        attrs = BoundedAttributes(
+            limits.max_span_attributes,
+            {"rpc.system": "rpyc", "rpc.service": service, "rpc.method": method},
+            immutable=True,
+            max_value_len=limits.max_span_attribute_length,
+        )
+        named = (f"{service}/{method}", SpanKind.SERVER if server else SpanKind.CLIENT, attrs)
+        if len(self._names) < _CACHE_LIMIT:
+            self._names[(server, service, method)] = named
+        return named
+
+    def finish(self, span: LeanSpan, end: int) -> None:
+        readable = span.readable(end)
+        if span.flags & 1:
+            for sink in self._sinks:
+                sink(readable)
+        else:  # recorded, not sampled (a custom static decision): the processors' own rule
+            for processor in self._seen:
+                processor.on_end(readable)
+
+
+def _sinks(processors: tuple[Any, ...]) -> tuple[Callable[[ReadableSpan], None], ...]:
+    """Where each processor takes a finished, sampled span: a batch processor's queue directly
+    when it has the SDK's (its ``on_end`` only checks the sampled flag, then queues), else
+    ``on_end``."""
+    sinks = []
+    for processor in processors:
+        queue = getattr(getattr(processor, "_batch_processor", None), "emit", None)
+        sinks.append(
+            queue if type(processor) is BatchSpanProcessor and queue is not None else processor.on_end
+        )
+    return tuple(sinks)
+
+
+def _random_span_id() -> int:
+    """What the SDK's RandomIdGenerator makes: 64 random bits, never zero."""
+    value = random.getrandbits(64)
+    while not value:
+        value = random.getrandbits(64)
+    return value
+
+
+def _random_trace_id() -> int:
+    """What the SDK's RandomIdGenerator makes: 128 random bits, never zero."""
+    value = random.getrandbits(128)
+    while not value:
+        value = random.getrandbits(128)
+    return value
+
+
+# The OpenTelemetry context a served call runs in: its SERVER span as the current span, so
+# service code sees it from get_current_span() and its own spans become its children. Set on
+# the runtime's own context variable when it is the default one (what attach() does, minus
+# two calls and a copy of the current context through set_value).
+_RUNTIME = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+_VAR = _RUNTIME._current_context if type(_RUNTIME) is ContextVarsRuntimeContext else None
+
+
+def attach(span: Any) -> Any:
+    """Make ``span`` (a :class:`LeanSpan` or an SDK span) OpenTelemetry's current span until
+    :func:`detach` is given the token returned."""
+    current = span if not isinstance(span, LeanSpan) else trace.NonRecordingSpan(span.get_span_context())
+    if _VAR is None:  # a runtime context other than the default contextvars one
+        return otel_context.attach(trace.set_span_in_context(current))
+    base = _VAR.get()
+    values = dict(base) if base else {}
+    values[_SPAN_KEY] = current
+    return _VAR.set(otel_context.Context(values))
+
+
+def detach(token: Any) -> None:
+    if _VAR is None:
+        otel_context.detach(token)
+    else:
+        _VAR.reset(token)
