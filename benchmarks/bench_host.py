@@ -13,10 +13,11 @@ off and on (the default), those two over two connections open together in altern
 and on with OpenTelemetry tracing at both ends (in-memory exporters), every trace recorded or
 one in ten, and every trace recorded with the server making no SERVER span where the caller's
 CLIENT span covers the call (``RPYC_HOST_SERVER_SPANS=roots``). Targets: context on >= 0.97x,
-tracing on and 1 in 10 sampled >= 0.90x the calls/s with the context off. OpenTelemetry's SDK
-spends tens of microseconds making each span, and a traced call makes two, so recording every
-call cannot reach 0.90x of a 100 µs call; the sampled row shows the cost a deployment that
-samples pays, the client-spans-only row what one span per call costs.
+tracing on and 1 in 10 sampled >= 0.90x the calls/s with the context off. Spans are lean here
+(the SDK's provider and batch processor: rpyc_host/wire/leanspan.py); what a traced call also
+pays is carrying its context, which ``bench_context_cpu.py``'s ``context sent, no trace`` row
+measures alone. The sampled row shows the cost a deployment that samples pays, the
+client-spans-only row what one span per call costs.
 """
 
 from __future__ import annotations
