@@ -386,3 +386,28 @@ class InstanceModeService(rpyc.Service):
     def connection_id(self) -> str | None:
         """The connection id on_connect stored on this instance."""
         return self.connid
+
+
+@rpyc.service
+class WorkerNameService(rpyc.Service):
+    """Says which server thread served the call; ``sleep`` blocks its thread (no callback, so a
+    thread pool's worker keeps its place). ``sleeping`` counts the calls asleep, in-process."""
+
+    sleeping = 0
+    _lock = threading.Lock()
+
+    @rpyc.exposed
+    def who(self) -> str:
+        return threading.current_thread().name
+
+    @rpyc.exposed
+    def sleep(self, seconds: float) -> str:
+        cls = WorkerNameService  # not type(self): the host may serve a subclass
+        with cls._lock:
+            cls.sleeping += 1
+        try:
+            time.sleep(seconds)  # the blocking method whose worker must not stall the others
+        finally:
+            with cls._lock:
+                cls.sleeping -= 1
+        return threading.current_thread().name

@@ -16,6 +16,10 @@ pool to a spare thread, so ``pool_size`` workers always serve ready connections;
 returns to the pool (and the pool shrinks back) once the request is done. Waiting requests are
 held in the service's ledger (``limits.max_waiting_requests`` and ``..._per_connection``): past
 either cap the wait is refused at once, which bounds the spare threads.
+
+Of the ``pool_size`` workers only about one per CPU polls for ready sockets; the others are
+parked and let in when a polling one is held by a slow request for a few ms (see
+:mod:`.pool_watch`), so ``pool_size`` calls can still block at once.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .. import logs
 from ..budget import CONFIG_KEY
 from ..protocol import HostConnection
 from .base import HostServerMixin, ServerSettings, close_quietly, format_peer, log_closed
+from .pool_watch import Watch, WorkerState, polling_workers
 
 _MASK = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT
 WAITING = "waiting_requests"  # the ledger resource behind limits.max_waiting_requests
@@ -64,13 +69,20 @@ class HostThreadPoolServer(HostServerMixin, Server):
         self._entries_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._sweeper: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         # Workers alive, and how many of them are away waiting on their client; the pool keeps
         # live - away == pool_size (more only for a moment, until an extra worker retires).
-        self._pool_lock = threading.Lock()
+        self._pool_lock = threading.Condition(threading.Lock())  # notified when a place frees up
         self._live = 0
         self._away = 0
+        # Of the workers not away, _placed poll (or serve what they found); at most _allowed:
+        # _base, plus one per polling worker held by a slow request (up to pool_size).
+        self._base = polling_workers(self.pool_size)
+        self._allowed = self._base
+        self._placed = 0
+        self._watch = Watch()
         self._worker_ids = itertools.count()
-        self._me = threading.local()  # in a worker: .away, True while its place is handed over
+        self._me = threading.local()  # in a worker: .worker, its WorkerState
 
     def _listen(self) -> None:
         if self.active:
@@ -82,6 +94,13 @@ class HostThreadPoolServer(HostServerMixin, Server):
             self._spawn()
         self._sweeper = threading.Thread(target=self._sweep, name=f"{self.name}-sweeper", daemon=True)
         self._sweeper.start()
+        self._watcher = threading.Thread(
+            target=self._watch.run,
+            args=(self._serving, self._allow),
+            name=f"{self.name}-watcher",
+            daemon=True,
+        )
+        self._watcher.start()
 
     def _start_connection(self, sock: socket.socket, peer: Any) -> None:
         conn = None
@@ -119,8 +138,8 @@ class HostThreadPoolServer(HostServerMixin, Server):
             LimitExceeded: ``limits.max_waiting_requests`` (service) or its per-connection
                 share is reached; nothing was taken.
         """
-        me = self._me
-        if not hasattr(me, "away"):  # not a pool worker (a service's own thread): no place to hand over
+        me: WorkerState | None = getattr(self._me, "worker", None)
+        if me is None:  # not a pool worker (a service's own thread): no place to hand over
             yield
             return
         account = conn._config.get(CONFIG_KEY)
@@ -132,6 +151,10 @@ class HostThreadPoolServer(HostServerMixin, Server):
             me.away = True
             with self._pool_lock:
                 self._away += 1
+                if me.placed:  # a parked worker polls instead, at once
+                    me.placed = False
+                    self._placed -= 1
+                    self._pool_lock.notify()
                 if self.active and self._live - self._away < self.pool_size:
                     self._live += 1
                     spawn = True
@@ -147,19 +170,60 @@ class HostThreadPoolServer(HostServerMixin, Server):
             if account is not None:
                 account.release(WAITING)
 
-    def _retire(self) -> bool:
-        """True if the pool has a worker too many (one came back from waiting): this one leaves."""
+    def _serving(self) -> bool:
+        return self.active or bool(self._entries)
+
+    def _allow(self, stuck: int) -> None:
+        """The watcher's count of polling workers held by a slow request: one more may poll each."""
+        allowed = min(self.pool_size, self._base + stuck)
+        if allowed == self._allowed:
+            return
         with self._pool_lock:
-            if self._live - self._away > self.pool_size:
-                self._live -= 1
-                return True
-        return False
+            if allowed > self._allowed:
+                self._pool_lock.notify(allowed - self._allowed)
+            self._allowed = allowed  # fewer: placed workers over it park at their next poll
+
+    def _take_place(self, me: WorkerState) -> bool:
+        """Park until this worker may poll; False if it is one too many (retire) or stopping."""
+        with self._pool_lock:
+            while True:
+                if self._live - self._away > self.pool_size:  # one came back from waiting
+                    self._live -= 1
+                    return False
+                if not (self.active or self._entries):
+                    return False
+                if self._placed < self._allowed:
+                    self._placed += 1
+                    me.placed = True
+                    return True
+                self._pool_lock.wait(5.0)  # notified when a place frees up or the server stops
+
+    def _leave_place(self, me: WorkerState) -> None:
+        with self._pool_lock:
+            if me.placed:
+                me.placed = False
+                self._placed -= 1
+                self._pool_lock.notify()  # a parked worker may be the one to retire instead
 
     def _work(self) -> None:
-        self._me.away = False
+        me = self._me.worker = WorkerState()
+        watch = self._watch
+        watch.add(me)
+        try:
+            self._poll_and_serve(me, watch)
+        finally:
+            self._leave_place(me)
+            watch.remove(me)
+
+    def _poll_and_serve(self, me: WorkerState, watch: Watch) -> None:
         while self.active or self._entries:
-            if self._retire():
-                return
+            if not me.placed:
+                if not self._take_place(me):
+                    return
+            elif self._placed > self._allowed or self._live - self._away > self.pool_size:
+                # Read without the lock (this runs per poll); _leave_place and _take_place recheck.
+                self._leave_place(me)
+                continue
             try:
                 events = self._epoll.poll(0.5, 1)
             except (OSError, ValueError):  # epoll closed under us: the server is stopping
@@ -168,16 +232,19 @@ class HostThreadPoolServer(HostServerMixin, Server):
                 with self._entries_lock:
                     entry = self._entries.get(fd)
                 if entry is not None:
+                    me.since = entry.last = time.monotonic()
+                    if watch.asleep:
+                        watch.wake()
                     # Tag this worker's log records with the connection while it serves it (a
                     # plain set and reset: this runs for every request).
                     logs.set_connection(entry.connid, entry.peer_text)
                     try:
                         self._serve_ready(fd, entry)
                     finally:
+                        me.since = 0.0
                         logs.set_connection(None, None)
 
     def _serve_ready(self, fd: int, entry: _Entry) -> None:
-        entry.last = time.monotonic()
         conn = entry.conn
         mask = _MASK
         if conn is None:
@@ -280,6 +347,8 @@ class HostThreadPoolServer(HostServerMixin, Server):
         # rpyc's Server.close() closes client fds, which silently drops them from the epoll set:
         # shut them down first so a worker sees EOF, drops the connection and runs its hooks.
         self.active = False
+        with self._pool_lock:
+            self._pool_lock.notify_all()  # parked workers: let them see the stop
         with self._entries_lock:
             entries = list(self._entries.items())
         for _, entry in entries:
@@ -295,8 +364,12 @@ class HostThreadPoolServer(HostServerMixin, Server):
         for fd, entry in stuck:  # a worker is stuck in a call: cut it loose
             self._drop(fd, entry)
         Server.close(self)
+        self._watch.stop()
         with self._pool_lock:
+            self._pool_lock.notify_all()  # nothing is left to serve: parked workers leave
             workers = list(self._workers)
         for worker in workers:
             worker.join(timeout=5)
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
         self._epoll.close()
