@@ -26,7 +26,7 @@ from .budget import CONFIG_KEY
 from .errors import did_you_mean
 from .instances import PER_CALL_KEY, call_target
 from .oneway_calls import ONEWAY
-from .streams import as_stream
+from .streams import PLAIN_RESULTS, as_stream
 from .wire.errors import DeadlineExceeded
 from .wire.remote import ContextCalls, ContextServing
 
@@ -189,7 +189,9 @@ _handling = threading.local()
 NO_WAIT: AbstractContextManager[object] = nullcontext()
 
 
-def _requests() -> dict[int, _Request]:
+def _requests() -> dict[int, _Request | float]:
+    """This thread's requests: a request's start time, made a _Request once it waits on its client
+    (most never do, and building one for each costs more than the rest of the bookkeeping)."""
     try:
         return _handling.by_conn
     except AttributeError:
@@ -215,11 +217,14 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         if tracker is None:
             super()._dispatch_request(seq, raw_args)
             return
-        handling = _requests()
+        try:
+            handling = _handling.by_conn
+        except AttributeError:
+            handling = _requests()
         key = id(self)
         outer = key not in handling
         if outer:
-            handling[key] = _Request(time.monotonic())
+            handling[key] = time.monotonic()
         tracker.enter()
         try:
             super()._dispatch_request(seq, raw_args)
@@ -236,7 +241,13 @@ class HostConnection(ContextServing, ContextCalls, Connection):
             return super().sync_request(handler, *args)
         call_timeout = float(config["sync_request_timeout"])
         timeout = call_timeout
-        request = _requests().get(id(self))
+        handling = _requests()
+        held = handling.get(id(self))
+        request: _Request | None
+        if isinstance(held, float):
+            request = handling[id(self)] = _Request(held)
+        else:
+            request = held
         budget = 0.0
         if request is not None:
             budget = float(server.limits.request_timeout)
@@ -301,7 +312,11 @@ class HostConnection(ContextServing, ContextCalls, Connection):
         logger: logging.Logger | None = config.get("host_logger")
         debug = logger is not None and logger.isEnabledFor(logging.DEBUG)
         if book is None and not debug:
-            return as_stream(self, obj(*plain_args, **plain_kwargs))  # an iterator goes as a stream
+            # The usual call: no keywords, a plain result (as_stream's own first check, inline).
+            result = obj(*plain_args, **plain_kwargs) if plain_kwargs else obj(*plain_args)
+            if type(result) in PLAIN_RESULTS:
+                return result
+            return as_stream(self, result)  # an iterator goes as a stream
         method = getattr(obj, "__name__", type(obj).__name__)
         failed = True
         started = time.perf_counter()

@@ -42,12 +42,12 @@ def streamable(result: Any) -> bool:
 
 
 # Results that are never streams, checked first: most calls return one of these.
-_PLAIN_RESULTS = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict})
+PLAIN_RESULTS = frozenset({int, float, str, bytes, bool, type(None), tuple, list, dict})
 
 
 def as_stream(conn: Any, result: Any) -> Any:
     """``result`` as a stream when :func:`streamable`, else unchanged (see the module docstring)."""
-    if type(result) in _PLAIN_RESULTS or not streamable(result):
+    if type(result) in PLAIN_RESULTS or not streamable(result):
         return result
     config = conn._config
     account: Account | None = config.get(CONFIG_KEY)

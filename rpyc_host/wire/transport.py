@@ -20,6 +20,7 @@ import socket
 import zlib
 from typing import Any
 
+from rpyc.core import consts
 from rpyc.core.channel import Channel
 from rpyc.core.stream import SocketStream
 from rpyc.lib import Timeout
@@ -262,15 +263,20 @@ class FastChannel(Channel):
     the connection before anything is read, and a compressed frame may not inflate past it.
     """
 
-    __slots__ = ("max_frame",)
+    __slots__ = ("bytes_in", "bytes_out", "max_frame", "requests")
 
     def __init__(
         self, stream: FastSocketStream, compress: bool = False, max_frame: int | None = None
     ) -> None:
         super().__init__(stream, compress=compress)
         self.max_frame = max_frame
+        # Frame bytes each way (before compression) and requests received, for the line a host
+        # logs when a connection closes: counted here, one addition per frame, rather than in
+        # a subclass's overrides, whose extra calls cost more than the counting.
+        self.bytes_in = self.bytes_out = self.requests = 0
 
     def send(self, data: bytes) -> None:
+        self.bytes_out += len(data)
         compressed = 0
         if self.compress and len(data) > self.COMPRESSION_THRESHOLD:
             compressed = 1
@@ -293,8 +299,14 @@ class FastChannel(Channel):
             buf = self.stream.read_growing(length + len(_FLUSHER))
             del buf[length:]
             data = bytes(buf)
-        if not compressed:
-            return data
+        if compressed:
+            data = self._inflate(data)
+        self.bytes_in += len(data)
+        if data[:1] == _REQUEST:
+            self.requests += 1
+        return data
+
+    def _inflate(self, data: bytes) -> bytes:
         if self.max_frame is None:
             return zlib.decompress(data)
         inflater = zlib.decompressobj()
@@ -303,6 +315,9 @@ class FastChannel(Channel):
             self.stream.close()
             raise FrameTooLarge(f"compressed frame inflates past the {self.max_frame}-byte limit")
         return out
+
+
+_REQUEST = bytes([consts.MSG_REQUEST])
 
 
 def make_channel(
