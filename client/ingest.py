@@ -12,8 +12,9 @@ Usage::
 How nothing is lost and nothing is stored twice:
 
 - records are sent in batches (``batch_records`` / ``batch_bytes``), each as one JSON-lines
-  payload under a batch id unique to this collector; one batch is in flight while the next is
-  being filled;
+  payload under a batch id unique to this collector; up to ``window`` batches are in flight
+  (each on its own connection, so the service decodes one while it commits another) while the
+  next is being filled, and each receipt still comes only after that batch's commit;
 - after a connection error, timeout or storage error the *same* batch id is resent with
   exponential backoff over a new connection; the service stores a batch id once, so a batch
   whose receipt was lost is answered "duplicate" instead of being stored again;
@@ -36,6 +37,7 @@ import os
 import random
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +69,7 @@ __all__ = [
 _ENCODE = fast_json_encoder()
 # Worth retrying with the same batch id: the batch may or may not have been stored.
 TRANSIENT = (EOFError, ConnectionError, TimeoutError, OSError)
+MAX_WINDOW = 16
 
 
 def encode_record(record: Mapping[str, Any]) -> bytes:
@@ -151,6 +154,10 @@ class Collector:
             (at most ``max_backoff``).
         down_interval: after spooling, seconds before the service is tried again.
         on_receipt: called with each batch's receipt and its latency in seconds.
+        window: batches in flight at once, each over its own connection (1: one batch is
+            stored while the next is filled). A window over 1 lets the service overlap one
+            batch's decoding with another's commit; batches in flight together may then be
+            stored in a different order than they were sent (each exactly once).
 
     Not thread-safe: use one collector per thread.
     """
@@ -172,25 +179,30 @@ class Collector:
         max_backoff: float = 2.0,
         down_interval: float = 1.0,
         on_receipt: Callable[[Receipt, float], None] | None = None,
+        window: int = 1,
     ) -> None:
         if batch_records < 1 or batch_bytes < 1:
             raise ValueError(
                 f"batch_records and batch_bytes must be >= 1, got {batch_records}, {batch_bytes}"
             )
+        if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"window must be an integer from 1 to {MAX_WINDOW}, got {window!r}")
         self.service, self.topic, self.host, self.port, self.config = service, topic, host, port, config
         self.batch_records, self.batch_bytes = batch_records, batch_bytes
         self.spool = Path(spool) if spool is not None else None
         self.timeout, self.retries, self.backoff, self.max_backoff = timeout, retries, backoff, max_backoff
         self.down_interval = down_interval
         self.on_receipt = on_receipt
+        self.window = window
         self.stats = CollectorStats()
         self._prefix = uuid.uuid4().hex[:16]
         self._seq = 0
         self._lines: list[bytes] = []
         self._size = 0
-        self._conn: Any = None
-        self._submit: Any = None
-        self._inflight: tuple[_Batch, Any] | None = None
+        # One connection per window slot; slot 0 also carries the resends and replays.
+        self._conns: list[Any] = [None] * window
+        self._submits: list[Any] = [None] * window
+        self._inflight: deque[tuple[_Batch, Any, int]] = deque()  # oldest first
         self._down_until = 0.0
         # Spooled batches already acknowledged during a replay that was cut short.
         self._replayed_ids: set[str] = set()
@@ -199,8 +211,13 @@ class Collector:
         target = f"{self.host}:{self.port}" if self.host else repr(self.service)
         return (
             f"Collector({target}, topic={self.topic!r}, batch_records={self.batch_records}, "
-            f"spool={self.spool})"
+            f"window={self.window}, spool={self.spool})"
         )
+
+    @property
+    def _conn(self) -> Any:
+        """The connection of the window's first slot (None when not connected)."""
+        return self._conns[0]
 
     # -- public --------------------------------------------------------------------------------
 
@@ -252,9 +269,11 @@ class Collector:
     # -- batches -------------------------------------------------------------------------------
 
     def _seal(self) -> None:
-        # Settle the batch in flight first: if that raises (BatchRejected, DeliveryError), the
+        # Make room in the window first: if that raises (BatchRejected, DeliveryError), the
         # queued records stay queued instead of being lost in a batch that was never sent.
-        self._settle()
+        self._settle(keep=self.window - 1)
+        if self._inflight and (time.monotonic() < self._down_until or self._spooled()):
+            self._settle()  # the spool keeps order: older batches reach it first
         self._seq += 1
         batch = _Batch(
             f"{self._prefix}-{self._seq}", self.topic, b"\n".join(self._lines) + b"\n", len(self._lines)
@@ -268,48 +287,58 @@ class Collector:
         self._start(batch)
 
     def _start(self, batch: _Batch) -> None:
-        """Send ``batch`` without waiting; the next batch is built while this one is stored."""
+        """Send ``batch`` without waiting, on a free slot of the window; the next batch is
+        built while this one is stored."""
+        busy = {slot for _, _, slot in self._inflight}
+        slot = next(s for s in range(self.window) if s not in busy)
         batch.started = time.monotonic()
         try:
-            submit_async = self._connection()
+            submit_async = self._connection(slot)
             result = submit_async(batch.topic, batch.payload, batch.batch_id)
             result.set_expiry(self.timeout)
         except TRANSIENT as exc:
-            self._disconnect()
+            self._disconnect(slot)
             log.info("sending batch %s failed (%s); retrying", batch.batch_id, exc)
+            self._settle()  # older batches first, so a spool keeps their order
             self._deliver_or_spool(batch)
             return
-        self._inflight = (batch, result)
+        self._inflight.append((batch, result, slot))
 
-    def _settle(self) -> None:
-        """Wait for the batch in flight; resend or spool it if it failed."""
-        if self._inflight is None:
-            return
-        batch, result = self._inflight
-        self._inflight = None
-        try:
-            result.wait()
-            receipt = Receipt.from_wire(result.value)
-        except TRANSIENT as exc:
-            self._disconnect()
-            log.info("batch %s failed (%s); retrying with the same id", batch.batch_id, describe_error(exc))
-            self._deliver_or_spool(batch)
-            return
-        except (ValueError, TypeError) as exc:
-            self._reject(batch, exc)
-        self._received(batch, receipt)
+    def _settle(self, keep: int = 0) -> None:
+        """Wait for the oldest batches in flight until ``keep`` are left; resend or spool
+        each one that failed."""
+        while len(self._inflight) > keep:
+            batch, result, slot = self._inflight.popleft()
+            try:
+                result.wait()
+                receipt = Receipt.from_wire(result.value)
+            except TRANSIENT as exc:
+                self._disconnect(slot)
+                if time.monotonic() < self._down_until:
+                    # An older batch of the window just ran out of retries: the service is
+                    # down, so this one goes after it into the spool (same id, replayed later).
+                    self._to_spool(batch)
+                    continue
+                log.info(
+                    "batch %s failed (%s); retrying with the same id", batch.batch_id, describe_error(exc)
+                )
+                self._deliver_or_spool(batch)
+                continue
+            except (ValueError, TypeError) as exc:
+                self._reject(batch, exc)
+            self._received(batch, receipt)
 
     def _deliver(self, batch: _Batch) -> Receipt:
         """Send ``batch`` and wait, resending the same id after transient errors."""
         attempt = 0
         while True:
             try:
-                value = self._connection()(batch.topic, batch.payload, batch.batch_id)
+                value = self._connection(0)(batch.topic, batch.payload, batch.batch_id)
                 value.set_expiry(self.timeout)
                 value.wait()
                 return Receipt.from_wire(value.value)
             except TRANSIENT as exc:
-                self._disconnect()
+                self._disconnect(0)
                 if attempt >= self.retries:
                     raise
                 delay = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.75, 1.25)
@@ -371,29 +400,36 @@ class Collector:
 
     # -- connection ----------------------------------------------------------------------------
 
-    def _connection(self) -> Any:
-        """``rpyc.async_(root.submit)`` on a live connection (connecting if needed)."""
-        if self._submit is None:
-            # ConnectError is a ConnectionError: transient. The address is resolved again
-            # each time, so a service moved in the config is found after a restart.
-            self._conn = connect(
-                self.service if self.host is None else None,
-                host=self.host,
-                port=self.port,
-                config=self.config,
-                timeout=self.timeout,
-                retries=0,
-            )
-            self._submit = rpyc.async_(self._conn.root.submit)
-        return self._submit
+    def _connection(self, slot: int = 0) -> Any:
+        """``rpyc.async_(root.submit)`` on the live connection of window ``slot`` (connecting
+        if needed)."""
+        submit_async = self._submits[slot]
+        if submit_async is None:
+            conn = self._conns[slot] = self._open()
+            submit_async = self._submits[slot] = rpyc.async_(conn.root.submit)
+        return submit_async
 
-    def _disconnect(self) -> None:
-        conn, self._conn, self._submit = self._conn, None, None
-        if conn is not None:
-            try:
-                conn.close()
-            except Exception:
-                pass
+    def _open(self) -> Any:
+        # ConnectError is a ConnectionError: transient. The address is resolved again each
+        # time, so a service moved in the config is found after a restart.
+        return connect(
+            self.service if self.host is None else None,
+            host=self.host,
+            port=self.port,
+            config=self.config,
+            timeout=self.timeout,
+            retries=0,
+        )
+
+    def _disconnect(self, slot: int | None = None) -> None:
+        """Close the connection of ``slot``, or every one when None."""
+        for s in range(self.window) if slot is None else (slot,):
+            conn, self._conns[s], self._submits[s] = self._conns[s], None, None
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:
+                    pass
 
     # -- spool ---------------------------------------------------------------------------------
 
@@ -486,10 +522,7 @@ class PooledCollector(Collector):
         super().__init__(pool.service, topic=topic, **options)
         self.pool = pool
 
-    def _connection(self) -> Any:
-        # Collector keeps one connection and drops it after any failure; a new one comes from
-        # the pool, which skips instances that refuse.
-        if self._submit is None:
-            self._conn = self.pool.connect()
-            self._submit = rpyc.async_(self._conn.root.submit)
-        return self._submit
+    def _open(self) -> Any:
+        # Collector drops a slot's connection after any failure; a new one comes from the
+        # pool, which skips instances that refuse.
+        return self.pool.connect()

@@ -44,9 +44,12 @@ def drain(collector: Collector) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("window", [1, 4])
 def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
-    tmp_path: Path, servers: list[ServerProcess]
+    tmp_path: Path, servers: list[ServerProcess], window: int
 ) -> None:
+    """With a window of 4 the kills land with several batches in flight: some committed but
+    not acknowledged (answered "duplicate" when resent), some not yet committed."""
     db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
     cfg.write_text(config(db, 0))
     servers.append(ServerProcess(cfg).start())
@@ -64,6 +67,7 @@ def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
         retries=3,
         backoff=0.02,
         down_interval=0.1,
+        window=window,
     )
     restarted = threading.Event()
     failures: list[BaseException] = []
