@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between samples (default: 5)")
     parser.add_argument("--count", type=int, default=0, help="stop after this many records (default: never)")
     parser.add_argument("--batch", type=int, default=100, help="records per batch (default: 100)")
+    parser.add_argument(
+        "--window", type=int, default=1, help="batches in flight at once, for fast --follow (default: 1)"
+    )
     parser.add_argument("--flush-every", type=float, default=10.0, help="send a partial batch after (s)")
     parser.add_argument("--spool", type=Path, help="spool file (default: var/collector-<topic>.spool)")
     args = parser.parse_args(argv)
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         config=args.config,
         batch_records=args.batch,
+        window=args.window,
         spool=args.spool or Path("var") / f"collector-{topic}.spool",
     )
     sent, last_flush = 0, time.monotonic()

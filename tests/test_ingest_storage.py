@@ -173,3 +173,28 @@ def test_a_file_with_another_table_layout_is_refused_clearly(tmp_path: Path) -> 
         StoreError, match="has table layout version 0, this version of the ingest store uses 1"
     ):
         SQLiteStore(path)
+
+
+@pytest.mark.parametrize("sizes", [(498,), (499,), (500, 1), (998, 999, 1000), (0, 1, 997)])
+def test_records_get_consecutive_ids_in_batch_order_across_insert_chunks(
+    tmp_path: Path, sizes: tuple[int, ...]
+) -> None:
+    """Rows are inserted 499 to a statement: every size around a chunk's edge keeps each batch's
+    records in order, under the ids its batch row names."""
+    store = SQLiteStore(tmp_path / "chunks.db")
+    try:
+        expected: list[str] = []
+        for b, n in enumerate(sizes):
+            rows = tuple(f'{{"b": {b}, "i": {i}}}' for i in range(n))
+            assert store.write(batch(f"b{b}", *rows)) is None
+            expected += rows
+        stored = store.query("t", 0, 10_000)
+        assert [d for _, d in stored] == expected
+        assert [i for i, _ in stored] == list(range(1, len(expected) + 1))
+        with sqlite3.connect(tmp_path / "chunks.db") as conn:
+            ranges = conn.execute("SELECT first_id, last_id FROM batches ORDER BY seq").fetchall()
+        starts = [1 + sum(sizes[:b]) for b in range(len(sizes))]
+        assert ranges == [(s, s + n - 1) for s, n in zip(starts, sizes, strict=True)]
+        assert store.stats().records == len(expected)
+    finally:
+        store.close()

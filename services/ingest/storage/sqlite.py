@@ -70,6 +70,9 @@ INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0, 0, 0, 0);
 # topic column and no second index: finding a topic's records goes through its batches.
 
 INSERT_RECORD = "INSERT INTO records (id, data) VALUES (?, ?)"
+CHUNK_ROWS = 499
+"""Rows per multi-row INSERT: 998 parameters, within SQLite's smallest compiled-in limit (999)."""
+INSERT_CHUNK = "INSERT INTO records (id, data) VALUES " + ", ".join(["(?, ?)"] * CHUNK_ROWS)
 
 
 class _PerProcess:
@@ -249,8 +252,9 @@ class SQLiteStore:
         records = rejects = dropped = nbytes = batches = duplicates = 0
         # Ids are given explicitly (we hold the write lock): each batch's range is known.
         next_id = int(conn.execute("SELECT coalesce(max(id), 0) + 1 FROM records").fetchone()[0])
+        first_id = next_id
         now = time.time()
-        rows: list[tuple[int, str]] = []
+        texts: list[str] = []
         for batch in group:
             known = receipts.get(batch.batch_id)
             if known is None:
@@ -272,7 +276,7 @@ class SQLiteStore:
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 (batch.batch_id, topic_id, next_id, next_id + n - 1, now, batch.receipt),
             )
-            rows += zip(range(next_id, next_id + n), batch.rows, strict=True)
+            texts += batch.rows
             next_id += n
             per_topic[topic_id] = per_topic.get(topic_id, 0) + n
             receipts[batch.batch_id] = batch.receipt
@@ -282,7 +286,7 @@ class SQLiteStore:
             rejects += batch.rejected
             dropped += batch.dropped
             nbytes += batch.nbytes
-        conn.executemany(INSERT_RECORD, rows)
+        _insert_records(conn, first_id, texts)
         for topic_id, n in per_topic.items():
             conn.execute("UPDATE topics SET records = records + ? WHERE id = ?", (n, topic_id))
         conn.execute(
@@ -357,3 +361,18 @@ class SQLiteStore:
     def stats(self) -> Stats:
         rows = self._read("SELECT records, batches, rejects, dropped, duplicates, bytes FROM totals")
         return Stats(*(int(v) for v in rows[0]))  # type: ignore[call-overload]
+
+
+def _insert_records(conn: sqlite3.Connection, first_id: int, texts: list[str]) -> None:
+    """Insert ``texts`` with ids ``first_id, first_id + 1, ...``: whole chunks as one multi-row
+    INSERT each (half the CPU of ``executemany``, which steps the statement once per row), the
+    rest with ``executemany``."""
+    n = len(texts)
+    params: list[int | str] = [0] * (2 * n)
+    params[0::2] = range(first_id, first_id + n)
+    params[1::2] = texts
+    full = n - n % CHUNK_ROWS
+    for k in range(0, 2 * full, 2 * CHUNK_ROWS):
+        conn.execute(INSERT_CHUNK, params[k : k + 2 * CHUNK_ROWS])
+    if full < n:
+        conn.executemany(INSERT_RECORD, zip(range(first_id + full, first_id + n), texts[full:], strict=True))
