@@ -9,7 +9,8 @@ What is measured, in one run (ratios are comparable, absolute figures are not: t
 2 cores and is shared):
 
 - end to end: ``Collector`` processes (1 per round, then 4 at once) encode records of ~200 bytes
-  into batches of 1,000, submit them over loopback to ``python server.py`` (its own process,
+  into batches of 1,000, keep ``--window`` batches in flight (each round also runs one
+  collector with a single batch in flight, for the gain of the window), submit them over loopback to ``python server.py`` (its own process,
   threaded server) where each record is decoded, checked against a schema, run through a
   processor (:func:`enrich`) and committed before the receipt comes back. Batches of several
   collectors that arrive together are committed in one transaction (group commit); the four
@@ -25,8 +26,10 @@ What is measured, in one run (ratios are comparable, absolute figures are not: t
   throwaway cluster is started on 127.0.0.1 (``initdb`` + ``pg_ctl``, as the tests do).
 
 Ceilings and end-to-end runs alternate for ``--rounds`` rounds and medians are reported: the
-machine is shared. Prints records/s, the ratio to the ceiling and the batch latency (from sending
-a batch to the collector reading its receipt). Targets: one collector >= 0.6 of the ceiling,
+machine is shared. Prints records/s, the ratio to the ceiling, the CPU time per record of the
+writing process (the ceiling's; the ingest server's, from /proc) and of the collectors, which a
+neighbour's load does not change, and the batch latency (from sending a batch to the collector
+reading its receipt). Targets: one collector >= 0.6 of the ceiling,
 four collectors together >= 1.0 of the (single-writer) ceiling.
 """
 
@@ -55,6 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_files import cpu_of  # noqa: E402
 from client.ingest import _ENCODE as fast_dumps  # noqa: E402
 from client.ingest import Collector, Receipt  # noqa: E402
 from rpyc_host.testing import ServerProcess  # noqa: E402
@@ -111,7 +115,7 @@ def _collect(
         latencies.append(latency)
 
     start.wait(60)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     deadline = time.monotonic() + max_seconds
     sent = 0
     with Collector(
@@ -127,12 +131,12 @@ def _collect(
             if i % BATCH == 0 and time.monotonic() > deadline:
                 break
             sent = i + 1
-    ended = time.perf_counter()
-    out.put((worker, col.stats.accepted, sent, began, ended, latencies))
+    ended, cpu = time.perf_counter(), time.process_time() - cpu
+    out.put((worker, col.stats.accepted, sent, began, ended, latencies, cpu))
 
 
 def end_to_end(
-    address: tuple[str, int], collectors: int, n: int, max_seconds: float, window: int
+    address: tuple[str, int], collectors: int, n: int, max_seconds: float, window: int, server_pid: int
 ) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     start, out = ctx.Event(), ctx.Queue()
@@ -143,8 +147,10 @@ def end_to_end(
     for p in procs:
         p.start()
     time.sleep(1.0 + 0.5 * collectors)  # let the children import and build their records
+    server_cpu = cpu_of(server_pid)
     start.set()
     results = [out.get(timeout=max_seconds + 120) for _ in procs]
+    server_cpu = cpu_of(server_pid) - server_cpu
     for p in procs:
         p.join(timeout=30)
         if p.is_alive():
@@ -159,11 +165,14 @@ def end_to_end(
         "records_per_s": accepted / wall,
         "p50_ms": statistics.median(latencies) * 1000,
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))] * 1000,
+        "cpu_us": server_cpu / accepted * 1e6,
+        "collector_cpu_us": sum(r[6] for r in results) / accepted * 1e6,
     }
 
 
-def ceiling(path: Path, records: list[dict[str, Any]], serialize: bool) -> float:
-    """records/s of a direct executemany into a fresh file with the service's tables."""
+def ceiling(path: Path, records: list[dict[str, Any]], serialize: bool) -> tuple[float, float]:
+    """(records/s, CPU µs per record) of a direct executemany into a fresh file with the
+    service's tables."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -171,22 +180,23 @@ def ceiling(path: Path, records: list[dict[str, Any]], serialize: bool) -> float
     # The same fast encoder the collector uses, so the ceiling is not flattered by a slower one.
     dumps = fast_dumps
     rows = None if serialize else [dumps(r) for r in records]
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for k in range(0, len(records), BATCH):
         chunk = [dumps(r) for r in records[k : k + BATCH]] if rows is None else rows[k : k + BATCH]
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO records (data) VALUES (?)", [(d,) for d in chunk])
         conn.execute("COMMIT")
-    elapsed = time.perf_counter() - began
+    elapsed, cpu = time.perf_counter() - began, time.process_time() - cpu
     conn.close()
     for leftover in path.parent.glob(path.name + "*"):
         leftover.unlink()
     os.sync()  # write back now, not during the next measurement
-    return len(records) / elapsed
+    return len(records) / elapsed, cpu / len(records) * 1e6
 
 
-def pg_ceiling(url: str, records: list[dict[str, Any]], copy: bool) -> float:
-    """records/s of COPY (or executemany) + COMMIT per 1,000 into the service's own table."""
+def pg_ceiling(url: str, records: list[dict[str, Any]], copy: bool) -> tuple[float, float]:
+    """(records/s, client CPU µs per record) of COPY (or executemany) + COMMIT per 1,000 into
+    the service's own table."""
     import psycopg
 
     store = open_store(url)  # creates the service's tables
@@ -197,7 +207,7 @@ def pg_ceiling(url: str, records: list[dict[str, Any]], copy: bool) -> float:
         conn.commit()
         assert topic is not None
         topic_id = topic[0]
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         for k in range(0, len(records), BATCH):
             chunk = [dumps(r) for r in records[k : k + BATCH]]
             with conn.cursor() as cur:
@@ -211,7 +221,8 @@ def pg_ceiling(url: str, records: list[dict[str, Any]], copy: bool) -> float:
                         [(topic_id, row) for row in chunk],
                     )
             conn.commit()
-        return len(records) / (time.perf_counter() - began)
+        cpu = time.process_time() - cpu
+        return len(records) / (time.perf_counter() - began), cpu / len(records) * 1e6
 
 
 def _pg_bin(name: str) -> str:
@@ -278,7 +289,9 @@ def fresh_databases(admin_url: str) -> Iterator[Callable[[], str]]:
                 admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-Row = tuple[str, float, float, "dict[str, float] | None"]
+Row = tuple[str, float, float, "dict[str, float]"]
+Measured = list[tuple[str, tuple[float, float]]]
+"""(name, (records/s, CPU µs per record)) of each ceiling of a round; the first is the reference."""
 
 
 def run_backend(
@@ -286,7 +299,7 @@ def run_backend(
     database: str,
     ungrouped_database: str,
     tmpdir: Path,
-    ceilings: Callable[[int], list[tuple[str, float]]],
+    ceilings: Callable[[int], Measured],
     records: list[dict[str, Any]],
     args: argparse.Namespace,
     rounds: int,
@@ -295,35 +308,40 @@ def run_backend(
     4 collectors again against a server with ``group_max_batches: 1`` (a transaction per batch,
     as without group commit) on ``ungrouped_database``.
 
-    ``ceilings(r)`` measures and returns ``(name, records/s)`` pairs; the first is the
-    reference the end-to-end rates are divided by.
+    ``ceilings(r)`` measures and returns ``(name, (records/s, CPU µs/record))`` pairs; the
+    first is the reference the end-to-end rates are divided by.
     """
     n = len(records)
     rows: list[Row] = []
     config = tmpdir / f"config-{label}.yaml"
     config.write_text(CONFIG.format(db=database, group=64))
     with ServerProcess(config, cwd=ROOT) as server:
-        address = server.address("ingest")
+        address, pid = server.address("ingest"), server.pid
         # Ceilings and end to end alternate, so a neighbour's load hits both alike; each ratio
         # compares figures taken seconds apart.
         for r in range(rounds):
             measured = ceilings(r)
-            ref = measured[0][1]
-            rows += [(f"{label} round {r + 1}: {name}", rate, ref, None) for name, rate in measured]
+            ref = measured[0][1][0]
+            rows += [
+                (f"{label} round {r + 1}: {name}", rate, ref, {"cpu_us": cpu})
+                for name, (rate, cpu) in measured
+            ]
             if args.window > 1:  # the same collector with one batch in flight, for the gain
-                single = end_to_end(address, 1, n, args.max_seconds, 1)
+                single = end_to_end(address, 1, n, args.max_seconds, 1, pid)
                 name = f"{label} round {r + 1}: end to end, 1 collector{SINGLE}"
                 rows.append((name, single["records_per_s"], ref, single))
-            one = end_to_end(address, 1, n, args.max_seconds, args.window)
+            one = end_to_end(address, 1, n, args.max_seconds, args.window, pid)
             rows.append((f"{label} round {r + 1}: end to end, 1 collector", one["records_per_s"], ref, one))
         measured = ceilings(rounds)
-        ref = measured[0][1]
-        rows += [(f"{label}: {name}", rate, ref, None) for name, rate in measured]
-        many = end_to_end(address, args.collectors, n, args.max_seconds, args.window)
+        ref = measured[0][1][0]
+        rows += [(f"{label}: {name}", rate, ref, {"cpu_us": cpu}) for name, (rate, cpu) in measured]
+        many = end_to_end(address, args.collectors, n, args.max_seconds, args.window, pid)
         rows.append((f"{label}: end to end, {args.collectors} collectors", many["records_per_s"], ref, many))
     config.write_text(CONFIG.format(db=ungrouped_database, group=1))
     with ServerProcess(config, cwd=ROOT) as server:
-        off = end_to_end(server.address("ingest"), args.collectors, n, args.max_seconds, args.window)
+        off = end_to_end(
+            server.address("ingest"), args.collectors, n, args.max_seconds, args.window, server.pid
+        )
         label_off = f"{label}: end to end, {args.collectors} collectors{UNGROUPED}"
         rows.append((label_off, off["records_per_s"], ref, off))
     return rows
@@ -333,7 +351,7 @@ def summary(label: str, rows: list[Row], collectors: int) -> list[str]:
     singles = [(rate / ref, lat) for name, rate, ref, lat in rows if name.endswith("1 collector")]
     many = [rate / ref for name, rate, ref, _ in rows if name.endswith(f"{collectors} collectors")]
     one = statistics.median(s[0] for s in singles)
-    p99 = statistics.median(s[1]["p99_ms"] for s in singles if s[1])
+    p99 = statistics.median(s[1]["p99_ms"] for s in singles)
     lines = [
         f"{label}: 1 collector, median of {len(singles)}: {one:.2f} of the ceiling, p99 {p99:.1f} ms "
         f"(target >= 0.6: {'met' if one >= 0.6 else 'NOT met'})",
@@ -382,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         tmpdir = Path(tmp)
 
-        def sqlite_ceilings(r: int) -> list[tuple[str, float]]:
+        def sqlite_ceilings(r: int) -> Measured:
             return [
                 ("ceiling (dumps + executemany)", ceiling(tmpdir / f"direct-{r}.db", records, True)),
                 ("insert only (pre-serialized)", ceiling(tmpdir / f"insert-{r}.db", records, False)),
@@ -396,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                 fresh_databases(admin) as new_database,
             ):
 
-                def pg_ceilings(r: int) -> list[tuple[str, float]]:
+                def pg_ceilings(r: int) -> Measured:
                     return [
                         ("ceiling (dumps + COPY)", pg_ceiling(new_database(), records, copy=True)),
                         ("dumps + executemany", pg_ceiling(new_database(), records, copy=False)),
@@ -411,10 +429,16 @@ def main(argv: list[str] | None = None) -> int:
         "SQLite WAL + synchronous=FULL"
     )
     print(f"load average before printing: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} ({os.cpu_count()} CPUs)")
-    print(f"{'path':<56} {'records/s':>10} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}")
+    print(
+        "cpu: CPU µs per record of the writing process (the ceiling's, or the ingest server's; "
+        "PostgreSQL's own not counted); coll: the collectors' together"
+    )
+    print(f"{'path':<56} {'records/s':>10} {'ratio':>6} {'cpu':>6} {'coll':>6} {'p50 ms':>7} {'p99 ms':>7}")
     for label, rate, ref, lat in rows:
-        extra = f" {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f}" if lat else ""
-        print(f"{label:<56} {rate:>10,.0f} {rate / ref:>6.2f}{extra}")
+        extra = ""
+        if "p50_ms" in lat:
+            extra = f" {lat['collector_cpu_us']:>6.2f} {lat['p50_ms']:>7.1f} {lat['p99_ms']:>7.1f}"
+        print(f"{label:<56} {rate:>10,.0f} {rate / ref:>6.2f} {lat['cpu_us']:>6.2f}{extra}")
     for backend in ("sqlite", "postgres"):
         mine = [row for row in rows if row[0].startswith(backend)]
         if mine:
