@@ -10,12 +10,13 @@ What is measured, in one run (ratios are comparable, absolute figures are not: t
 
 - end to end: ``Collector`` processes (1 per round, then 4 at once) encode records of ~200 bytes
   into batches of 1,000, keep ``--window`` batches in flight (each round also runs one
-  collector with a single batch in flight, for the gain of the window), submit them over loopback to ``python server.py`` (its own process,
-  threaded server) where each record is decoded, checked against a schema, run through a
-  processor (:func:`enrich`) and committed before the receipt comes back. Batches of several
-  collectors that arrive together are committed in one transaction (group commit); the four
-  collectors run once more against a server with ``group_max_batches: 1`` (a transaction per
-  batch), for the gain of grouping in the same run;
+  collector with a single batch in flight, for the gain of the window) and submit them over
+  loopback to ``python server.py`` (its own process, threaded server) where each record is
+  decoded, checked against a schema, run through a processor (:func:`enrich`) and committed
+  before the receipt comes back. Batches of several collectors that arrive together are
+  committed in one transaction (group commit); the four collectors run once more against a
+  server with ``group_max_batches: 1`` (a transaction per batch), for the gain of grouping in
+  the same run;
 - the SQLite ceiling: one process serializing each record (with the collector's JSON encoder)
   and doing ``executemany`` + ``COMMIT`` per 1,000 records into a fresh file with the same
   tables, WAL and synchronous=FULL (no RPC, no validation, no processor); also the insert alone
