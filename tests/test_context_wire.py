@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from rpyc.core import consts
 from rpyc.utils.server import ThreadedServer
 
 import client
@@ -43,8 +44,10 @@ class _Recorder(rpyc.Service):
 
 @rpyc.service
 class _TextHost(_Recorder):
+    """What a host answering version 2 takes: the text form, always as the keyword pair."""
+
     exposed_rpyc_host_context = context.VERSION
-    exposed_rpyc_host_context_text = context.TEXT_VERSION
+    exposed_rpyc_host_context_text = context.TEXT_IN_PAIR
 
 
 @rpyc.service
@@ -152,6 +155,34 @@ def test_a_host_derives_the_context_of_a_plain_call_on_a_told_connection() -> No
             assert tuple(raw.root.context_seen(**{context.KWARG: told})) == ("req-9", None)
             request_id, left = raw.root.context_seen()
             assert request_id and request_id != "req-9" and 0 < left <= 3
+
+
+def test_a_call_without_keywords_carries_its_context_as_the_bare_text() -> None:
+    with running_host(PROBE) as host:
+        with client.connect(host="127.0.0.1", port=host.address("probe")[1], timeout=7) as conn:
+            assert conn.peer_takes_bare_text
+            sent: list[Any] = []
+            send = conn._send
+
+            def observe(msg: int, seq: int, args: Any) -> None:
+                sent.append(args)
+                send(msg, seq, args)
+
+            conn._send = observe  # type: ignore[method-assign]
+            with context.deadline(0.5, request_id="bare-1"):
+                request_id, _ = conn.root.context_seen()
+            assert request_id == "bare-1"
+            conn._send = send  # type: ignore[method-assign]
+        calls = [a for a in sent if a[0] == consts.HANDLE_CALL]
+        label, (_, _, kwargs) = calls[-1][1]
+        assert label == consts.LABEL_TUPLE and kwargs[0] == consts.LABEL_VALUE
+        assert type(kwargs[1]) is str and kwargs[1].split(SEP)[3] == "bare-1"
+        # The same form from a raw rpyc client, and a malformed one served without a context.
+        with rpyc.connect(*host.address("probe")) as raw:
+            probe = raw.root.context_seen
+            request_id, left = raw.sync_request(consts.HANDLE_CALL, probe, (), f"3{SEP}{SEP}{SEP}bare-2")
+            assert request_id == "bare-2" and 0 < left <= 3
+            assert tuple(raw.sync_request(consts.HANDLE_CALL, probe, (), "garbage")) == (None, None)
 
 
 def test_old_clients_and_plain_rpyc_clients_are_served_as_before() -> None:

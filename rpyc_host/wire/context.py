@@ -40,8 +40,11 @@ MARKER = "rpyc_host_context"
 VERSION = 1
 # A host also answers this one: it takes the compact text form and derives a call's context
 # when the client sends none after telling the connection's timeout (rpyc_host.wire.contextwire).
+# Version 2 takes the text as the keyword pair; version 3 also takes it in place of the keyword
+# arguments of a call that has none (one string for brine, not two nested tuples).
 TEXT_MARKER = "rpyc_host_context_text"
-TEXT_VERSION = 2
+TEXT_VERSION = 3
+TEXT_IN_PAIR = 2  # the oldest version that takes the text form
 MAX_TEXT = 512  # traceparent is 55 characters; tracestate at most 512 by the W3C spec
 
 

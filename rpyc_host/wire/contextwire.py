@@ -5,7 +5,10 @@ A host that exposes :data:`~rpyc_host.wire.context.TEXT_MARKER` takes the contex
 
     "<seconds left>\\x1f<traceparent>\\x1f<tracestate>\\x1f<request id>[\\x1f<default timeout>]"
 
-with an empty field for None. The optional fifth field tells the host the client's connection
+with an empty field for None. It travels as the ``(KWARG, text)`` keyword pair, or, to a host
+answering version 3 and for a call with no keyword arguments, as the text alone in the place
+of the keyword pairs: brine then writes one string where the pair costs two nested tuples, and
+each side boxes, dumps and loads about 4 us less per call here. The optional fifth field tells the host the client's connection
 timeout, once: from then on a call with nothing else to carry (no enclosing context, the
 connection's own timeout, no trace) is sent with no context at all, and the host derives it:
 the deadline is that timeout from arrival, the request id one of its own. Fields holding the
@@ -52,12 +55,12 @@ def encode(
     return f"{text}{SEP}{'' if default is None else default!r}"
 
 
-def _seconds(text: str) -> float | None:
+def _seconds(text: str) -> float:
     """A finite number of seconds, clamped to [-1 s, 1 year]; ValueError if it is not one."""
     value = float(text)
     if value != value or text.strip() != text:  # NaN; float() would also accept padding
         raise ValueError(text)
-    return max(-1.0, min(value, 31_536_000.0))
+    return -1.0 if value < -1.0 else 31_536_000.0 if value > 31_536_000.0 else value
 
 
 def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
@@ -65,25 +68,22 @@ def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
     the 4-tuple; ``(None, NOT_TOLD)`` for anything malformed (it is ignored, like a bad tuple)."""
     if type(value) is not str:
         return CallContext.from_wire(value), NOT_TOLD
-    if len(value) > MAX_WIRE:
+    size = len(value)
+    if size > MAX_WIRE:
         return None, NOT_TOLD
     fields = value.split(SEP)
-    if not 4 <= len(fields) <= 5 or max(map(len, fields)) > MAX_TEXT:
+    count = len(fields)
+    if (count != 4 and count != 5) or (size > MAX_TEXT and max(map(len, fields)) > MAX_TEXT):
         return None, NOT_TOLD
+    left, parent, state, request_id = fields[:4]
     try:
-        left = _seconds(fields[0]) if fields[0] else None
+        deadline = time.monotonic() + _seconds(left) if left else None
         default: float | _NotTold | None = NOT_TOLD
-        if len(fields) == 5:
+        if count == 5:
             default = _seconds(fields[4]) if fields[4] else None
     except ValueError:
         return None, NOT_TOLD
-    ctx = CallContext(
-        None if left is None else time.monotonic() + left,
-        fields[1] or None,
-        fields[2] or None,
-        fields[3] or None,
-    )
-    return ctx, default
+    return CallContext(deadline, parent or None, state or None, request_id or None), default
 
 
 def derived(default: float | None) -> Derived:

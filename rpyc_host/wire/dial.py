@@ -85,8 +85,10 @@ def dial(
         # The first round trip shows a refusal (limits, a missing token) here; the next ask
         # whether the peer is a host that takes call contexts in their compact form or, an
         # older host, as tuples (a stock rpyc server takes none).
-        conn.peer_takes_text = _answers(conn, context.TEXT_MARKER, context.TEXT_VERSION)
-        conn.peer_speaks_context = conn.peer_takes_text or _answers(conn, context.MARKER, context.VERSION)
+        version = _version(conn, context.TEXT_MARKER)
+        conn.peer_takes_text = version >= context.TEXT_IN_PAIR
+        conn.peer_takes_bare_text = version >= context.TEXT_VERSION
+        conn.peer_speaks_context = conn.peer_takes_text or _version(conn, context.MARKER) == context.VERSION
     except (ConnectionRefusedError, EOFError, TimeoutError) as exc:
         conn.close()
         text = message(exc) or "connection closed by the server"
@@ -94,12 +96,13 @@ def dial(
     return conn
 
 
-def _answers(conn: WireConnection, name: str, version: int) -> bool:
-    """Whether the peer's root exposes ``name`` with the value ``version``."""
+def _version(conn: WireConnection, name: str) -> int:
+    """The version the peer's root exposes as ``name``; 0 if none (or not a number)."""
     try:
-        return bool(getattr(conn.root, name, None) == version)
+        value = getattr(conn.root, name, None)
     except AttributeError:
-        return False
+        return 0
+    return value if type(value) is int else 0
 
 
 def _connect(

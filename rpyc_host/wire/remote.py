@@ -80,13 +80,6 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
-def split_context(kwargs: Any) -> tuple[context.CallContext | None, Any]:
-    """Take the call context off a call request's keyword arguments (pairs, as rpyc sends them)."""
-    if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
-        return contextwire.decode(kwargs[-1][1])[0], kwargs[:-1]
-    return None, kwargs
-
-
 def _method_name(obj: Any) -> str:
     name = str(getattr(obj, "__name__", None) or type(obj).__name__)
     return name[len("exposed_") :] if name.startswith("exposed_") else name
@@ -102,6 +95,7 @@ class ContextCalls:
     _config: dict[str, Any]
     peer_speaks_context = False  # set when the peer is known to take contexts off
     peer_takes_text = False  # set when the peer takes the compact form (rpyc_host.wire.contextwire)
+    peer_takes_bare_text = False  # ... and takes it in place of empty keyword arguments
     _told: float | contextwire._NotTold | None = contextwire.NOT_TOLD  # the timeout the peer knows
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
 
@@ -158,7 +152,11 @@ class ContextCalls:
             wire = contextwire.encode(
                 deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD
             )
-            args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, wire)))
+            telling = telling and type(wire) is str
+            if not call_kwargs and self.peer_takes_bare_text and type(wire) is str:
+                args = (obj, call_args, wire)  # one string where the keyword pairs would go
+            else:
+                args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, wire)))
         elif self.peer_speaks_context:
             ctx = context.CallContext(deadline, parent, state, request_id)
             args = (obj, call_args, (*tuple(call_kwargs), (context.KWARG, ctx.to_wire())))
@@ -167,7 +165,7 @@ class ContextCalls:
         except BaseException as exc:
             tracing.end_span(span, exc)
             raise
-        if telling and type(args[2][-1][1]) is str:
+        if telling:
             result.add_callback(lambda res, told=default: self._was_told(res, told))
         return result, span
 
@@ -246,17 +244,12 @@ class ContextServing:
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
             ctx: context.CallContext | context.Derived | None
-            if kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
-                ctx, told = contextwire.decode(kwargs[-1][1])
+            if type(kwargs) is str:  # the text form in place of no keyword arguments
+                ctx = self._context_sent(kwargs)
+                kwargs = ()
+            elif kwargs and type(kwargs) is tuple and kwargs[-1][0] == context.KWARG:
+                ctx = self._context_sent(kwargs[-1][1])
                 kwargs = kwargs[:-1]
-                if told is not contextwire.NOT_TOLD:
-                    self._told_by_peer = told
-                if ctx is not None:
-                    self.peer_speaks_context = True  # its callbacks may carry contexts too
-                    if ctx.expired():
-                        raise DeadlineExceeded(
-                            "the call's deadline had passed when it arrived; it was not started"
-                        )
             else:
                 told = self.__dict__.get("_told_by_peer", contextwire.NOT_TOLD)
                 ctx = None if told is contextwire.NOT_TOLD else contextwire.derived(told)
@@ -274,6 +267,18 @@ class ContextServing:
 
         handlers[consts.HANDLE_CALL] = handle_call
         return handlers
+
+    def _context_sent(self, value: Any) -> context.CallContext | None:
+        """The context a call request carried (None if malformed), remembering a default it
+        told; DeadlineExceeded if its deadline passed before it arrived."""
+        ctx, told = contextwire.decode(value)
+        if told is not contextwire.NOT_TOLD:
+            self._told_by_peer = told
+        if ctx is not None:
+            self.peer_speaks_context = True  # its callbacks may carry contexts too
+            if ctx.expired():
+                raise DeadlineExceeded("the call's deadline had passed when it arrived; it was not started")
+        return ctx
 
 
 def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
