@@ -8,11 +8,13 @@ A host that exposes :data:`~rpyc_host.wire.context.TEXT_MARKER` takes the contex
 with an empty field for None. It travels as the ``(KWARG, text)`` keyword pair, or, to a host
 answering version 3 and for a call with no keyword arguments, as the text alone in the place
 of the keyword pairs: brine then writes one string where the pair costs two nested tuples, and
-each side boxes, dumps and loads about 4 us less per call here. The optional fifth field tells the host the client's connection
-timeout, once: from then on a call with nothing else to carry (no enclosing context, the
-connection's own timeout, no trace) is sent with no context at all, and the host derives it:
-the deadline is that timeout from arrival, the request id one of its own. Fields holding the
-separator are not written as text: such a context goes as the 4-tuple every host reads.
+each side boxes, dumps and loads about 4 us less per call here.
+
+The optional fifth field tells the host the client's connection timeout, once: from then on a
+call with nothing else to carry (no enclosing context, the connection's own timeout, no trace)
+is sent with no context at all, and the host derives it: the deadline is that timeout from
+arrival, the request id one of its own. Fields holding the separator are not written as text:
+such a context goes as the 4-tuple every host reads.
 """
 
 from __future__ import annotations
