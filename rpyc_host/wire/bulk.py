@@ -18,10 +18,12 @@ Usage (client side, with a ticket the service returned)::
 
 Security: the side connection keeps the control connection's protection: when that one is
 TLS, so is this one, with the client's context and server name (:func:`client_wrapper`); the
-ticket is only handed out over the control connection, after its token handshake.
+ticket is only handed out over the control connection, after its token handshake. TLS on the
+side connection goes through :class:`rpyc_host.wire.tlsbio.TLSChannel` (memory BIOs: a MiB of
+ciphertext per system call, where an ``ssl.SSLSocket`` makes two per 16 KiB record).
 ``send_file`` reads an uncached file with ``O_DIRECT`` into reused buffers and ``sendall``s
-them; a cached one goes by ``sendfile``, except on a TLS socket, where the bytes are read and
-sent with ``sendall``.
+them; a cached one goes by ``sendfile``, except over TLS, where the bytes are read and sent
+with ``sendall``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from .tlsbio import TLSChannel
+
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
 BUFFERS = 4  # CHUNK-sized buffers in flight while receiving: socket, disk and hash overlap
@@ -45,20 +49,20 @@ ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the largest 
 SEND_CHUNK = 8 << 20
 
 Ticket = tuple[str, int, bytes]
-SocketWrapper = Callable[[socket.socket], socket.socket]
+BulkSocket = socket.socket | TLSChannel  # a side connection: plain TCP, or TLS over it
+SocketWrapper = Callable[[socket.socket], BulkSocket]
 
 
-def open_bulk(ticket: Ticket, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> socket.socket:
+def open_bulk(ticket: Ticket, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> BulkSocket:
     """Client side: connect to a ticket and present its token."""
     host, port, token = ticket
-    sock = socket.create_connection((host, port), timeout=timeout)
+    raw = socket.create_connection((host, port), timeout=timeout)
     try:
-        if wrap is not None:
-            sock = wrap(sock)
-        tune(sock)
+        tune(raw)
+        sock = wrap(raw) if wrap is not None else raw
         sock.sendall(token)
     except BaseException:
-        sock.close()
+        raw.close()
         raise
     return sock
 
@@ -70,18 +74,23 @@ def control_socket(conn: Any) -> socket.socket | None:
 
 
 def client_wrapper(control: socket.socket | None) -> SocketWrapper | None:
-    """TLS for a side connection with ``control``'s client context (CA, certificate) and server name."""
+    """TLS for a side connection with ``control``'s client context (CA, certificate) and server name.
+
+    The handshake has the socket's timeout in total (``open_bulk``'s ``timeout``).
+    """
     if not isinstance(control, ssl.SSLSocket):
         return None
     context, hostname = control.context, control.server_hostname
 
-    def wrap(sock: socket.socket) -> socket.socket:
-        return context.wrap_socket(sock, server_hostname=hostname)
+    def wrap(sock: socket.socket) -> BulkSocket:
+        chan = TLSChannel(sock, context, server_side=False, server_hostname=hostname)
+        chan.handshake(sock.gettimeout() or 30.0)
+        return chan
 
     return wrap
 
 
-def tune(sock: socket.socket) -> None:
+def tune(sock: BulkSocket) -> None:
     """Big kernel buffers: fewer wake-ups per GiB on loopback and fast links."""
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -91,7 +100,7 @@ def tune(sock: socket.socket) -> None:
 
 
 def send_file(
-    sock: socket.socket,
+    sock: BulkSocket,
     fd: int,
     offset: int,
     count: int,
@@ -120,7 +129,7 @@ def send_file(
                 return _send_direct(sock, direct, offset, count, progress)
             finally:
                 os.close(direct)
-    if _is_tls(sock):
+    if not isinstance(sock, socket.socket) or _is_tls(sock):
         return _send_copying(sock, fd, offset, count, progress)
     sent_total = 0
     timeout = sock.gettimeout()
@@ -143,7 +152,7 @@ def send_file(
 
 
 def _send_copying(
-    sock: socket.socket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
+    sock: BulkSocket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
 ) -> int:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -160,7 +169,7 @@ def _send_copying(
 
 
 def _send_direct(
-    sock: socket.socket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
+    sock: BulkSocket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
 ) -> int:
     """Send from ``fd`` (opened with O_DIRECT): a reader thread fills aligned buffers, we send them."""
     reader = _DirectReader(fd, offset, count)
@@ -290,7 +299,7 @@ class _Hasher(Protocol):
 
 
 def recv_to_file(
-    sock: socket.socket,
+    sock: BulkSocket,
     fd: int,
     offset: int,
     count: int,
