@@ -320,3 +320,27 @@ def test_a_corrupted_download_byte_is_refused_before_it_reaches_the_file(
     assert len(kept) < 3 * MiB  # nothing from the damaged record on
     assert kept == src.read_bytes()[: len(kept)]
     reader.close()
+
+
+def test_a_side_server_that_stalls_mid_handshake_is_cut_off_by_the_deadline(
+    stack: ExitStack, tmp_path: Path, certs: Certificates
+) -> None:
+    conn = connect(stack, tmp_path / "root", certs)
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel's backlog), never answers
+    stack.callback(listener.close)
+    host, port = listener.getsockname()[:2]
+    with pytest.raises(TimeoutError, match="TLS handshake not finished within 1 s"):
+        files._open_bulk(conn, (host, port, b"t" * bulk.TOKEN_BYTES), 1.0)
+
+
+def test_a_client_that_closes_mid_upload_fails_it_naming_the_bytes(
+    stack: ExitStack, tmp_path: Path, certs: Certificates
+) -> None:
+    conn = connect(stack, tmp_path / "root", certs)
+    writer = conn.root.open_write("cut.bin")
+    ticket = tuple(writer.bulk(4 * MiB))
+    with files._open_bulk(conn, ticket, 10) as side:
+        side.sendall(os.urandom(MiB))  # then closes without a TLS close_notify
+    with pytest.raises(ConnectionError, match=r"data connection closed after \d+ of 4194304 bytes"):
+        wait_done(writer)
+    assert not (tmp_path / "root" / "cut.bin").exists()
