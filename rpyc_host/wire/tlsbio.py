@@ -27,7 +27,7 @@ Usage::
 
 Error handling: a record that fails its integrity check raises :class:`TLSRecordError` (a
 ``ConnectionError``) naming the byte count it came after; a peer that closes mid-handshake
-raises ``ConnectionError``; timeouts are the socket's own ``TimeoutError``.
+raises ``ConnectionError``; a silent peer raises ``TimeoutError`` naming the seconds waited.
 """
 
 from __future__ import annotations
