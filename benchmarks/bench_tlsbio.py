@@ -5,8 +5,9 @@
 
 One process, two threads over a loopback TCP connection with 4 MiB kernel buffers: the sender
 ``sendall``s a 4 MiB buffer again and again, the receiver ``recv_into``s a 4 MiB buffer. Each
-end is an ``SSLSocket`` (``wrap_socket``) or a :class:`rpyc_host.wire.tlsbio.TLSChannel`, in
-every combination; CPU seconds per GiB of each thread (``time.thread_time``) and MB/s. No
+end is an ``SSLSocket`` (``wrap_socket``, what the host uses) or a
+:class:`benchmarks.tlsbio_channel.TLSChannel` (memory BIOs, measured and not adopted), in every
+combination; CPU seconds per GiB of each thread (``time.thread_time``) and MB/s. No
 disk, no hashing: the transport alone. Server context and certificate as the host's
 (ECDSA P-256, TLS 1.3, OpenSSL's default suite).
 """
@@ -28,10 +29,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import fmt, machine, save, table
+from benchmarks.tlsbio_channel import TLSChannel
 from rpyc_host.testing import make_certificates
 from rpyc_host.wire import bulk
 from rpyc_host.wire.tls import client_context, server_context
-from rpyc_host.wire.tlsbio import TLSChannel
 
 GiB = 1 << 30
 PIECE = 4 << 20

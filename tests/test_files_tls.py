@@ -1,4 +1,4 @@
-"""TLS on the bulk side connection through memory BIOs (rpyc_host.wire.tlsbio.TLSChannel).
+"""TLS on the bulk side connection (an ssl.SSLSocket with the control connection's context).
 
 Real hosts on 127.0.0.1, real sockets; a small forwarding proxy (a thread per direction) stands
 between a client and a ticket where a test needs to see or damage the ciphertext.
@@ -6,13 +6,11 @@ between a client and a ticket where a test needs to see or damage the ciphertext
 
 from __future__ import annotations
 
-import array
-import fcntl
 import os
 import socket
 import ssl
-import termios
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -24,11 +22,10 @@ import client
 from client import files
 from rpyc_host.testing import Certificates, running_host, wait_until
 from rpyc_host.wire import bulk
+from rpyc_host.wire.bulktls import TLSRecordError
 from rpyc_host.wire.tls import client_context, server_context
-from rpyc_host.wire.tlsbio import TLSChannel, TLSRecordError
 
 MiB = 1 << 20
-RECORD = 16384  # the largest TLS record's plaintext
 
 
 def config(root: Path, certs: Certificates, transfer_timeout: float = 30.0) -> str:
@@ -146,58 +143,14 @@ def test_upload_and_download_over_tls_arrive_whole(
     conn = connect(stack, tmp_path / "root", certs)
     src = source(tmp_path, 5 * MiB + 12345)  # not a whole number of records
     with files._open_bulk(conn, conn.root.open_write("probe.bin").bulk(0), 10) as side:
-        assert isinstance(side, TLSChannel)  # the side connection speaks TLS through memory BIOs
+        assert isinstance(side, ssl.SSLSocket)  # the side connection speaks TLS
+        assert side.version() in ("TLSv1.2", "TLSv1.3")
     size, digest = files.upload(conn, src, "up.bin", overwrite=True, hash="sha256")
     assert size == src.stat().st_size
     back = tmp_path / "back.bin"
     assert files.download(conn, "up.bin", back, resume=False, hash="sha256") == (size, digest)
     assert back.read_bytes() == src.read_bytes()
     assert (tmp_path / "root" / "up.bin").read_bytes() == src.read_bytes()
-
-
-def test_one_receive_decrypts_many_records(certs: Certificates) -> None:
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[TLSChannel] = []
-
-    def serve() -> None:
-        raw, _ = listener.accept()
-        raw.settimeout(10)
-        chan = TLSChannel(
-            raw, server_context(str(certs.server_cert), str(certs.server_key)), server_side=True
-        )
-        chan.handshake(10)
-        accepted.append(chan)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    raw = socket.create_connection(listener.getsockname()[:2], timeout=10)
-    bulk.tune(raw)
-    chan = TLSChannel(raw, client_context(str(certs.ca)), server_side=False, server_hostname="127.0.0.1")
-    with chan, listener:
-        chan.handshake(10)
-        thread.join(10)
-        server = accepted[0]
-        with server:
-            bulk.tune(server)
-            data = os.urandom(MiB)
-            sender = threading.Thread(target=server.sendall, args=(data,), daemon=True)
-            sender.start()
-
-            def queued() -> int:
-                count = array.array("i", [0])
-                fcntl.ioctl(raw.fileno(), termios.FIONREAD, count)
-                return count[0]
-
-            wait_until(lambda: queued() >= MiB, 10, "1 MiB of ciphertext queued at the receiver")
-            buf = bytearray(4 * MiB)
-            first = chan.recv_into(buf)
-            # An ssl.SSLSocket returns one record (16 KiB) per call; the channel decrypts all it received.
-            assert first >= 32 * RECORD
-            got = first
-            while got < MiB:
-                got += chan.recv_into(memoryview(buf)[got:])
-            assert bytes(buf[:got]) == data
-            sender.join(10)
 
 
 def test_a_server_with_a_wrong_certificate_is_refused(
@@ -214,8 +167,8 @@ def test_a_server_with_a_wrong_certificate_is_refused(
         with raw:
             raw.settimeout(10)
             try:
-                TLSChannel(raw, rogue, server_side=True).handshake(10)
-            except (OSError, ConnectionError) as exc:
+                rogue.wrap_socket(raw, server_side=True).recv(1)
+            except OSError as exc:
                 seen.append(exc)
 
     thread = threading.Thread(target=impostor, daemon=True)
@@ -272,7 +225,8 @@ def test_a_client_stalled_mid_transfer_is_cut_off_and_blocks_nobody(
     src = source(tmp_path, 3 * MiB)
     assert files.upload(other, src, "other.bin")[1] == files.upload(other, src, "again.bin")[1]
     with pytest.raises(
-        ConnectionError, match=r"data transfer failed: TLS peer sent nothing for 1 s \(after \d+ bytes\)"
+        ConnectionError,
+        match=r"data transfer failed: data connection sent nothing for 1 s \(after \d+ of 4194304 bytes\)",
     ):
         wait_done(writer)
     assert not (tmp_path / "root" / "stalled.bin").exists()
@@ -344,3 +298,35 @@ def test_a_client_that_closes_mid_upload_fails_it_naming_the_bytes(
     with pytest.raises(ConnectionError, match=r"data connection closed after \d+ of 4194304 bytes"):
         wait_done(writer)
     assert not (tmp_path / "root" / "cut.bin").exists()
+
+
+def test_a_side_server_that_trickles_its_handshake_is_cut_off_by_one_deadline(
+    stack: ExitStack, tmp_path: Path, certs: Certificates
+) -> None:
+    conn = connect(stack, tmp_path / "root", certs)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stack.callback(listener.close)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        """A handshake record header, then one byte every 0.1 s: each read waits far less than 1 s."""
+        raw, _ = listener.accept()
+        with raw:
+            raw.sendall(b"\x16\x03\x03\x40\x00")  # a 16 KiB handshake record follows
+            for _ in range(300):  # at most 30 s
+                if stop.wait(0.1):
+                    return
+                try:
+                    raw.sendall(b"\x02")
+                except OSError:
+                    return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    stack.callback(thread.join, 10)
+    stack.callback(stop.set)
+    host, port = listener.getsockname()[:2]
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="TLS handshake not finished within 1 s"):
+        files._open_bulk(conn, (host, port, b"t" * bulk.TOKEN_BYTES), 1.0)
+    assert time.monotonic() - began < 10  # one deadline, not 1 s per read

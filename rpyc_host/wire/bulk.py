@@ -18,12 +18,11 @@ Usage (client side, with a ticket the service returned)::
 
 Security: the side connection keeps the control connection's protection: when that one is
 TLS, so is this one, with the client's context and server name (:func:`client_wrapper`); the
-ticket is only handed out over the control connection, after its token handshake. TLS on the
-side connection goes through :class:`rpyc_host.wire.tlsbio.TLSChannel` (memory BIOs: a MiB of
-ciphertext per system call, where an ``ssl.SSLSocket`` makes two per 16 KiB record).
+ticket is only handed out over the control connection, after its token handshake. TLS here
+is an ``ssl.SSLSocket`` (:mod:`rpyc_host.wire.bulktls` words its errors).
 ``send_file`` reads an uncached file with ``O_DIRECT`` into reused buffers and ``sendall``s
-them; a cached one goes by ``sendfile``, except over TLS, where the bytes are read and sent
-with ``sendall``.
+them; a cached one goes by ``sendfile``, except on a TLS socket, where the bytes are read and
+sent with ``sendall``.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .tlsbio import TLSChannel
+from .bulktls import handshake, receive_error
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
@@ -49,20 +48,20 @@ ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the largest 
 SEND_CHUNK = 8 << 20
 
 Ticket = tuple[str, int, bytes]
-BulkSocket = socket.socket | TLSChannel  # a side connection: plain TCP, or TLS over it
-SocketWrapper = Callable[[socket.socket], BulkSocket]
+SocketWrapper = Callable[[socket.socket], socket.socket]
 
 
-def open_bulk(ticket: Ticket, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> BulkSocket:
+def open_bulk(ticket: Ticket, *, timeout: float = 30.0, wrap: SocketWrapper | None = None) -> socket.socket:
     """Client side: connect to a ticket and present its token."""
     host, port, token = ticket
-    raw = socket.create_connection((host, port), timeout=timeout)
+    sock = socket.create_connection((host, port), timeout=timeout)
     try:
-        tune(raw)
-        sock = wrap(raw) if wrap is not None else raw
+        if wrap is not None:
+            sock = wrap(sock)
+        tune(sock)
         sock.sendall(token)
     except BaseException:
-        raw.close()
+        sock.close()
         raise
     return sock
 
@@ -76,21 +75,22 @@ def control_socket(conn: Any) -> socket.socket | None:
 def client_wrapper(control: socket.socket | None) -> SocketWrapper | None:
     """TLS for a side connection with ``control``'s client context (CA, certificate) and server name.
 
-    The handshake has the socket's timeout in total (``open_bulk``'s ``timeout``).
+    The handshake has the socket's timeout (``open_bulk``'s ``timeout``) in total.
     """
     if not isinstance(control, ssl.SSLSocket):
         return None
     context, hostname = control.context, control.server_hostname
 
-    def wrap(sock: socket.socket) -> BulkSocket:
-        chan = TLSChannel(sock, context, server_side=False, server_hostname=hostname)
-        chan.handshake(sock.gettimeout() or 30.0)
-        return chan
+    def wrap(sock: socket.socket) -> socket.socket:
+        total = sock.gettimeout() or 30.0  # open_bulk's timeout, for the whole handshake
+        tls = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
+        handshake(tls, total)
+        return tls
 
     return wrap
 
 
-def tune(sock: BulkSocket) -> None:
+def tune(sock: socket.socket) -> None:
     """Big kernel buffers: fewer wake-ups per GiB on loopback and fast links."""
     for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
         try:
@@ -100,7 +100,7 @@ def tune(sock: BulkSocket) -> None:
 
 
 def send_file(
-    sock: BulkSocket,
+    sock: socket.socket,
     fd: int,
     offset: int,
     count: int,
@@ -129,7 +129,7 @@ def send_file(
                 return _send_direct(sock, direct, offset, count, progress)
             finally:
                 os.close(direct)
-    if not isinstance(sock, socket.socket) or _is_tls(sock):
+    if _is_tls(sock):
         return _send_copying(sock, fd, offset, count, progress)
     sent_total = 0
     timeout = sock.gettimeout()
@@ -152,7 +152,7 @@ def send_file(
 
 
 def _send_copying(
-    sock: BulkSocket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
+    sock: socket.socket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
 ) -> int:
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -169,7 +169,7 @@ def _send_copying(
 
 
 def _send_direct(
-    sock: BulkSocket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
+    sock: socket.socket, fd: int, offset: int, count: int, progress: Callable[[int], None] | None
 ) -> int:
     """Send from ``fd`` (opened with O_DIRECT): a reader thread fills aligned buffers, we send them."""
     reader = _DirectReader(fd, offset, count)
@@ -299,7 +299,7 @@ class _Hasher(Protocol):
 
 
 def recv_to_file(
-    sock: BulkSocket,
+    sock: socket.socket,
     fd: int,
     offset: int,
     count: int,
@@ -319,7 +319,9 @@ def recv_to_file(
     fault, and buffered writes of a large file run at 150-250 MB/s there; direct writes do not
     touch new memory at all (see benchmarks/bench_files.py).
 
-    Error handling: ConnectionError if the peer closes early; a socket, disk or hash error
+    Error handling: ConnectionError if the peer closes early, TimeoutError naming the socket's
+    timeout and the bytes so far if it goes silent, ``bulktls.TLSRecordError`` ("TLS record
+    refused after N bytes") if a TLS record fails its check; a socket, disk or hash error
     stops all three stages and is raised here. Pieces reported to ``progress`` are on disk.
     """
     pipe = _WritePipeline(fd, hasher, progress)
@@ -333,7 +335,10 @@ def recv_to_file(
             got = 0
             try:
                 while got < want:
-                    n = sock.recv_into(view[got:want])
+                    try:
+                        n = sock.recv_into(view[got:want])
+                    except OSError as exc:
+                        raise receive_error(exc, sock, done + got, count) from None
                     if n == 0:
                         raise ConnectionError(f"data connection closed after {done + got} of {count} bytes")
                     got += n

@@ -13,9 +13,7 @@ connection stand in the ticket holder's way:
   pending connection of this offer is dropped for the newcomer, and an offer always has room
   for one, so squatters elsewhere cannot lock a ticket holder out;
 - with TLS (the control connection's own server context, see :func:`server_wrapper`) the
-  handshake runs in the same loop, non-blocking, with the same deadline; the connection then
-  speaks TLS through memory BIOs (:class:`rpyc_host.wire.tlsbio.TLSChannel`), a MiB of
-  ciphertext per system call;
+  handshake runs in the same loop, non-blocking, with the same deadline;
 - a wrong token closes that connection only; the right one ends the offer: the listener and
   every other pending connection are closed.
 
@@ -43,8 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rpyc_host.budget import Account, LimitExceeded
-from rpyc_host.wire.bulk import TOKEN_BYTES, BulkSocket, Ticket, tune
-from rpyc_host.wire.tlsbio import TLSChannel
+from rpyc_host.wire.bulk import TOKEN_BYTES, Ticket, tune
 
 PENDING = "pending_side_connections"  # the budget resource
 PENDING_TIMEOUT = 2.0  # seconds a side connection has to finish TLS and send its token
@@ -59,9 +56,9 @@ class ServerTLS:
     context: ssl.SSLContext
     subject: Any  # the control connection's client-certificate subject, None without mutual TLS
 
-    def wrap(self, sock: socket.socket) -> TLSChannel:
-        """A server-side TLS channel over ``sock`` whose handshake :class:`BulkOffer` drives."""
-        return TLSChannel(sock, self.context, server_side=True)
+    def wrap(self, sock: socket.socket) -> ssl.SSLSocket:
+        """A non-blocking server-side TLS socket whose handshake :class:`BulkOffer` drives."""
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 def server_wrapper(control: socket.socket | None) -> ServerTLS | None:
@@ -76,7 +73,7 @@ def server_wrapper(control: socket.socket | None) -> ServerTLS | None:
     return ServerTLS(control.context, _subject(control))
 
 
-def _subject(sock: ssl.SSLSocket | TLSChannel) -> Any:
+def _subject(sock: ssl.SSLSocket) -> Any:
     cert = sock.getpeercert()
     return cert.get("subject") if cert else None
 
@@ -86,7 +83,7 @@ class _Pending:
 
     __slots__ = ("deadline", "got", "handshaking", "sock")
 
-    def __init__(self, sock: BulkSocket, deadline: float, handshaking: bool) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, handshaking: bool) -> None:
         self.sock = sock
         self.deadline = deadline
         self.handshaking = handshaking
@@ -129,7 +126,7 @@ class BulkOffer:
         host, port = self._listener.getsockname()[:2]
         self.ticket: Ticket = (host, port, self.token)
 
-    def accept(self) -> BulkSocket:
+    def accept(self) -> socket.socket:
         """The ticket holder's connection (blocking, tuned) once it sent the token.
 
         TimeoutError if it did not within ``timeout`` seconds; ConnectionAbortedError if
@@ -212,7 +209,7 @@ class BulkOffer:
                 return
             raw.setblocking(False)
             try:
-                sock: BulkSocket = self._tls.wrap(raw) if self._tls is not None else raw
+                sock: socket.socket = self._tls.wrap(raw) if self._tls is not None else raw
             except (OSError, ValueError):
                 raw.close()
                 continue
@@ -240,12 +237,12 @@ class BulkOffer:
         self._unregister(sel, oldest)
         oldest.sock.close()
 
-    def _advance(self, sel: selectors.BaseSelector, pending: _Pending) -> BulkSocket | None:
+    def _advance(self, sel: selectors.BaseSelector, pending: _Pending) -> socket.socket | None:
         """Move one pending connection on; its socket once it has shown the right token."""
         sock = pending.sock
         try:
             if pending.handshaking:
-                assert isinstance(sock, TLSChannel)
+                assert isinstance(sock, ssl.SSLSocket)
                 try:
                     sock.do_handshake()
                 except ssl.SSLWantReadError:

@@ -1,4 +1,12 @@
-"""TLS over a plain socket through memory BIOs: many TLS records per system call.
+"""A design measured and not adopted: TLS over a plain socket through memory BIOs.
+
+Kept for ``benchmarks/bench_tlsbio.py``, which compares it with ``ssl.SSLSocket``; nothing in
+``rpyc_host``, ``services`` or ``client`` imports it. It was slower than ``SSLSocket`` on both
+ends (one loaded run: 654 MB/s and 0.83 / 0.77 CPU s per GiB sender / receiver, against
+792 MB/s and 0.61 / 0.60): system calls are cheap on this kernel, the BIOs add two copies per
+byte and a memset, and ``SSLObject.read`` still returns one record per call. The host's side
+connection is an ``ssl.SSLSocket`` (``rpyc_host.wire.bulktls`` gives it a whole-handshake
+deadline and clear errors).
 
 ``ssl.SSLSocket`` hands back one TLS record (at most 16 KiB) per ``recv_into`` and OpenSSL,
 without read-ahead, reads each record with two ``read`` system calls; on send it writes each
@@ -8,10 +16,9 @@ record with its own system call. :class:`TLSChannel` drives an ``ssl.SSLObject``
 caller's buffer with no system call in between; it encrypts up to ``WRITE_PIECE`` bytes at a
 time into the outgoing BIO and sends that ciphertext with one ``sendall``.
 
-Measured here (``benchmarks/bench_tlsbio.py``), that saves no CPU: system calls are cheap on
-this kernel, and the BIOs add copies (into the incoming BIO, out of the outgoing one, and the
-BIO zeroing the space it grows into). What it buys is control: one deadline for the whole
-handshake, errors that name what failed and after how many bytes, and a clean close.
+What it bought was control (one deadline for the whole handshake, errors naming the bytes
+before a damaged record, a clean close); ``SSLSocket`` gives the first natively and the
+second through the host's error mapping.
 
 The context is the caller's (certificate, CA, minimum version and hostname checks are the
 context's, exactly as with ``wrap_socket``). The channel behaves like the socket subset the
