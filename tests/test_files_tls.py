@@ -330,3 +330,20 @@ def test_a_side_server_that_trickles_its_handshake_is_cut_off_by_one_deadline(
     with pytest.raises(TimeoutError, match="TLS handshake not finished within 1 s"):
         files._open_bulk(conn, (host, port, b"t" * bulk.TOKEN_BYTES), 1.0)
     assert time.monotonic() - began < 10  # one deadline, not 1 s per read
+
+
+def test_a_client_that_stops_reading_a_download_is_cut_off_naming_the_timeout(
+    stack: ExitStack, tmp_path: Path, certs: Certificates
+) -> None:
+    conn = connect(stack, tmp_path / "root", certs, transfer_timeout=1.0)
+    size = 48 * MiB  # more than both ends' kernel buffers hold
+    files.upload(conn, source(tmp_path, size), "big.bin")
+    reader = conn.root.open_read("big.bin")
+    side = files._open_bulk(conn, tuple(reader.bulk(-1)), 10)  # TLS done, token sent, then never read
+    stack.callback(side.close)
+    with pytest.raises(
+        ConnectionError,
+        match=r"data transfer failed: peer took no data for 1 s \(after \d+ of 50331648 bytes\)",
+    ):
+        wait_done(reader)
+    reader.close()

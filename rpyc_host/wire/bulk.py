@@ -39,7 +39,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from .bulktls import handshake, receive_error
+from .bulktls import handshake, receive_error, send_error
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
@@ -161,7 +161,10 @@ def _send_copying(
         n = os.preadv(fd, [view[: min(CHUNK, count - sent_total)]], offset + sent_total)
         if n == 0:
             break
-        sock.sendall(view[:n])
+        try:
+            sock.sendall(view[:n])
+        except OSError as exc:
+            raise send_error(exc, sock, sent_total, count) from None
         sent_total += n
         if progress is not None:
             progress(n)
@@ -178,7 +181,10 @@ def _send_direct(
         while (piece := reader.next_piece()) is not None:
             buf, skip, n = piece
             with memoryview(buf) as whole:
-                sock.sendall(whole[skip : skip + n])
+                try:
+                    sock.sendall(whole[skip : skip + n])
+                except OSError as exc:
+                    raise send_error(exc, sock, sent_total, count) from None
             reader.give_back(buf)
             sent_total += n
             if progress is not None:

@@ -35,11 +35,23 @@ def handshake(sock: ssl.SSLSocket, timeout: float) -> None:
         sock.settimeout(before)
 
 
+def send_error(exc: OSError, sock: socket.socket, sent: int, count: int) -> OSError:
+    """What to raise for ``exc`` from a send after ``sent`` of ``count`` bytes, or ``exc``."""
+    if isinstance(exc, TimeoutError):
+        return TimeoutError(f"peer took no data for {sock.gettimeout():g} s (after {sent} of {count} bytes)")
+    return exc
+
+
 def receive_error(exc: OSError, sock: socket.socket, received: int, count: int) -> OSError:
     """What to raise for ``exc`` from a receive after ``received`` of ``count`` bytes, or ``exc``."""
     if isinstance(exc, TimeoutError):
         return TimeoutError(
             f"data connection sent nothing for {sock.gettimeout():g} s (after {received} of {count} bytes)"
+        )
+    if isinstance(exc, ConnectionResetError):
+        # A TLS peer that closes with session tickets unread makes its kernel send a reset.
+        return ConnectionError(
+            f"data connection closed after {received} of {count} bytes (reset by the peer)"
         )
     if isinstance(exc, ssl.SSLError):
         return TLSRecordError(f"TLS record refused after {received} bytes: {exc.reason or exc}")
