@@ -12,6 +12,8 @@ Nothing here imports the rest of the host, the services or the client; both stan
 - ``streams``, ``stream_reader``: streamed results (the host's stream object, the client's
   chunked iterator);
 - ``bulk``: the one-time side connection for file bytes (tickets, sending, receiving);
+- ``bulktls``: TLS on that side connection (``ssl.SSLSocket``): a whole-handshake deadline and
+  clear errors (a timeout named, "TLS record refused after N bytes");
 - ``hashes``: the integrity hashes a file transfer can name (blake3, xxh3_128, sha256);
 - ``jsonlines``: the JSON-lines payload encoder of ingest batches;
 - ``errors``: the wire's exception tree.

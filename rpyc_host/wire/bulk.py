@@ -18,7 +18,8 @@ Usage (client side, with a ticket the service returned)::
 
 Security: the side connection keeps the control connection's protection: when that one is
 TLS, so is this one, with the client's context and server name (:func:`client_wrapper`); the
-ticket is only handed out over the control connection, after its token handshake.
+ticket is only handed out over the control connection, after its token handshake. TLS here
+is an ``ssl.SSLSocket`` (:mod:`rpyc_host.wire.bulktls` words its errors).
 ``send_file`` reads an uncached file with ``O_DIRECT`` into reused buffers and ``sendall``s
 them; a cached one goes by ``sendfile``, except on a TLS socket, where the bytes are read and
 sent with ``sendall``.
@@ -37,6 +38,8 @@ import ssl
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from .bulktls import handshake, receive_error, send_error
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
@@ -70,13 +73,19 @@ def control_socket(conn: Any) -> socket.socket | None:
 
 
 def client_wrapper(control: socket.socket | None) -> SocketWrapper | None:
-    """TLS for a side connection with ``control``'s client context (CA, certificate) and server name."""
+    """TLS for a side connection with ``control``'s client context (CA, certificate) and server name.
+
+    The handshake has the socket's timeout (``open_bulk``'s ``timeout``) in total.
+    """
     if not isinstance(control, ssl.SSLSocket):
         return None
     context, hostname = control.context, control.server_hostname
 
     def wrap(sock: socket.socket) -> socket.socket:
-        return context.wrap_socket(sock, server_hostname=hostname)
+        total = sock.gettimeout() or 30.0  # open_bulk's timeout, for the whole handshake
+        tls = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
+        handshake(tls, total)
+        return tls
 
     return wrap
 
@@ -152,7 +161,10 @@ def _send_copying(
         n = os.preadv(fd, [view[: min(CHUNK, count - sent_total)]], offset + sent_total)
         if n == 0:
             break
-        sock.sendall(view[:n])
+        try:
+            sock.sendall(view[:n])
+        except OSError as exc:
+            raise send_error(exc, sock, sent_total, count) from None
         sent_total += n
         if progress is not None:
             progress(n)
@@ -169,7 +181,10 @@ def _send_direct(
         while (piece := reader.next_piece()) is not None:
             buf, skip, n = piece
             with memoryview(buf) as whole:
-                sock.sendall(whole[skip : skip + n])
+                try:
+                    sock.sendall(whole[skip : skip + n])
+                except OSError as exc:
+                    raise send_error(exc, sock, sent_total, count) from None
             reader.give_back(buf)
             sent_total += n
             if progress is not None:
@@ -310,7 +325,9 @@ def recv_to_file(
     fault, and buffered writes of a large file run at 150-250 MB/s there; direct writes do not
     touch new memory at all (see benchmarks/bench_files.py).
 
-    Error handling: ConnectionError if the peer closes early; a socket, disk or hash error
+    Error handling: ConnectionError if the peer closes early, TimeoutError naming the socket's
+    timeout and the bytes so far if it goes silent, ``bulktls.TLSRecordError`` ("TLS record
+    refused after N bytes") if a TLS record fails its check; a socket, disk or hash error
     stops all three stages and is raised here. Pieces reported to ``progress`` are on disk.
     """
     pipe = _WritePipeline(fd, hasher, progress)
@@ -324,7 +341,10 @@ def recv_to_file(
             got = 0
             try:
                 while got < want:
-                    n = sock.recv_into(view[got:want])
+                    try:
+                        n = sock.recv_into(view[got:want])
+                    except OSError as exc:
+                        raise receive_error(exc, sock, done + got, count) from None
                     if n == 0:
                         raise ConnectionError(f"data connection closed after {done + got} of {count} bytes")
                     got += n
