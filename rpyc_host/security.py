@@ -12,8 +12,9 @@ A client that skips the token (plain ``rpyc.connect``) has sent an rpyc request 
 is answered with an rpyc exception for that request (``ConnectionRefusedError: ...``), so even
 a client without this library reads why. Connections refused for limits get the same.
 
-Error handling: every refusal is logged with the peer and the reason, and counted; an
-address with repeated token failures is refused outright for a growing period.
+Error handling: every refusal is counted, and logged with the peer and the reason (one line
+per address and kind every 10 s, with the number not logged since); an address with repeated
+token failures is refused outright for a growing period.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from .config import LimitsSection, SecurityConfig
 from .errors import Refused
+from .refusal_log import RefusalLog
 from .wire.handshake import (
     LENGTH,
     MAX_TOKEN_BYTES,
@@ -270,6 +272,7 @@ class Gatekeeper:
         self.refusals = refusals
         self.throttle = throttle
         self.service = service
+        self.refusal_log = RefusalLog(log)
 
     def reconfigure(
         self, security: SecurityConfig, limits: LimitsSection, tls: ssl.SSLContext | None
@@ -351,7 +354,15 @@ class Gatekeeper:
         """Log, count and close a refused connection, telling the client why where it can listen:
         a status frame once its token was read, an rpyc exception frame before that."""
         self.refusals.add(refusal.kind, self.service)
-        log.warning("refused %s connection from %s: %s", self.service, _fmt_peer(peer), refusal.reason)
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        self.refusal_log.refused(
+            ip,
+            refusal.kind,
+            "refused %s connection from %s: %s",
+            self.service,
+            _fmt_peer(peer),
+            refusal.reason,
+        )
         if not refusal.message:
             closer().close_after(sock)
         elif refusal.after_token:
