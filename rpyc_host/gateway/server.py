@@ -180,6 +180,8 @@ class Gateway:
                 time.sleep(0.05)
                 continue
             peer = _Peer(sock, addr)
+            if self._blocked_at_accept(peer):
+                continue
             refusal = ""
             with self._lock:
                 if self._closing:
@@ -211,6 +213,21 @@ class Gateway:
                 closer().close_after(sock, plain_response(503, refusal))
                 continue
             threading.Thread(target=self._serve, args=(peer,), name="gateway-conn", daemon=True).start()
+
+    def _blocked_at_accept(self, peer: _Peer) -> bool:
+        """Answer 429 at once to an address the login throttle blocks: no thread, no parsing.
+
+        Over plain HTTP only: behind TLS the answer needs a handshake, so the connection's own
+        thread answers it after the handshake (``Doorman.screen`` per request)."""
+        if self._ssl is not None or not self.doorman.needed:
+            return False
+        try:
+            self.doorman.screen(peer.ip)
+        except HTTPError as exc:
+            self._count(exc.reason)
+            closer().close_after(peer.sock, plain_response(exc.status, exc.message, exc.headers))
+            return True
+        return False
 
     # -- serving -----------------------------------------------------------------------------------
 

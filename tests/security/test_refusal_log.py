@@ -98,6 +98,39 @@ def test_the_gateway_refuses_a_flood_without_a_thread_or_a_line_each(
         assert len(lines) == 1 and "gateway.max_connections_per_ip: 1" in lines[0]
 
 
+TOKEN = "refusal-log-token-0123456789"
+GATEWAY_TOKENS = f"""
+services:
+  demo: {{class: services.demo:DemoService, port: 0}}
+security: {{tokens: [{TOKEN}]}}
+gateway: {{enabled: true, port: 0, services: [demo]}}
+"""
+
+
+def test_a_blocked_address_gets_429_at_accept_before_it_sends_anything() -> None:
+    with running_host(GATEWAY_TOKENS) as host:
+        address = host.gateway.address
+        wrong = b"Authorization: Bearer wrong-token-0123456789abcdef\r\n"
+        request = b"POST /jsonrpc HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n" + wrong + b"\r\n{}"
+        for _ in range(5):  # FAILURES_ALLOWED wrong tokens block the address
+            with socket.create_connection(address, timeout=10, source_address=("127.0.0.6", 0)) as sock:
+                sock.sendall(request)
+                assert read_all(sock).startswith(b"HTTP/1.1 401")
+        threads_before = threading.active_count()
+        peak = threads_before
+        with ExitStack() as stack:
+            for _ in range(50):  # well within the 2 s the first block lasts
+                sock = stack.enter_context(
+                    socket.create_connection(address, timeout=10, source_address=("127.0.0.6", 0))
+                )
+                answer = read_all(sock)  # nothing sent: the answer comes from the accept thread
+                assert answer.startswith(b"HTTP/1.1 429") and b"Retry-After: " in answer
+                assert b"too many failed logins from 127.0.0.6" in answer
+                peak = max(peak, threading.active_count())
+        assert peak <= threads_before + 2, f"{peak - threads_before} threads started for 50 refusals"
+        assert host.gateway.refusal_counts() == {"auth": 5, "throttled": 50}
+
+
 def test_the_line_after_a_quiet_interval_says_how_many_were_not_logged(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
