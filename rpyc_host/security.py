@@ -72,6 +72,9 @@ class Closer:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._deadlines: dict[socket.socket, float] = {}
         self._fds: dict[socket.socket, int] = {}
+        # fd -> the socket registered under it: a refusal flood leaves thousands lingering, and
+        # the accept thread must not search them all for each new one.
+        self._by_fd: dict[int, socket.socket] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="refusal-closer", daemon=True)
         self._thread.start()
@@ -86,6 +89,7 @@ class Closer:
                 sock.close()
             self._deadlines.clear()
             self._fds.clear()
+            self._by_fd.clear()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -106,16 +110,18 @@ class Closer:
             # fd number comes back with a new socket. So the fd is kept, and a stale one freed.
             self._forget_fd(sock.fileno())
             try:
-                self._fds[sock] = self._selector.register(sock, selectors.EVENT_READ).fd
+                fd = self._fds[sock] = self._selector.register(sock, selectors.EVENT_READ).fd
             except (ValueError, OSError):  # closed meanwhile
                 sock.close()
                 return
+            self._by_fd[fd] = sock
             self._deadlines[sock] = time.monotonic() + self.linger
         self._wake_w.send(b"x")
 
     def _forget_fd(self, fd: int) -> None:
-        for stale in [s for s, known in self._fds.items() if known == fd]:
-            del self._fds[stale]
+        stale = self._by_fd.pop(fd, None)
+        if stale is not None:
+            self._fds.pop(stale, None)
             self._deadlines.pop(stale, None)
             stale.close()
         try:
@@ -154,8 +160,11 @@ class Closer:
         with self._lock:
             if self._deadlines.pop(sock, None) is None:
                 return
+            fd = self._fds.pop(sock, -1)
+            if self._by_fd.get(fd) is sock:
+                del self._by_fd[fd]
             try:
-                self._selector.unregister(self._fds.pop(sock))
+                self._selector.unregister(fd)
             except (KeyError, ValueError):
                 pass
         sock.close()
