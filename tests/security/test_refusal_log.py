@@ -4,6 +4,7 @@ refusal is still answered with its reason and counted; the gateway refuses witho
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import threading
 from contextlib import ExitStack
@@ -55,9 +56,12 @@ def test_a_thousand_refused_connections_write_one_line_and_are_all_counted(
             assert b"too many connections from 127.0.0.2" in answer and b"limit 1" in answer
         wait_until(lambda: host.refusals.snapshot().get("limit") == FLOOD, 10, "every refusal counted")
         lines = [r.getMessage() for r in caplog.records if "connection from 127.0.0.2" in r.getMessage()]
-        assert len(lines) == 1 and "max_connections_per_ip (1) reached" in lines[0]
+        # One line per 10 s: a second one only if this loaded machine took that long.
+        assert 1 <= len(lines) <= 2 and "max_connections_per_ip (1) reached" in lines[0]
         gatekeeper = host.hosted[0].server.gatekeeper
-        assert gatekeeper.refusal_log.unlogged("127.0.0.2", "limit") == FLOOD - 1
+        told = sum(int(m.group(1)) for line in lines if (m := re.search(r"\((\d+) more from", line)))
+        # Every refusal is in a line, in a line's count, or still waiting for the next line.
+        assert len(lines) + told + gatekeeper.refusal_log.unlogged("127.0.0.2", "limit") == FLOOD
         # Another address is logged on its own.
         with socket.create_connection(address, timeout=10, source_address=("127.0.0.3", 0)) as other:
             with socket.create_connection(address, timeout=10, source_address=("127.0.0.3", 0)) as sock:
