@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/soak.py               # 60 s of attack after a 15 s baseline
     .venv/bin/python benchmarks/soak.py --quick       # 15 s of attack after a 5 s baseline
     .venv/bin/python benchmarks/soak.py --seconds 120 --baseline 20
+    .venv/bin/python benchmarks/soak.py --each        # each attack alone for 10 s, one table
 
 The services of ``config.yaml`` run as one ``python server.py`` process, from a temporary
 config derived from it: ports 0, the gateway and /metrics enabled, one Bearer token, the file
@@ -26,8 +27,10 @@ address    attack              what it sends
 
 Prints the honest success rate during the attack (target 100%), the honest p99 during the attack
 as a ratio to the baseline p99 of the same run (target <= 3x), the server's peak RSS, descriptors
-and threads (``/proc/PID``), the file tree's peak size against its quota, what each attack got
-(including refusals and their messages) and the refusal counters of /metrics.
+and threads (``/proc/PID``), the file tree's peak size against its quota, the CPU share of the
+server (baseline and attack), of each attack process and of the honest clients, what each attack
+got (including refusals and their messages) and the refusal counters of /metrics. ``--each`` runs
+every attack alone (10 s each by default) and ends with one table row per attack.
 
 The attacks hold resources rather than burn CPU (paced loops): denial of service by CPU from an
 authenticated client is outside the threat model, and this machine has 2 cores. The attack
@@ -313,10 +316,13 @@ def honest_main(ports: Ports, token: str, ready: Any, stop: Any, limit: float, o
     ]
     for t in threads:
         t.start()
+    cpu_before = cpu_seconds()
     ready.set()
     for t in threads:
         t.join(limit + 30)
-    out.put(("honest", {n: (lg.samples, dict(lg.errors)) for n, lg in logs.items()}))
+    results: dict[str, Any] = {n: (lg.samples, dict(lg.errors)) for n, lg in logs.items()}
+    results["cpu"] = cpu_seconds() - cpu_before
+    out.put(("honest", results))
 
 
 # -- attacks ---------------------------------------------------------------------------------------
@@ -733,6 +739,15 @@ ATTACK_FUNCTIONS: dict[str, Callable[[Attack], None]] = {
 }
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process, or by process ``pid``."""
+    if pid is None:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def attack_main(name: str, ports: Ports, token: str, go: Any, stop: Any, seconds: float, out: Any) -> None:
     """One attack process: report ready, wait for ``go``, attack until ``stop``, report."""
     # Attackers are other machines in life; here they share the server's 2 cores. At the lowest
@@ -743,11 +758,17 @@ def attack_main(name: str, ports: Ports, token: str, go: Any, stop: Any, seconds
         out.put(("attack", name, {"tally": {}, "messages": {"never started": 1}, "figures": {}}))
         return
     attack = Attack(name, ATTACKS[name], ports, token, stop, time.monotonic() + seconds + 10)
+    cpu_before = cpu_seconds()
     try:
         ATTACK_FUNCTIONS[name](attack)
     except Exception as exc:
         attack.failed("attack ended by an error", exc)
-    result = {"tally": dict(attack.tally), "messages": dict(attack.messages), "figures": attack.figures}
+    result = {
+        "tally": dict(attack.tally),
+        "messages": dict(attack.messages),
+        "figures": attack.figures,
+        "cpu": cpu_seconds() - cpu_before,
+    }
     out.put(("attack", name, result))
 
 
@@ -894,12 +915,15 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
                 wait_until(ready.is_set, 60, "honest clients connected")
                 sampler.start()
                 baseline_start = time.time()
+                server_cpu = [cpu_seconds(server.pid)]
                 time.sleep(baseline)  # the baseline phase: honest clients alone
                 phase[0] = "attack"
                 attack_start = time.time()
+                server_cpu.append(cpu_seconds(server.pid))
                 go.set()
                 time.sleep(seconds)  # the attack phase
                 attack_end = time.time()
+                server_cpu.append(cpu_seconds(server.pid))
                 stop.set()
                 for _ in range(len(attacks) + 1):
                     try:
@@ -925,6 +949,8 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
         "alive": alive,
         "after_ok": after_ok,
         "refusals": refusals,
+        # CPU seconds of the server in the baseline and attack phases.
+        "server_cpu": (server_cpu[1] - server_cpu[0], server_cpu[2] - server_cpu[1]),
     }
 
 
@@ -1012,6 +1038,7 @@ def report(r: dict[str, Any]) -> dict[str, Any]:
         f"  alive after the attack: {'yes' if r['alive'] else 'NO'}; "
         f"a fresh client served after it: {'yes' if r['after_ok'] else 'NO'}"
     )
+    cpu = cpu_report(r)
     print("\nattacks")
     for name, got in r["attacks"].items():
         source = ATTACKS[name]
@@ -1037,7 +1064,32 @@ def report(r: dict[str, Any]) -> dict[str, Any]:
         "after_ok": r["after_ok"],
         "attacks": r["attacks"],
         "refusals": r["refusals"],
+        "cpu": cpu,
     }
+
+
+def cpu_report(r: dict[str, Any]) -> dict[str, float]:
+    """Print and return the CPU share (of one core) of the server, the honest clients and the
+    attackers during the attack, next to the server's share in the baseline."""
+    before, during = r["server_cpu"]
+    attackers = sum(got.get("cpu", 0.0) for got in r["attacks"].values())
+    honest = float(r["honest"].get("cpu", 0.0))
+    whole = r["baseline"] + r["seconds"]  # the honest process runs through both phases
+    shares = {
+        "server_baseline": before / r["baseline"],
+        "server_attack": during / r["seconds"],
+        "attackers": attackers / r["seconds"],
+        "honest_clients": honest / whole,
+    }
+    print(
+        f"\nCPU, share of one core (2 cores in all): server {100 * shares['server_baseline']:.0f}% in the "
+        f"baseline, {100 * shares['server_attack']:.0f}% during the attack; attack processes "
+        f"{100 * shares['attackers']:.0f}% (nice 19); honest clients {100 * shares['honest_clients']:.0f}%"
+    )
+    for name, got in r["attacks"].items():
+        if "cpu" in got:
+            print(f"  {name}: {100 * got['cpu'] / r['seconds']:.1f}%")
+    return shares
 
 
 def main() -> int:
@@ -1056,15 +1108,45 @@ def main() -> int:
     parser.add_argument(
         "--only", action="append", choices=sorted(ATTACKS), help="run only this attack (repeatable)"
     )
+    parser.add_argument(
+        "--each",
+        action="store_true",
+        help="run every attack alone (10 s each unless --seconds) and print a table of the ratios",
+    )
     args = parser.parse_args()
-    seconds = 15.0 if args.quick else args.seconds
+    seconds = 15.0 if args.quick else 10.0 if args.each and args.seconds == 60.0 else args.seconds
     if not 1 <= seconds <= 3600:
         parser.error(f"--seconds must be 1 to 3600, got {seconds:g}")
     baseline = args.baseline if args.baseline is not None else max(5.0, seconds / 4)
     attacks = tuple(n for n in ATTACKS if n in args.only) if args.only else tuple(ATTACKS)
+    if args.each:
+        each = {name: report(run(seconds, baseline, (name,), args.nofile)) for name in attacks}
+        print(each_table(each, seconds))
+        print(f"\nsaved {save('soak-each', {'machine': machine(), 'seconds': seconds, 'attacks': each})}")
+        return 0
     data = report(run(seconds, baseline, attacks, args.nofile))
     print(f"\nsaved {save('soak', data)}")
     return 0
+
+
+def each_table(each: dict[str, dict[str, Any]], seconds: float) -> str:
+    """One row per attack run alone: honest p99 ratios and the CPU shares of that run."""
+    rows = [
+        ["attack alone", *HONEST, "worst", "server CPU before", "server CPU during", "attacker CPU"],
+    ]
+    for name, data in each.items():
+        ratios, cpu = data["p99_ratio"], data["cpu"]
+        rows.append(
+            [
+                name,
+                *(f"{ratios.get(h, float('nan')):.2f}x" for h in HONEST),
+                f"{max(ratios.values(), default=float('nan')):.2f}x",
+                f"{100 * cpu['server_baseline']:.0f}%",
+                f"{100 * cpu['server_attack']:.0f}%",
+                f"{100 * cpu['attackers']:.0f}%",
+            ]
+        )
+    return f"\neach attack alone for {seconds:g} s (CPU as a share of one core; 2 cores)\n" + table(rows)
 
 
 if __name__ == "__main__":

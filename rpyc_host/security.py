@@ -12,8 +12,9 @@ A client that skips the token (plain ``rpyc.connect``) has sent an rpyc request 
 is answered with an rpyc exception for that request (``ConnectionRefusedError: ...``), so even
 a client without this library reads why. Connections refused for limits get the same.
 
-Error handling: every refusal is logged with the peer and the reason, and counted; an
-address with repeated token failures is refused outright for a growing period.
+Error handling: every refusal is counted, and logged with the peer and the reason (one line
+per address and kind every 10 s, with the number not logged since); an address with repeated
+token failures is refused outright for a growing period.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from .config import LimitsSection, SecurityConfig
 from .errors import Refused
+from .refusal_log import RefusalLog
 from .wire.handshake import (
     LENGTH,
     MAX_TOKEN_BYTES,
@@ -70,6 +72,9 @@ class Closer:
         self._selector.register(self._wake_r, selectors.EVENT_READ)
         self._deadlines: dict[socket.socket, float] = {}
         self._fds: dict[socket.socket, int] = {}
+        # fd -> the socket registered under it: a refusal flood leaves thousands lingering, and
+        # the accept thread must not search them all for each new one.
+        self._by_fd: dict[int, socket.socket] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="refusal-closer", daemon=True)
         self._thread.start()
@@ -84,6 +89,7 @@ class Closer:
                 sock.close()
             self._deadlines.clear()
             self._fds.clear()
+            self._by_fd.clear()
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -104,16 +110,18 @@ class Closer:
             # fd number comes back with a new socket. So the fd is kept, and a stale one freed.
             self._forget_fd(sock.fileno())
             try:
-                self._fds[sock] = self._selector.register(sock, selectors.EVENT_READ).fd
+                fd = self._fds[sock] = self._selector.register(sock, selectors.EVENT_READ).fd
             except (ValueError, OSError):  # closed meanwhile
                 sock.close()
                 return
+            self._by_fd[fd] = sock
             self._deadlines[sock] = time.monotonic() + self.linger
         self._wake_w.send(b"x")
 
     def _forget_fd(self, fd: int) -> None:
-        for stale in [s for s, known in self._fds.items() if known == fd]:
-            del self._fds[stale]
+        stale = self._by_fd.pop(fd, None)
+        if stale is not None:
+            self._fds.pop(stale, None)
             self._deadlines.pop(stale, None)
             stale.close()
         try:
@@ -152,8 +160,11 @@ class Closer:
         with self._lock:
             if self._deadlines.pop(sock, None) is None:
                 return
+            fd = self._fds.pop(sock, -1)
+            if self._by_fd.get(fd) is sock:
+                del self._by_fd[fd]
             try:
-                self._selector.unregister(self._fds.pop(sock))
+                self._selector.unregister(fd)
             except (KeyError, ValueError):
                 pass
         sock.close()
@@ -270,6 +281,7 @@ class Gatekeeper:
         self.refusals = refusals
         self.throttle = throttle
         self.service = service
+        self.refusal_log = RefusalLog(log)
 
     def reconfigure(
         self, security: SecurityConfig, limits: LimitsSection, tls: ssl.SSLContext | None
@@ -351,7 +363,15 @@ class Gatekeeper:
         """Log, count and close a refused connection, telling the client why where it can listen:
         a status frame once its token was read, an rpyc exception frame before that."""
         self.refusals.add(refusal.kind, self.service)
-        log.warning("refused %s connection from %s: %s", self.service, _fmt_peer(peer), refusal.reason)
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        self.refusal_log.refused(
+            ip,
+            refusal.kind,
+            "refused %s connection from %s: %s",
+            self.service,
+            _fmt_peer(peer),
+            refusal.reason,
+        )
         if not refusal.message:
             closer().close_after(sock)
         elif refusal.after_token:

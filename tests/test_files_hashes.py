@@ -7,6 +7,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,6 +19,7 @@ import xxhash
 from client import files
 from rpyc_host.testing import wait_until
 from services.files import XATTR_SHA256
+from services.files.storage import hash_fd
 from tests.helpers import ROOT
 from tests.test_files_transfer import Files, partial_released, random_file
 
@@ -231,3 +233,26 @@ def test_prefix_sha256_is_sha256_when_resuming_with_another_hash(service: Files)
         assert up.prefix_sha256() == hashlib.sha256(data).hexdigest()
     finally:
         up.abort()
+
+
+def test_hashing_a_short_prefix_allocates_only_what_it_reads(tmp_path: Path) -> None:
+    """A new upload (no prefix to hash) and a short resumed one allocate no 4 MiB buffer: zeroing
+    one holds the GIL for about a millisecond on every upload, honest or hostile."""
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"0123456789" * 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        tracemalloc.start()
+        try:
+            empty = hash_fd(fd, 0, 0).hexdigest()
+            ten = hash_fd(fd, 0, 10).hexdigest()
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        whole = hash_fd(fd, 0, 1000).hexdigest()
+    finally:
+        os.close(fd)
+    assert peak < 64 * 1024, f"hashing 0 and 10 bytes allocated {peak} bytes at the peak"
+    assert empty == hashlib.sha256(b"").hexdigest()
+    assert ten == hashlib.sha256(b"0123456789").hexdigest()
+    assert whole == hashlib.sha256(b"0123456789" * 100).hexdigest()

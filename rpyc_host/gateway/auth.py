@@ -12,16 +12,14 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-import threading
-import time
 
+from ..refusal_log import RefusalLog
 from ..security import AuthThrottle
 from .http import HTTPError
 
 log = logging.getLogger("rpyc_host.gateway")
 
 LOG_EVERY = 10.0
-_MAX_TRACKED = 10_000  # addresses remembered for log rate limiting
 
 
 class Doorman:
@@ -31,8 +29,7 @@ class Doorman:
         self.tokens = tuple(t.encode() for t in tokens)
         self.needed = bool(self.tokens)  # read per request: an attribute, not a property
         self.throttle = throttle
-        self._logged: dict[str, tuple[float, int]] = {}  # ip -> (last logged, not logged since)
-        self._lock = threading.Lock()
+        self._refusal_log = RefusalLog(log, LOG_EVERY)
 
     def screen(self, ip: str) -> None:
         """HTTPError(429) while the address is blocked after repeated failed logins."""
@@ -69,14 +66,6 @@ class Doorman:
         self.throttle.succeeded(ip)
 
     def _log_refusal(self, ip: str, port: int, why: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            last, quiet = self._logged.get(ip, (-math.inf, 0))
-            if now - last < LOG_EVERY:
-                self._logged[ip] = (last, quiet + 1)
-                return
-            if len(self._logged) >= _MAX_TRACKED:
-                self._logged = {k: v for k, v in self._logged.items() if now - v[0] < LOG_EVERY}
-            self._logged[ip] = (now, 0)
-        more = f" ({quiet} more from this address not logged)" if quiet else ""
-        log.warning("gateway: refused a request from %s:%d: %s (401)%s", ip, port, why, more)
+        self._refusal_log.refused(
+            ip, "auth", "gateway: refused a request from %s:%d: %s (401)", ip, port, why
+        )

@@ -20,14 +20,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config, TLSSection
 from ..errors import StartupError
-from ..security import server_tls_context
+from ..refusal_log import RefusalLog
+from ..security import closer, server_tls_context
 from ..wire import context
 from ..wire.transport import tune_socket
 from . import jsonrpc, xmlrpc
 from .auth import Doorman
 from .calls import Catalog, Link, Session
 from .deadlines import CONTEXT_HEADERS, context_of
-from .http import ClientGone, HTTPConnection, HTTPError, Request, linger_close, plain_response
+from .http import ClientGone, HTTPConnection, HTTPError, Request, plain_response
 from .links import LocalLink, RemoteLink
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class Gateway:
         self._peers: set[_Peer] = set()
         self._per_ip: Counter[str] = Counter()
         self.refusals: Counter[str] = Counter()
+        self._refusal_log = RefusalLog(log)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._closing = False
@@ -178,6 +180,8 @@ class Gateway:
                 time.sleep(0.05)
                 continue
             peer = _Peer(sock, addr)
+            if self._blocked_at_accept(peer):
+                continue
             refusal = ""
             with self._lock:
                 if self._closing:
@@ -201,10 +205,29 @@ class Gateway:
                 if refusal:
                     self.refusals[reason] += 1
             if refusal:
-                log.warning("gateway: refused a connection from %s:%d: %s", *peer.address, refusal)
-                threading.Thread(target=_refuse, args=(sock, refusal), daemon=True).start()
+                self._refusal_log.refused(
+                    peer.ip, reason, "gateway: refused a connection from %s:%d: %s", *peer.address, refusal
+                )
+                # The answer fits the empty send buffer; the shared closer drains and closes the
+                # socket later, so a flood of refusals costs no thread each.
+                closer().close_after(sock, plain_response(503, refusal))
                 continue
             threading.Thread(target=self._serve, args=(peer,), name="gateway-conn", daemon=True).start()
+
+    def _blocked_at_accept(self, peer: _Peer) -> bool:
+        """Answer 429 at once to an address the login throttle blocks: no thread, no parsing.
+
+        Over plain HTTP only: behind TLS the answer needs a handshake, so the connection's own
+        thread answers it after the handshake (``Doorman.screen`` per request)."""
+        if self._ssl is not None or not self.doorman.needed:
+            return False
+        try:
+            self.doorman.screen(peer.ip)
+        except HTTPError as exc:
+            self._count(exc.reason)
+            closer().close_after(peer.sock, plain_response(exc.status, exc.message, exc.headers))
+            return True
+        return False
 
     # -- serving -----------------------------------------------------------------------------------
 
@@ -374,12 +397,3 @@ def _shutdown(sock: socket.socket) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _refuse(sock: socket.socket, message: str) -> None:
-    try:
-        sock.settimeout(2.0)
-        sock.sendall(plain_response(503, message))
-    except OSError:
-        pass
-    linger_close(sock)
