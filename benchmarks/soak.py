@@ -10,7 +10,7 @@ config derived from it: ports 0, the gateway and /metrics enabled, one Bearer to
 service's ``max_total_bytes`` at 4 MiB, and files and the ingest database in a temporary
 directory. Honest clients on 127.0.0.1 call every service (demo add/ping, files write_bytes and
 read_bytes, ingest submit, gateway JSON-RPC) at a steady pace, first alone (the baseline), then
-while eight attacks run at once, one per source address:
+while nine attacks run at once, one per source address:
 
 =========  ==================  ==================================================================
 address    attack              what it sends
@@ -23,6 +23,9 @@ address    attack              what it sends
 127.0.0.7  slowloris           200 gateway connections sending a request one byte per second
 127.0.0.8  nesting-bomb        a gateway JSON-RPC body nested 100,000 deep
 127.0.0.9  token-guess         gateway requests with wrong ``Authorization: Bearer`` tokens
+127.0.0.10 classic-console     with the token, what a classic console answers (``getmodule``,
+                               ``eval``, ``execute``, hidden attributes) on every service port,
+                               and connections to the classic console's configured port
 =========  ==================  ==================================================================
 
 Prints the honest success rate during the attack (target 100%), the honest p99 during the attack
@@ -92,6 +95,7 @@ ATTACKS = {
     "slowloris": "127.0.0.7",
     "nesting-bomb": "127.0.0.8",
     "token-guess": "127.0.0.9",
+    "classic-console": "127.0.0.10",
 }
 HONEST = ("demo", "files", "ingest", "gateway")
 # A failed honest call whose message names a limit or quota was refused clearly (nothing lost);
@@ -727,6 +731,58 @@ def attack_token_guess(a: Attack) -> None:
         a.figures["median seconds per guess"] = sorted(took)[len(took) // 2]
 
 
+# What rpyc's classic console (SlaveService) answers, asked of a service's root: each must fail.
+CLASSIC_ASKS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("getmodule", lambda root: root.getmodule("os").getpid()),
+    ("eval", lambda root: root.eval("__import__('os').getpid()")),
+    ("execute", lambda root: root.execute("import os")),
+    ("hidden attribute", lambda root: root.__class__.__mro__[-1].__subclasses__()),
+    ("connection internals", lambda root: root._conn._config),
+)
+
+
+def attack_classic_console(a: Attack) -> None:
+    ports = (a.ports.demo, a.ports.files, a.ports.ingest)
+    classic_port = int(
+        ((yaml.safe_load((ROOT / "config.yaml").read_text()).get("debug") or {}).get("classic") or {}).get(
+            "port", 18812
+        )
+    )
+    conns: dict[int, Any] = {}
+    for n in range(100_000):
+        if not a.running():
+            break
+        port = ports[n % len(ports)]
+        try:
+            conn = conns.get(port)
+            if conn is None:
+                conn = conns[port] = a.connect(port)
+            what, ask = CLASSIC_ASKS[n % len(CLASSIC_ASKS)]
+            try:
+                ask(conn.root)
+            except (AttributeError, TypeError, ValueError, NameError) as exc:
+                a.count("classic requests refused")
+                a.messages[f"{what}: {first_line(exc)}"] += 1
+            else:
+                a.count("classic requests that ran code")
+                a.messages[f"{what} ran on port {port}"] += 1
+        except Exception as exc:
+            a.failed("connections refused or cut", exc)
+            conns.pop(port, None)
+            a.pause(0.2)
+        if n % 10 == 0:  # the classic console itself: disabled in config.yaml, so nothing listens
+            try:
+                socket.create_connection(
+                    ("127.0.0.1", classic_port), timeout=2, source_address=(a.source, 0)
+                ).close()
+                a.count("classic console connections accepted")
+            except OSError:
+                a.count("classic console connections refused")
+        time.sleep(0.01)  # pacing: ~100 requests/s at most
+    for conn in conns.values():
+        conn.close()
+
+
 ATTACK_FUNCTIONS: dict[str, Callable[[Attack], None]] = {
     "endless-iterator": attack_endless_iterator,
     "pinning-callback": attack_pinning_callback,
@@ -736,6 +792,7 @@ ATTACK_FUNCTIONS: dict[str, Callable[[Attack], None]] = {
     "slowloris": attack_slowloris,
     "nesting-bomb": attack_nesting_bomb,
     "token-guess": attack_token_guess,
+    "classic-console": attack_classic_console,
 }
 
 
