@@ -1,7 +1,7 @@
 """Helpers shared by the test modules (test-only; what benchmarks also need is in rpyc_host.testing).
 
 - configs: ``demo_config`` (one demo service on a server type), ``registered_demo_config``
-  (a demo instance that registers with a registry);
+  (a demo instance that registers with a registry), ``ingest_config`` (ingest alone, on SQLite);
 - HTTP: ``http``/``read_response``/``read_responses``/``post``/``jsonrpc`` on raw sockets, ``curl`` and
   ``node_fetch`` as real clients, ``get`` for a URL, ``metric`` to read Prometheus text;
 - processes: ``rss_kib``, ``refused`` (nothing listens at an address any more), ``LineDriver``
@@ -47,6 +47,19 @@ services:
   demo: {{class: services.demo:DemoService, port: 0}}
 {extra}
 """
+
+
+def ingest_config(db: Path, port: int = 0, metrics: bool = False) -> str:
+    """The ingest service alone on a threaded server, storing into SQLite file ``db``."""
+    text = f"""
+server: {{type: threaded, host: 127.0.0.1}}
+services:
+  ingest:
+    class: services.ingest:IngestService
+    port: {port}
+    options: {{database: "sqlite:///{db}"}}
+"""
+    return text + ("metrics: {enabled: true, port: 0}\n" if metrics else "")
 
 
 def registered_demo_config(

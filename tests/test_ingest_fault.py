@@ -14,17 +14,7 @@ import pytest
 
 from client.ingest import Collector
 from rpyc_host.testing import ServerProcess, wait_until
-
-
-def config(db: Path, port: int) -> str:
-    return f"""
-server: {{type: threaded, host: 127.0.0.1}}
-services:
-  ingest:
-    class: services.ingest:IngestService
-    port: {port}
-    options: {{database: "sqlite:///{db}"}}
-"""
+from tests.helpers import ingest_config
 
 
 def drain(collector: Collector) -> None:
@@ -51,10 +41,10 @@ def test_sigkill_twice_mid_stream_stores_every_record_exactly_once(
     """With a window of 4 the kills land with several batches in flight: some committed but
     not acknowledged (answered "duplicate" when resent), some not yet committed."""
     db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
-    cfg.write_text(config(db, 0))
+    cfg.write_text(ingest_config(db, 0))
     servers.append(ServerProcess(cfg).start())
     host, port = servers[0].address("ingest")
-    cfg.write_text(config(db, port))  # restarts bind the port the first server got
+    cfg.write_text(ingest_config(db, port))  # restarts bind the port the first server got
 
     collector = Collector(
         None,
@@ -128,10 +118,10 @@ def test_sigkill_twice_with_concurrent_collectors_stores_every_record_exactly_on
 ) -> None:
     """Three collectors at once, so kills land on groups of batches committed together."""
     db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
-    cfg.write_text(config(db, 0))
+    cfg.write_text(ingest_config(db, 0))
     servers.append(ServerProcess(cfg).start())
     host, port = servers[0].address("ingest")
-    cfg.write_text(config(db, port))
+    cfg.write_text(ingest_config(db, port))
     collectors = [
         Collector(
             None,

@@ -17,18 +17,7 @@ from client.ingest import Collector
 from rpyc_host.testing import ServerProcess, running_host, wait_until
 from services.ingest import IngestService
 from services.ingest.storage.group import GroupCommit
-
-
-def config(db: Path, port: int = 0, metrics: bool = False) -> str:
-    text = f"""
-server: {{type: threaded, host: 127.0.0.1}}
-services:
-  ingest:
-    class: services.ingest:IngestService
-    port: {port}
-    options: {{database: "sqlite:///{db}"}}
-"""
-    return text + ("metrics: {enabled: true, port: 0}\n" if metrics else "")
+from tests.helpers import ingest_config
 
 
 @pytest.fixture
@@ -77,7 +66,7 @@ def test_a_window_keeps_batches_in_flight_and_each_is_acknowledged_after_one_gro
     tmp_path: Path, lock_holder: list[sqlite3.Connection]
 ) -> None:
     db = tmp_path / "ingest.db"
-    with running_host(config(db)) as host:
+    with running_host(ingest_config(db)) as host:
         service: IngestService = host.hosted[0].service
         group: GroupCommit = service.store._group  # type: ignore[attr-defined]
         address = host.address("ingest")
@@ -106,10 +95,10 @@ def test_sigkill_with_the_window_full_then_resending_stores_each_batch_once(
     tmp_path: Path, servers: list[ServerProcess], lock_holder: list[sqlite3.Connection]
 ) -> None:
     db, cfg = tmp_path / "ingest.db", tmp_path / "config.yaml"
-    cfg.write_text(config(db, metrics=True))
+    cfg.write_text(ingest_config(db, metrics=True))
     servers.append(ServerProcess(cfg).start())
     host, port = servers[0].address("ingest")
-    cfg.write_text(config(db, port, metrics=True))  # the restart binds the same port
+    cfg.write_text(ingest_config(db, port, metrics=True))  # the restart binds the same port
     collector = Collector(
         None, host=host, port=port, topic="k", batch_records=10, window=4, timeout=10, backoff=0.05
     )
@@ -153,7 +142,7 @@ def calls_in_flight(server: ServerProcess) -> float:
 
 def test_a_window_stream_stores_every_record_once(tmp_path: Path) -> None:
     db = tmp_path / "ingest.db"
-    with running_host(config(db)) as host:
+    with running_host(ingest_config(db)) as host:
         address = host.address("ingest")
         with Collector(None, host=address[0], port=address[1], topic="s", batch_records=7, window=4) as c:
             for seq in range(1000):
