@@ -136,7 +136,16 @@ except KeyboardInterrupt:
 def _interrupt(host: Host, args: list[str]) -> tuple[int, float, str, str]:
     """Run ``args``, send SIGINT once its call runs in ``host``; exit code, seconds to exit, output."""
     events = Path(host.hosted[0].service.events)  # type: ignore[attr-defined]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell runs a background job with SIGINT ignored, and Python keeps an ignored SIGINT
+    # ignored: the child gets the default disposition back, as a terminal's foreground job has.
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         # The slow method itself has started (not only the connection's first round trips).
         wait_until(lambda: events.exists() and "call-start" in events.read_text(), 30, "the slow call")
