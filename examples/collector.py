@@ -24,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from client.errors import ClientError, ConfigError
 from client.ingest import Collector
 
 log = logging.getLogger("collector")
@@ -101,35 +102,43 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     hostname = socket.gethostname()
-    collector = Collector(
-        args.service if args.host is None else None,
-        topic=topic,
-        host=args.host,
-        port=args.port,
-        config=args.config,
-        batch_records=args.batch,
-        window=args.window,
-        spool=args.spool or Path("var") / f"collector-{topic}.spool",
-    )
+    try:
+        collector = Collector(
+            args.service if args.host is None else None,
+            topic=topic,
+            host=args.host,
+            port=args.port,
+            config=args.config,
+            batch_records=args.batch,
+            window=args.window,
+            spool=args.spool or Path("var") / f"collector-{topic}.spool",
+        )
+    except (ValueError, ClientError) as exc:  # a bad option or config: one line, not a traceback
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     sent, last_flush = 0, time.monotonic()
     lines = follow(args.follow, min(args.interval, 0.5), stop) if args.follow else None
     try:
-        while not stop[0] and (args.count == 0 or sent < args.count):
-            if lines is None:
-                collector.add(proc_sample(hostname, sent))
-                sent += 1
-            else:
-                line = next(lines, None)
-                if line is not None:
-                    collector.add({"seq": sent, "host": hostname, "ts": time.time(), "line": line})
+        try:
+            while not stop[0] and (args.count == 0 or sent < args.count):
+                if lines is None:
+                    collector.add(proc_sample(hostname, sent))
                     sent += 1
-            if time.monotonic() - last_flush >= args.flush_every:
-                collector.flush()
-                last_flush = time.monotonic()
-            if lines is None and not stop[0] and (args.count == 0 or sent < args.count):
-                time.sleep(args.interval)
-    finally:
-        collector.close()
+                else:
+                    line = next(lines, None)
+                    if line is not None:
+                        collector.add({"seq": sent, "host": hostname, "ts": time.time(), "line": line})
+                        sent += 1
+                if time.monotonic() - last_flush >= args.flush_every:
+                    collector.flush()
+                    last_flush = time.monotonic()
+                if lines is None and not stop[0] and (args.count == 0 or sent < args.count):
+                    time.sleep(args.interval)
+        finally:
+            collector.close()
+    except ConfigError as exc:  # the service cannot be found from the config: say so and stop
+        print(f"Error: {exc}", file=sys.stderr)
+        return 2
     s = collector.stats
     log.info(
         "collected %d record(s): %d stored, %d rejected, %d batch(es) spooled, %d replayed",

@@ -278,6 +278,21 @@ def test_example_collector_sends_proc_samples(tmp_path: Path, db: Path) -> None:
     assert all(s["mem_total"] > 0 and s["load1"] >= 0 for s in samples)
 
 
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        (("--window", "0"), "window must be an integer from 1 to 16, got 0"),
+        (("--batch", "0"), "batch_records and batch_bytes must be >= 1"),
+        (("--service", "nope"), "no service named 'nope'"),
+    ],
+)
+def test_example_collector_says_a_bad_option_in_one_line(option: tuple[str, str], named: str) -> None:
+    result = run_cli("examples/collector.py", "--count", "1", *option, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"Error: {result.stderr.strip()[7:]}"]
+    assert named in result.stderr and "Traceback" not in result.stderr
+
+
 def test_example_collector_follows_a_log_file(tmp_path: Path, db: Path) -> None:
     log = tmp_path / "app.log"
     log.write_text("old line, not sent\n")
