@@ -78,6 +78,7 @@ from rpyc.utils.factory import connect_channel  # noqa: E402
 
 import client  # noqa: E402
 from benchmarks.harness import fmt, machine, percentile, save, table  # noqa: E402
+from rpyc_host.config import load_config  # noqa: E402
 from rpyc_host.testing import ServerProcess, wait_until  # noqa: E402
 
 MiB = 1 << 20
@@ -135,6 +136,7 @@ class Ports:
     files: int
     ingest: int
     gateway: int
+    classic: int  # the classic console's configured port (nothing listens: it is disabled)
 
 
 # -- connections -----------------------------------------------------------------------------------
@@ -743,11 +745,6 @@ CLASSIC_ASKS: tuple[tuple[str, Callable[[Any], Any]], ...] = (
 
 def attack_classic_console(a: Attack) -> None:
     ports = (a.ports.demo, a.ports.files, a.ports.ingest)
-    classic_port = int(
-        ((yaml.safe_load((ROOT / "config.yaml").read_text()).get("debug") or {}).get("classic") or {}).get(
-            "port", 18812
-        )
-    )
     conns: dict[int, Any] = {}
     for n in range(100_000):
         if not a.running():
@@ -773,7 +770,7 @@ def attack_classic_console(a: Attack) -> None:
         if n % 10 == 0:  # the classic console itself: disabled in config.yaml, so nothing listens
             try:
                 socket.create_connection(
-                    ("127.0.0.1", classic_port), timeout=2, source_address=(a.source, 0)
+                    ("127.0.0.1", a.ports.classic), timeout=2, source_address=(a.source, 0)
                 ).close()
                 a.count("classic console connections accepted")
             except OSError:
@@ -943,6 +940,7 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
                 files=server.address("files")[1],
                 ingest=server.address("ingest")[1],
                 gateway=ready_port(server, "gateway"),
+                classic=load_config(config).classic.port,
             )
             metrics_port = ready_port(server, "metrics")
             out = ctx.Queue()
