@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,13 +53,13 @@ def proc_sample(host: str, seq: int) -> dict[str, Any]:
     }
 
 
-def follow(path: Path, interval: float, stop: list[bool]) -> Iterator[str | None]:
+def follow(path: Path, interval: float, stop: threading.Event) -> Iterator[str | None]:
     """Lines appended to ``path`` from now on; None when there is nothing new (once per poll)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         f.seek(0, os.SEEK_END)
         log.info("following %s from byte %d", path, f.tell())
         pending = ""
-        while not stop[0]:
+        while not stop.is_set():
             chunk = f.readline()
             if chunk:
                 pending += chunk
@@ -69,7 +70,7 @@ def follow(path: Path, interval: float, stop: list[bool]) -> Iterator[str | None
             if f.tell() > path.stat().st_size:  # truncated (rotated in place): start over
                 f.seek(0)
             yield None
-            time.sleep(interval)
+            stop.wait(interval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,10 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.follow is not None and not args.follow.is_file():
         print(f"Error: --follow {str(args.follow)!r} is not a file", file=sys.stderr)
         return 2
-    stop = [False]
+    # An Event, not a flag: the wait between samples ends as soon as SIGTERM or Ctrl-C arrives.
+    stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
-        stop[0] = True
+        stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = follow(args.follow, min(args.interval, 0.5), stop) if args.follow else None
     try:
         try:
-            while not stop[0] and (args.count == 0 or sent < args.count):
+            while not stop.is_set() and (args.count == 0 or sent < args.count):
                 if lines is None:
                     collector.add(proc_sample(hostname, sent))
                     sent += 1
@@ -132,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 if time.monotonic() - last_flush >= args.flush_every:
                     collector.flush()
                     last_flush = time.monotonic()
-                if lines is None and not stop[0] and (args.count == 0 or sent < args.count):
-                    time.sleep(args.interval)
+                if lines is None and (args.count == 0 or sent < args.count):
+                    stop.wait(args.interval)
         finally:
             collector.close()
     except ConfigError as exc:  # the service cannot be found from the config: say so and stop

@@ -321,3 +321,24 @@ def test_example_collector_follows_a_log_file(tmp_path: Path, db: Path) -> None:
         with rpyc.connect(h, p) as conn:
             lines = [json.loads(d)["line"] for _, d in conn.root.query("log-lines", 0, 10)]
     assert lines == ["first new line", "second new line"]
+
+
+def test_example_collector_stops_at_once_on_sigterm(tmp_path: Path, db: Path) -> None:
+    """SIGTERM ends the wait between samples: the collector stops in seconds, not after --interval."""
+    with ingest_host(db) as host:
+        h, p = host.address("ingest")
+        args = ["--host", h, "--port", str(p), "--interval", "60", "--batch", "1"]
+        proc = subprocess.Popen(
+            [sys.executable, "examples/collector.py", *args, "--spool", str(tmp_path / "s")],
+            cwd=ROOT,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_until(lambda: count((h, p), "proc-samples") == 1, 30, "the first sample to be stored")
+            proc.terminate()
+            assert proc.wait(timeout=10) == 0  # the interval is 60 s: this is the signal's doing
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        assert count((h, p), "proc-samples") == 1
