@@ -295,18 +295,20 @@ class FastChannel(Channel):
             raise FrameTooLarge(f"peer announced a {length}-byte frame; the limit is {self.max_frame}")
         if length < _RECV_CHUNK:
             data = self.stream.read(length + len(_FLUSHER))[:-1]
+            if compressed:
+                data = self._inflate(data)
         else:
             buf = self.stream.read_growing(length + len(_FLUSHER))
             del buf[length:]
-            data = bytes(buf)
-        if compressed:
-            data = self._inflate(data)
+            # zlib reads the bytearray itself: copying a large compressed frame into bytes
+            # first would be one more pass over it with the GIL held.
+            data = self._inflate(buf) if compressed else bytes(buf)
         self.bytes_in += len(data)
         if data[:1] == _REQUEST:
             self.requests += 1
         return data
 
-    def _inflate(self, data: bytes) -> bytes:
+    def _inflate(self, data: bytes | bytearray) -> bytes:
         if self.max_frame is None:
             return zlib.decompress(data)
         inflater = zlib.decompressobj()

@@ -3,9 +3,12 @@ caps and 2,000 connections at once."""
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
 import struct
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +71,28 @@ def test_frame_over_the_limit_from_a_real_client() -> None:
         assert conn.root.echo("x" * 60_000) == "x" * 60_000
         with pytest.raises(EOFError):
             conn.root.echo("x" * 70_000)
+        calls_work(address)
+
+
+def test_compressed_frames_small_and_large_inflate_and_a_large_bomb_is_refused() -> None:
+    """A plain rpyc client compresses frames; frames of 1 MiB and more take the server's other
+    receive path, which inflates straight from its buffer: both give the same bytes back, and
+    a large compressed frame that would inflate past the limit closes only that connection."""
+    with running_host(config("threaded", "max_frame_bytes: 4194304")) as host:
+        address = host.address("demo")
+        conn = rpyc.connect(*address)
+        assert conn._channel.compress  # rpyc's default on the client side
+        # Random text compresses to about 3/4: a compressed frame of about 2 MiB.
+        noise = base64.b64encode(os.urandom(2 * 1024 * 1024)).decode()
+        assert conn.root.echo(noise) == noise
+        assert conn.root.echo("a" * 3_000_000) == "a" * 3_000_000  # a small compressed frame
+        bomb = zlib.compress(os.urandom(2 * 1024 * 1024) + bytes(8 * 1024 * 1024), 1)
+        assert len(bomb) > 1024 * 1024
+        with socket.create_connection(address) as sock:
+            sock.sendall(struct.pack("!LB", len(bomb), 1) + bomb + b"\n")
+            assert closed_by_server(sock, 10)
+        assert conn.root.echo(noise[:100]) == noise[:100]  # the honest connection is untouched
+        conn.close()
         calls_work(address)
 
 
