@@ -409,6 +409,9 @@ class Upload(Transfer):
                     # Once more under the quota's lock: the file appears only if it still fits.
                     quota.commit(self._quota_key, self._pos, self._inode, self._publish)
                     self._reserved = 0
+            # The directory's fsync makes the new name durable; it need not hold the quota's
+            # lock (the name is already there), so other uploads' checks do not wait on the disk.
+            os.fsync(self._dir_fd)
         except QuotaExceeded as exc:
             self._svc.count_refusal("max_total_bytes")
             self._discard()
@@ -439,7 +442,6 @@ class Upload(Transfer):
                 follow_symlinks=False,
             )
             os.unlink(self._temp, dir_fd=self._dir_fd)
-        os.fsync(self._dir_fd)
 
     def _check_same_directory(self) -> None:
         """The target directory must still be where its path leads (no symlink swapped in)."""
