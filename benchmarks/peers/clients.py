@@ -197,8 +197,11 @@ class FilesMemoryClient(FilesClient):
     """``client.files.upload`` as :class:`FilesClient`, from a copy of the file on a tmpfs into a
     service whose root is on one too: the transport alone, as gRPC's in-memory sink measures it."""
 
-    def prepare(self, source: Path) -> None:
+    def __init__(self, port: int, token: bool = False) -> None:
+        super().__init__(port, token)
         self.memory = _InMemory()
+
+    def prepare(self, source: Path) -> None:
         self.source = self.memory.path / source.name
         shutil.copyfile(source, self.source)
 
@@ -216,9 +219,12 @@ class FilesDownloadMemoryClient(FilesDownloadClient):
     """``client.files.download`` as :class:`FilesDownloadClient`, from a service whose root is on
     a tmpfs into a local file on one too."""
 
+    def __init__(self, port: int, token: bool = False) -> None:
+        super().__init__(port, token)
+        self.memory = _InMemory()
+
     def prepare(self, source: Path) -> None:
         super().prepare(source)
-        self.memory = _InMemory()
         self.local = str(self.memory.path / "back.bin")
 
     def close(self) -> None:
