@@ -29,6 +29,7 @@ import mmap
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import socket
 import sys
 import tempfile
@@ -330,7 +331,7 @@ def bench_files_in_memory(src: Path, hash_name: str) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="bench-files-", dir=MEMORY_FS) as tmp:
         work = Path(tmp)
         local = work / "src.bin"
-        local.write_bytes(src.read_bytes())
+        shutil.copyfile(src, local)
         config = work / "files.yaml"
         config.write_text(
             textwrap.dedent(f"""
