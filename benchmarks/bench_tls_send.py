@@ -6,10 +6,10 @@
 A child process receives over TLS on loopback (``recv_into`` a reused 4 MiB buffer, bytes
 dropped) and reports its CPU; this process sends a cached file either with ``send_file`` (on
 TLS: one thread, ``pread`` 4 MiB then ``sendall`` it) or with the design measured against it,
-a reader thread ``pread``-ing the next of 3 reused buffers while this thread encrypts and sends
-the current one (both calls release the GIL). Printed: MB/s and CPU seconds per GiB on each
-side, medians, and each ratio to ``send_file``. CPU s/GiB is the steadier figure: MB/s moves
-by +-30% between identical runs on a loaded 2-core machine.
+a reader thread ``pread``-ing the next of 3 reused 1 MiB buffers (``--buffers``, ``--chunk``)
+while this thread encrypts and sends the current one (both calls release the GIL). Printed:
+MB/s and CPU seconds per GiB on each side, medians, and each ratio to ``send_file``. CPU s/GiB
+is the steadier figure: MB/s moves by +-30% between identical runs on a loaded 2-core machine.
 """
 
 from __future__ import annotations
@@ -91,7 +91,9 @@ def read_ahead_send(sock: socket.socket, fd: int, count: int, chunk: int = 1 << 
     return sent
 
 
-def one(way: str, context: ssl.SSLContext, ca: str, fd: int, count: int) -> dict[str, float]:
+def one(
+    way: str, context: ssl.SSLContext, ca: str, fd: int, count: int, chunk: int, buffers: int
+) -> dict[str, float]:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
         mine, theirs = multiprocessing.Pipe()
@@ -107,7 +109,7 @@ def one(way: str, context: ssl.SSLContext, ca: str, fd: int, count: int) -> dict
                 sent = (
                     bulk.send_file(sock, fd, 0, count)
                     if way == "send_file"
-                    else read_ahead_send(sock, fd, count)
+                    else read_ahead_send(sock, fd, count, chunk, buffers)
                 )
                 if not mine.poll(60):
                     raise TimeoutError("receiver did not report within 60 s")
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="MiB per transfer")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--chunk", type=int, default=1024, help="KiB per read-ahead buffer")
+    parser.add_argument("--buffers", type=int, default=3, help="read-ahead buffers")
     args = parser.parse_args(argv)
     count = args.size * MiB
     ways = ("send_file", "read-ahead thread")
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             for r in range(args.rounds):
                 for way in ways if r % 2 == 0 else ways[::-1]:
-                    runs[way].append(one(way, context, str(certs.ca), f.fileno(), count))
+                    runs[way].append(
+                        one(way, context, str(certs.ca), f.fileno(), count, args.chunk << 10, args.buffers)
+                    )
     med = {w: {k: statistics.median(x[k] for x in runs[w]) for k in runs[w][0]} for w in ways}
     loads = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(
