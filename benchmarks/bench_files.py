@@ -11,6 +11,8 @@ Each server runs in its own process on 127.0.0.1 (port 0, real port read back ov
   page cache with posix_fadvise DONTNEED; uploads are written with O_DIRECT, so it is not cached
   anyway) and warm (read into the page cache first), against ``python -m rpyc_host`` serving
   FileService;
+- files on tmpfs, first hash only: the same upload and download with the service's root and
+  the client's files on /dev/shm (fsync still called, free there): the transport without a disk;
 - disk: the server's uploaded copy read with O_DIRECT while as many bytes are written with O_DIRECT,
   both at once: what a cold loopback download asks of the one disk both ends share.
 
@@ -27,6 +29,7 @@ import mmap
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import socket
 import sys
 import tempfile
@@ -316,6 +319,49 @@ def bench_files(src: Path, work: Path, hash_names: tuple[str, ...]) -> tuple[lis
     return rows, disk
 
 
+MEMORY_FS = "/dev/shm"  # a tmpfs on Linux
+
+
+def bench_files_in_memory(src: Path, hash_name: str) -> list[dict[str, Any]]:
+    """``files.upload`` and a warm ``download`` with the service's root, the client's source and
+    its downloaded copy all on a tmpfs (a temporary directory under :data:`MEMORY_FS`, removed
+    afterwards): no disk under either end, so only the transport, the copies and the hash are left.
+    fsync is still called; on a tmpfs it costs nothing."""
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-files-", dir=MEMORY_FS) as tmp:
+        work = Path(tmp)
+        local = work / "src.bin"
+        shutil.copyfile(src, local)
+        config = work / "files.yaml"
+        config.write_text(
+            textwrap.dedent(f"""
+            services:
+              files:
+                class: services.files:FileService
+                port: 0
+                options: {{root: {work / "root"}}}
+            logging: {{level: INFO}}
+            """)
+        )
+        size = local.stat().st_size
+        dst = work / "back.bin"
+        with ServerProcess(config) as server:
+            host, port = server.address("files")
+            meter = Meter(server.pid, rss_now_kib(server.pid))
+            with client.connect(host=host, port=port, timeout=60) as conn:
+                with meter:
+                    rsize, digest = files.upload(conn, local, "bench.bin", overwrite=True, hash=hash_name)
+                assert rsize == size
+                rows.append(meter.row(f"files.upload {hash_name}, tmpfs", size))
+                with meter:
+                    _, back = files.download(conn, "bench.bin", dst, resume=False, hash=hash_name)
+                assert back == digest
+                rows.append(meter.row(f"files.download {hash_name}, tmpfs", size))
+                dst.unlink()
+                conn.root.rm("bench.bin")
+    return rows
+
+
 def print_row(*cells: str) -> None:
     widths = (36, 7, 7, 9, 18, 18, 12, 12)
     print(cells[0].ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)))
@@ -341,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         stock, stock_rss, stock_sent = bench_rpyc_defaults(data, args.rpyc_seconds)
         del data
         rows, disk = bench_files(src, work, hash_names)
+        if os.path.isdir(MEMORY_FS):
+            rows += bench_files_in_memory(src, hash_names[0])
     load = os.getloadavg()
     print(
         f"{args.size} MiB of random bytes over 127.0.0.1 (MB/s = 10^6 bytes/s); load average "

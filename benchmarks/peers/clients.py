@@ -9,14 +9,16 @@ a Pyro5 ``Proxy``, a gRPC channel's multi-callable, a socket for the floor.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.peers.servers import ONE, PAIR, RAW_ECHO, RAW_SINK, TOKEN, recv_exact
+from benchmarks.peers.servers import MEMORY_FS, ONE, PAIR, RAW_ECHO, RAW_SINK, TOKEN, recv_exact
 
 ADDR = "127.0.0.1"
 _MSG = b"0123456789abcdef"  # 16 bytes: the floor's "call"
@@ -180,6 +182,58 @@ class FilesDownloadSha256Client(FilesDownloadClient):
     hash_name = "sha256"
 
 
+class _InMemory:
+    """A temporary directory on a tmpfs for a client's own copy of the bytes, removed on close."""
+
+    def __init__(self) -> None:
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-peers-client-", dir=MEMORY_FS)
+        self.path = Path(self._dir.name)
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+
+class FilesMemoryClient(FilesClient):
+    """``client.files.upload`` as :class:`FilesClient`, from a copy of the file on a tmpfs into a
+    service whose root is on one too: the transport alone, as gRPC's in-memory sink measures it."""
+
+    def __init__(self, port: int, token: bool = False) -> None:
+        super().__init__(port, token)
+        self.memory = _InMemory()
+
+    def prepare(self, source: Path) -> None:
+        self.source = self.memory.path / source.name
+        shutil.copyfile(source, self.source)
+
+    def bulk(self, pieces: list[bytes], seconds: float, source: Path) -> int:
+        return super().bulk(pieces, seconds, self.source)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.memory.close()
+
+
+class FilesDownloadMemoryClient(FilesDownloadClient):
+    """``client.files.download`` as :class:`FilesDownloadClient`, from a service whose root is on
+    a tmpfs into a local file on one too."""
+
+    def __init__(self, port: int, token: bool = False) -> None:
+        super().__init__(port, token)
+        self.memory = _InMemory()
+
+    def prepare(self, source: Path) -> None:
+        super().prepare(source)
+        self.local = str(self.memory.path / "back.bin")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.memory.close()
+
+
 class XmlRpcClient(Client):
     def __init__(self, port: int, token: bool = False) -> None:
         from xmlrpc.client import Binary, ServerProxy
@@ -265,6 +319,8 @@ CLIENTS: dict[str, type[Client]] = {
     "files-sha256": FilesSha256Client,
     "files-down": FilesDownloadClient,
     "files-down-sha256": FilesDownloadSha256Client,
+    "files-memory": FilesMemoryClient,
+    "files-down-memory": FilesDownloadMemoryClient,
     "xmlrpc": XmlRpcClient,
     "pyro5": PyroClient,
     "grpc": GrpcClient,

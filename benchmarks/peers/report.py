@@ -24,6 +24,9 @@ FILES = "host files.upload"  # blake3, the client's default hash
 FILES_SHA256 = "host files.upload sha256"
 FILES_DOWN = "host files.download"
 FILES_DOWN_SHA256 = "host files.download sha256"
+# The same transfers with both ends' files on a tmpfs: no disk under them, as under gRPC's server.
+FILES_MEMORY = "host files.upload tmpfs"
+FILES_DOWN_MEMORY = "host files.download tmpfs"
 
 Figures = dict[str, dict[str, float]]  # system name -> figure name -> median value
 
@@ -172,7 +175,7 @@ class Results:
             1.0,
             False,
         )
-        for name in (FILES, FILES_SHA256, FILES_DOWN, FILES_DOWN_SHA256):
+        for name in (FILES, FILES_SHA256, FILES_DOWN, FILES_DOWN_SHA256, FILES_MEMORY, FILES_DOWN_MEMORY):
             what = name.removeprefix("host ") + ("" if name.endswith("sha256") else " blake3")
             add(
                 f"{what} MB/s vs gRPC client-streaming",
@@ -291,10 +294,12 @@ BULK_HOW = {
     "raw": "sendall",
     "rpyc": "rpyc.connect defaults, a call per piece",
     "host": "client.connect, a call per piece",
-    "files": "client.files.upload of a file, blake3",
-    "files-sha256": "client.files.upload of a file, sha256",
-    "files-down": "client.files.download, server copy warm, blake3",
-    "files-down-sha256": "client.files.download, server copy warm, sha256",
+    "files": "client.files.upload of a file, blake3, root on disk: O_DIRECT + fsync",
+    "files-sha256": "client.files.upload of a file, sha256, root on disk",
+    "files-down": "client.files.download, server copy warm, blake3, to disk: O_DIRECT + fsync",
+    "files-down-sha256": "client.files.download, server copy warm, sha256, to disk",
+    "files-memory": "client.files.upload, blake3, both ends on tmpfs: fsync called, costs nothing",
+    "files-down-memory": "client.files.download, blake3, both ends on tmpfs: fsync called, costs nothing",
     "xmlrpc": "Binary, a call per piece",
     "pyro5": "marshal serializer, a call per piece",
     "grpc": "client-streaming, one call",

@@ -24,7 +24,9 @@ from benchmarks.peers.report import (
     BARE,
     FILES,
     FILES_DOWN,
+    FILES_DOWN_MEMORY,
     FILES_DOWN_SHA256,
+    FILES_MEMORY,
     FILES_SHA256,
     FLOOR,
     HOST,
@@ -46,6 +48,8 @@ SYSTEMS = [
     System(FILES_SHA256, "host:files", client=None, bulk="files-sha256"),
     System(FILES_DOWN, "host:files", client=None, bulk="files-down"),
     System(FILES_DOWN_SHA256, "host:files", client=None, bulk="files-down-sha256"),
+    System(FILES_MEMORY, "host:files-memory", client=None, bulk="files-memory"),
+    System(FILES_DOWN_MEMORY, "host:files-memory", client=None, bulk="files-down-memory"),
     System(BARE, "rpyc", client="rpyc", bulk="rpyc", peer=True),
     System("Pyro5", "pyro5", client="pyro5", bulk="pyro5", peer=True),
     System("gRPC", "grpc", client="grpc", bulk="grpc", peer=True),
@@ -80,6 +84,8 @@ def _start(stack: ExitStack, system: System) -> tuple[int, int]:
     kind = system.server
     if kind == "host:files":
         return stack.enter_context(host_server("threaded", files=True))
+    if kind == "host:files-memory":
+        return stack.enter_context(host_server("threaded", files_in_memory=True))
     if kind.startswith("host:"):
         return stack.enter_context(host_server(kind.split(":", 1)[1], token=system.token))
     return stack.enter_context(peer_server(kind))

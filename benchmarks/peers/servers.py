@@ -19,7 +19,7 @@ import tempfile
 import textwrap
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from rpyc_host.wire.handshake import recv_exact  # re-exported for the peer clie
 ROOT = Path(__file__).resolve().parent.parent.parent
 TOKEN = "peers-benchmark-token-0123456789"
 PAIR = struct.Struct("!qq")
+MEMORY_FS = "/dev/shm"  # a tmpfs on Linux: the file service's root for the in-memory rows
 ONE = struct.Struct("!q")
 RAW_ECHO, RAW_SINK = b"E", b"S"
 
@@ -189,20 +190,32 @@ FILES_SERVICE = "files: {{class: services.files:FileService, port: 0, options: {
 
 
 @contextmanager
-def host_server(kind: str, *, token: bool = False, files: bool = False) -> Iterator[tuple[int, int]]:
+def host_server(
+    kind: str, *, token: bool = False, files: bool = False, files_in_memory: bool = False
+) -> Iterator[tuple[int, int]]:
     """``python -m rpyc_host`` serving PeerService (or FileService with ``files``) with one server
-    type; connection limits raised to 2,000 so the idle-connection test fits. Yields (port, pid)."""
+    type; connection limits raised to 2,000 so the idle-connection test fits. Yields (port, pid).
+
+    With ``files_in_memory`` the file service's root is a temporary directory on a tmpfs
+    (:data:`MEMORY_FS`), removed afterwards: its writes and fsyncs cost no disk time, so the
+    transfer is compared with gRPC's server, which drops the bytes in memory."""
     from rpyc_host.testing import ServerProcess
 
-    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
-        service = FILES_SERVICE.format(root=Path(tmp) / "files") if files else PEER_SERVICE
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-"))
+        root = Path(tmp) / "files"
+        if files_in_memory:
+            root = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-peers-", dir=MEMORY_FS))
+            )
+        service = FILES_SERVICE.format(root=root) if files or files_in_memory else PEER_SERVICE
         security = f"security: {{tokens: [{TOKEN}]}}" if token else ""
         config = Path(tmp) / "host.yaml"
         config.write_text(textwrap.dedent(HOST_CONFIG).format(kind=kind, service=service, security=security))
         proc = ServerProcess(config, cwd=ROOT, ready_timeout=30)  # cwd: benchmarks.* services import
         try:
             proc.start()
-            yield proc.address("files" if files else "peer")[1], proc.pid
+            yield proc.address("files" if files or files_in_memory else "peer")[1], proc.pid
         finally:
             proc.stop()
 
