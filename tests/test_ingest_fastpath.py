@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.ingest.fastpath import FastPath, encode
+from services.ingest.fastpath import FastPath, Raised, encode, encode_all, run
 from services.ingest.service import parse_schema
 from tests.test_ingest_service import SHOUT, ingest_host, lines
 
@@ -132,3 +132,31 @@ def test_encode_matches_json_values_and_messages() -> None:
         encode({"a": float("nan")})
     with pytest.raises(TypeError, match="Object of type Decimal is not JSON serializable"):
         encode({"a": decimal.Decimal(1)})
+
+
+def test_run_calls_the_processor_once_per_record_and_keeps_each_result_in_place() -> None:
+    calls: list[int] = []
+
+    def processor(record: dict[str, Any]) -> Any:
+        calls.append(record["i"])
+        if record["i"] in (0, 3, 4, 9):
+            raise ValueError(f"no {record['i']}")
+        if record["i"] == 6:
+            raise StopIteration  # would end a plain map() early
+        return None if record["i"] == 7 else {"i": record["i"] * 10}
+
+    results = run(processor, [{"i": i} for i in range(10)])
+    assert calls == list(range(10))
+    assert [type(r).__name__ for r in results] == [
+        "Raised", "dict", "dict", "Raised", "Raised", "dict", "Raised", "NoneType", "dict", "Raised"
+    ]  # fmt: skip
+    assert [str(r.error) for r in results if isinstance(r, Raised)] == ["no 0", "no 3", "no 4", "", "no 9"]
+    assert type(results[6].error) is StopIteration
+    assert [r for r in results if type(r) is dict] == [{"i": 10}, {"i": 20}, {"i": 50}, {"i": 80}]
+
+
+def test_encode_all_takes_only_batches_msgspec_encodes_as_json_would() -> None:
+    flat = [{"a": 1, "b": "é\n", "c": 1.5, "d": True}, {"e": -2}]
+    assert encode_all(flat) == ['{"a":1,"b":"é\\n","c":1.5,"d":true}', '{"e":-2}']
+    for odd_one in ({"a": None}, {"a": float("nan")}, {"a": [1]}, {1: 2}, {"a": "\ud800"}, None, 5):
+        assert encode_all([*flat, odd_one]) is None

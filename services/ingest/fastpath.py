@@ -17,7 +17,8 @@ value other than str, int, float or bool, a non-string key, a non-finite float) 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from itertools import chain
 from typing import Any
 
 import msgspec
@@ -38,7 +39,9 @@ _TYPES: dict[str, Any] = {
 
 _PLAIN = frozenset({str, int, float, bool})
 _STR = frozenset({str})
-_MSGSPEC_ENCODE = msgspec.json.Encoder().encode
+_DICT = frozenset({dict})
+_MSGSPEC = msgspec.json.Encoder()
+_MSGSPEC_ENCODE = _MSGSPEC.encode
 _JSON_ENCODE = fast_json_encoder(compact=True)
 
 
@@ -92,3 +95,52 @@ def encode(record: dict[str, Any]) -> str:
             if b"null" not in out:
                 return out.decode()
     return _JSON_ENCODE(record)
+
+
+class Raised:
+    """In :func:`run`'s results: the processor raised ``error`` for the record at this place."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def run(processor: Callable[[dict[str, Any]], Any], records: Sequence[dict[str, Any]]) -> list[Any]:
+    """``processor(record)`` for every record, in C's loop rather than Python's: one result per
+    record, in order, a :class:`Raised` where it raised (an ``Exception``; others propagate)."""
+    results: list[Any] = []
+    rest = iter(records)
+    while len(results) < len(records):
+        try:
+            # list.extend keeps what it appended before an exception, so len(results) is the
+            # index of the record that raised; ``rest`` resumes after it.
+            results.extend(map(processor, rest))
+        except Exception as exc:
+            results.append(Raised(exc))
+        else:
+            if len(results) < len(records):
+                # The processor raised StopIteration, which ends map() like an exhausted
+                # iterator (and the exception is gone): that record is rejected as raising it.
+                results.append(Raised(StopIteration()))
+    return results
+
+
+def encode_all(results: list[Any]) -> list[str] | None:
+    """The texts of ``results`` if every one is a dict that :func:`encode` would give to msgspec
+    (checked and encoded in C for the whole batch); None if any is not."""
+    if not (
+        _DICT.issuperset(map(type, results))
+        and _PLAIN.issuperset(map(type, chain.from_iterable(map(dict.values, results))))
+        and _STR.issuperset(map(type, chain.from_iterable(results)))
+    ):
+        return None
+    try:
+        out = _MSGSPEC.encode_lines(results)
+    except ValueError:  # a lone surrogate
+        return None
+    if b"null" in out:  # a non-finite float: json refuses it (see encode)
+        return None
+    rows = out.decode().split("\n")  # newlines inside strings are escaped: one line per record
+    rows.pop()  # the empty text after the last newline
+    return rows
