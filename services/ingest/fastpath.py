@@ -40,8 +40,7 @@ _TYPES: dict[str, Any] = {
 _PLAIN = frozenset({str, int, float, bool})
 _STR = frozenset({str})
 _DICT = frozenset({dict})
-_MSGSPEC = msgspec.json.Encoder()
-_MSGSPEC_ENCODE = _MSGSPEC.encode
+_MSGSPEC_ENCODE = msgspec.json.Encoder().encode
 _JSON_ENCODE = fast_json_encoder(compact=True)
 
 
@@ -134,15 +133,13 @@ def encode_all(results: list[Any]) -> list[str] | None:
     if not (
         _DICT.issuperset(map(type, results))
         and _PLAIN.issuperset(map(type, chain.from_iterable(map(dict.values, results))))
-        and _STR.issuperset(map(type, chain.from_iterable(results)))
     ):
         return None
     try:
-        out = _MSGSPEC.encode_lines(results)
-    except ValueError:  # a lone surrogate
+        "".join(chain.from_iterable(results))  # every key a str: join refuses anything else
+        texts = list(map(_MSGSPEC_ENCODE, results))
+    except (TypeError, ValueError):  # a key that is not a str; a lone surrogate
         return None
-    if b"null" in out:  # a non-finite float: json refuses it (see encode)
+    if b"null" in b"".join(texts):  # a non-finite float: json refuses it (see encode)
         return None
-    rows = out.decode().split("\n")  # newlines inside strings are escaped: one line per record
-    rows.pop()  # the empty text after the last newline
-    return rows
+    return list(map(bytes.decode, texts))
