@@ -5,7 +5,8 @@ any problem goes back to the service's per-record path, which builds the precise
 each bad record. So the fast path only has to be exact about what it *accepts*: msgspec is
 stricter than ``json`` in every case where they differ (it refuses ``NaN``/``Infinity``,
 numbers out of the float range, lone surrogate escapes, a BOM, unescaped control characters
-and, for a schema field, a duplicated key), and each refusal just means the slower path. Lines
+and, in a batch stored as received, a schema field given twice), and each refusal just means
+the slower path. Lines
 must be ``str``: the service keeps a line that is not UTF-8 as bytes, and msgspec's own UTF-8
 check lets encoded surrogates through.
 
