@@ -165,6 +165,10 @@ def test_store_round_trip_and_duplicates(database: str) -> None:
     again = open_store(database)  # the tables are kept: a second instance sees everything
     try:
         assert again.count() == 3 and again.duplicate("b2") == "receipt-b2"
+        # What COPY's text format escapes: backslashes, and tabs and CRs between JSON tokens.
+        odd = ['{"p": "C:\\\\dir\\n\\t\\\\."}', '{"a":\t1}\r', "\\.", '{"é": "☃ \\u0000"}']
+        assert again.write(batch("b3", odd, topic="odd")) is None
+        assert [d for _, d in again.query("odd", 0, 10)] == odd
     finally:
         again.close()
 
