@@ -235,19 +235,20 @@ class LeanSpan:
         )
         self._events.append(Event(name=name, attributes=event_attributes, timestamp=timestamp))
 
-    def end(self) -> None:
+    def end(self, end_time: int | None = None) -> None:
         if self.ended:
             return
         self.ended = True
         if self.recording:
-            self._owner.finish(self, time_ns())
+            self._owner.finish(self, time_ns() if end_time is None else end_time)
 
-    def finish(self, error: BaseException | None) -> None:
-        """End the span, ERROR with the exception's type and message when ``error`` is given."""
+    def finish(self, error: BaseException | None, end_time: int | None = None) -> None:
+        """End the span (at ``end_time``, ns since the epoch, else now), ERROR with the
+        exception's type and message when ``error`` is given."""
         if error is not None:
             self.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
             self.set_attribute("rpc.error", type(error).__name__)
-        self.end()
+        self.end(end_time)
 
     def readable(self, end: int) -> ReadableSpan:
         """The SDK's finished span for this one."""
@@ -335,28 +336,22 @@ def _fast_readable(
     return made
 
 
-def _same_fields() -> bool:
-    """Whether this SDK's ReadableSpan holds exactly the fields :func:`_fast_readable` sets."""
+def _probe() -> tuple[Any, ...]:
+    """Arguments for building one ReadableSpan, to compare how its fields are set."""
     from opentelemetry.sdk.resources import Resource
 
-    probe: tuple[Any, ...] = (
-        "n",
-        _new_context(1, 2, False, 1, None),
-        None,
-        Resource.get_empty(),
-        {},
-        (),
-        SpanKind.CLIENT,
-        None,
-        _UNSET,
-        1,
-        2,
-        None,
-    )
+    context = _new_context(1, 2, False, 1, None)
+    return ("n", context, None, Resource.get_empty(), {}, (), SpanKind.CLIENT, None, _UNSET, 1, 2, None)
+
+
+def _same_fields() -> bool:
+    """Whether this SDK's ReadableSpan holds exactly the fields :func:`_fast_readable` sets."""
+    probe = _probe()
     return vars(_fast_readable(*probe)) == vars(_checked_readable(*probe))
 
 
 _readable = _fast_readable if _same_fields() else _checked_readable
+_READABLE_FIELDS = frozenset(vars(_checked_readable(*_probe())))  # what _Deferred builds on a read
 
 
 class LeanTracer:
@@ -368,6 +363,7 @@ class LeanTracer:
         self._multi = tracer.span_processor
         self._seen = self._multi._span_processors
         self._sinks = _sinks(self._seen)
+        self._batched = _all_batched(self._seen)
         self._config = tracer._tracer_config
         rules = _rules(tracer.sampler)
         assert rules is not None
@@ -390,6 +386,7 @@ class LeanTracer:
         if eligible(self.tracer):
             self._seen, self._config = multi._span_processors, self.tracer._tracer_config
             self._sinks = _sinks(self._seen)
+            self._batched = _all_batched(self._seen)
             return True
         return False
 
@@ -439,13 +436,42 @@ class LeanTracer:
         return named
 
     def finish(self, span: LeanSpan, end: int) -> None:
-        readable = span.readable(end)
         if span.flags & 1:
+            # Every processor a batch one: the span is read in its export thread, so it is
+            # built there, off the call's path.
+            readable = _Deferred(span, end) if self._batched else span.readable(end)
             for sink in self._sinks:
                 sink(readable)
-        else:  # recorded, not sampled (a custom static decision): the processors' own rule
-            for processor in self._seen:
-                processor.on_end(readable)
+            return
+        readable = span.readable(end)
+        # Recorded, not sampled (a custom static decision): the processors' own rule.
+        for processor in self._seen:
+            processor.on_end(readable)
+
+
+def _all_batched(processors: tuple[Any, ...]) -> bool:
+    """Whether every processor is the SDK's batch one, whose exporter reads spans in its own
+    thread (a simple processor exports at once: building the span later saves nothing)."""
+    return bool(processors) and all(type(each) is BatchSpanProcessor for each in processors)
+
+
+class _Deferred(ReadableSpan):
+    """A finished lean span as the SDK's ``ReadableSpan``, its fields built on first read (in
+    the batch processor's export thread). A lean span takes no changes once ended, so reading
+    it later gives what building it at the end would have; threads that read it together
+    build the same fields."""
+
+    def __init__(self, span: LeanSpan, end: int) -> None:  # no super().__init__: fields come later
+        self._source = (span, end)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for a field not yet set (every field, before the first read).
+        source = self.__dict__.get("_source")
+        if source is None or name not in _READABLE_FIELDS:
+            raise AttributeError(name)
+        span, end = source
+        self.__dict__.update(vars(span.readable(end)))
+        return self.__dict__[name]
 
 
 def _sinks(processors: tuple[Any, ...]) -> tuple[Callable[[ReadableSpan], None], ...]:

@@ -23,7 +23,7 @@ from typing import Any
 from rpyc.core import consts, netref
 from rpyc.core.protocol import Connection
 
-from . import context, contextwire, tracing
+from . import afterreply, context, contextwire, tracing
 from .errors import DeadlineExceeded
 from .stream_reader import StreamReader
 from .streams import STREAM_TYPE
@@ -268,6 +268,14 @@ class ContextServing:
         handlers[consts.HANDLE_CALL] = handle_call
         return handlers
 
+    def _dispatch_request(self, seq: int, raw_args: Any) -> None:
+        try:
+            super()._dispatch_request(seq, raw_args)  # type: ignore[misc]
+        finally:
+            # The reply is sent (or could not be): the call's SERVER span, its end time taken
+            # when the method returned, goes to the processors now, off the caller's wait.
+            afterreply.finish_ended()
+
     def _context_sent(self, value: Any) -> context.CallContext | None:
         """The context a call request carried (None if malformed), remembering a default it
         told; DeadlineExceeded if its deadline passed before it arrived."""
@@ -302,12 +310,12 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
     try:
         result = inner(conn, obj, args, kwargs)
     except BaseException as exc:
-        tracing.end_span(span, exc)
+        afterreply.end_after_reply(span, exc)
         raise
     finally:
         tracing.detach(current)
         context._CURRENT.reset(token)
-    tracing.end_span(span, None)
+    afterreply.end_after_reply(span, None)  # ended once the reply is sent (_dispatch_request)
     return result
 
 

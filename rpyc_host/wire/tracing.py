@@ -325,18 +325,20 @@ def _start(kind: str, service: str, method: str, traceparent: str | None, traces
     )
 
 
-def end_span(current: Any, error: BaseException | None) -> None:
+def end_span(current: Any, error: BaseException | None, end_time: int | None = None) -> None:
+    """End a span from this module (at ``end_time``, ns since the epoch, else now), ERROR
+    when ``error`` is given."""
     if current is None:
         return
     if type(current) is _LeanSpan:
-        current.finish(error)
+        current.finish(error, end_time)
         return
     if error is not None:
         from opentelemetry.trace import Status, StatusCode
 
         current.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
         current.set_attribute("rpc.error", type(error).__name__)
-    current.end()
+    current.end(end_time)
 
 
 def attach(current: Any) -> Any:

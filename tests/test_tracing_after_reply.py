@@ -1,0 +1,110 @@
+"""A SERVER span is handed to the span processors after the call's reply is sent, with the end
+time taken before it; a batch processor's spans (built in its export thread) export what the
+SDK's own spans export."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import client
+from rpyc_host.testing import running_host, wait_until
+from rpyc_host.wire import tracing
+from tests import tracing_services
+from tests.test_tracing_lean import B_HOST, HOSTS, _calls, _shape
+
+USER = "services:\n  user: {class: tests.tracing_services:UserSpanService, port: 0}\n"
+
+
+class _AfterReply(SpanExporter):
+    """Records each SERVER span and whether the test's client had its reply when the span
+    reached the exporter (it waits up to 5 s for that, so a span exported before the reply
+    was sent records False)."""
+
+    def __init__(self, replied: threading.Event) -> None:
+        self.replied = replied
+        self.server: list[tuple[ReadableSpan, bool]] = []
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        for span in spans:
+            if span.kind.name == "SERVER":
+                self.server.append((span, self.replied.wait(5.0)))
+        return SpanExportResult.SUCCESS
+
+
+@pytest.fixture
+def provider() -> Iterator[TracerProvider]:
+    made = TracerProvider()
+    tracing_services.PROVIDER = made
+    yield made
+    tracing.disable()
+    tracing_services.PROVIDER = None
+    made.shutdown()
+
+
+@pytest.mark.parametrize("method", ["work", "fail"])
+def test_the_server_span_is_exported_after_the_reply_and_ends_before_it(
+    provider: TracerProvider, method: str
+) -> None:
+    replied = threading.Event()
+    exporter = _AfterReply(replied)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert tracing.configure(provider) and tracing.lean()
+    with (
+        running_host(USER) as host,
+        client.connect("user", host="127.0.0.1", port=host.address("user")[1]) as conn,
+    ):
+        call = getattr(conn.root, method)
+        sent = time.time_ns()
+        try:
+            call()
+        except ValueError as exc:
+            assert method == "fail" and str(exc) == "no such thing"
+        answered = time.time_ns()
+        replied.set()
+        wait_until(lambda: len(exporter.server) == 1, 10, "the SERVER span exported")
+    ((span, after_reply),) = exporter.server
+    assert after_reply, "the SERVER span reached the exporter before the client had its reply"
+    assert span.name == f"user/{method}"
+    assert span.start_time is not None and span.end_time is not None
+    assert sent <= span.start_time <= span.end_time <= answered
+    if method == "fail":
+        assert span.status.status_code.name == "ERROR"
+        assert span.status.description == "ValueError: no such thing"
+        assert span.attributes is not None and span.attributes["rpc.error"] == "ValueError"
+    else:
+        assert span.status.status_code.name == "UNSET"
+
+
+def test_batch_exported_lean_spans_are_what_the_sdks_spans_export(provider: TracerProvider) -> None:
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(BatchSpanProcessor(memory))
+    exported = {}
+    with running_host(B_HOST) as b, running_host(HOSTS.format(b_port=b.address("b")[1])) as a:
+        for lean in (False, True):
+            tracing.disable()
+            assert tracing.configure(provider, lean=lean)
+            assert tracing.lean() is lean
+            memory.clear()
+            _calls(a.address("a")[1], a.address("user")[1])
+
+            def flushed() -> bool:
+                provider.force_flush()
+                return len(memory.get_finished_spans()) >= 11
+
+            wait_until(flushed, 10, "every span exported")
+            exported[lean] = list(memory.get_finished_spans())
+    assert _shape(exported[True]) == _shape(exported[False])
+    assert all(isinstance(span, ReadableSpan) for span in exported[True])
+    assert [span.to_json() for span in exported[True]]  # every field readable, as exporters read them
