@@ -1,6 +1,6 @@
 """A SERVER span is handed to the span processors after the call's reply is sent, with the end
 time taken before it; a batch processor's spans (built in its export thread) export what the
-SDK's own spans export."""
+SDK's own spans export; traceparent text and dropped new traces are what they were."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 import client
 from rpyc_host.testing import running_host, wait_until
@@ -24,6 +25,7 @@ from rpyc_host.wire import tracing
 from tests import tracing_services
 from tests.test_tracing_lean import B_HOST, HOSTS, _calls, _shape
 
+PROBE = "services:\n  probe: {class: tests.sample_services:ContextProbeService, port: 0}\n"
 USER = "services:\n  user: {class: tests.tracing_services:UserSpanService, port: 0}\n"
 
 
@@ -108,3 +110,39 @@ def test_batch_exported_lean_spans_are_what_the_sdks_spans_export(provider: Trac
     assert _shape(exported[True]) == _shape(exported[False])
     assert all(isinstance(span, ReadableSpan) for span in exported[True])
     assert [span.to_json() for span in exported[True]]  # every field readable, as exporters read them
+
+
+def test_format_traceparent_is_the_w3c_text_of_the_ids() -> None:
+    from rpyc_host.wire.leanspan import format_traceparent
+
+    cases = [(1, 1, 0), ((1 << 128) - 1, (1 << 64) - 1, 255), (0xABC << 100, 0xB7AD6B7169203331, 1)]
+    for trace_id, span_id, flags in cases:
+        assert (
+            format_traceparent(trace_id, span_id, flags) == f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+        )
+    assert (
+        format_traceparent(1 << 130, 1, 1) == f"00-{1 << 130:032x}-{1:016x}-01"
+    )  # too wide: as the SDK writes it
+
+
+def test_a_dropped_new_trace_goes_on_as_its_traceparent_alone() -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.0)))
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    assert tracing.configure(provider) and tracing.lean()
+    try:
+        with (
+            running_host(PROBE) as host,
+            client.connect(host="127.0.0.1", port=host.address("probe")[1]) as conn,
+        ):
+            trace_seen = conn.root.trace_seen
+            seen = [trace_seen() for _ in range(20)]  # bounded: 20 small calls
+    finally:
+        tracing.disable()
+    assert memory.get_finished_spans() == ()
+    for parent in seen:  # a new trace id and parent span id per call, sampled flag off
+        assert (
+            parent is not None and len(parent) == 55 and parent.startswith("00-") and parent.endswith("-02")
+        )
+        assert int(parent[3:35], 16) and int(parent[36:52], 16)
+    assert len({parent[3:35] for parent in seen}) == 20

@@ -47,6 +47,7 @@ _LEAN_PROCESSORS = (SimpleSpanProcessor, BatchSpanProcessor)
 _FLAGS = tuple(TraceFlags(value) for value in range(256))
 _UNSET = Status(StatusCode.UNSET)
 _NO_STATE = TraceState()
+_SPAN_ID_MASK = (1 << 64) - 1
 _CACHE_LIMIT = 4096  # (kind, service, method) names and attributes kept for reuse
 
 
@@ -130,6 +131,18 @@ def for_tracer(tracer: Any) -> LeanTracer | None:
     return LeanTracer(tracer) if eligible(tracer) else None
 
 
+_FLAGS_HEX = tuple(f"{value:02x}" for value in range(256))
+
+
+def format_traceparent(trace_id: int, span_id: int, flags: int) -> str:
+    """The W3C ``00-<trace id>-<span id>-<flags>`` naming a span: the text of
+    ``f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"``, made from the ids' bytes (formatting a
+    128-bit int as hex costs twice as much)."""
+    if trace_id >> 128 or span_id >> 64 or not 0 <= flags <= 255:  # not ids the W3C form holds
+        return f"00-{trace_id:032x}-{span_id:016x}-{flags:02x}"
+    return f"00-{trace_id.to_bytes(16, 'big').hex()}-{span_id.to_bytes(8, 'big').hex()}-{_FLAGS_HEX[flags]}"
+
+
 def parse_traceparent(traceparent: str | None) -> tuple[int, int, int] | None:
     """``(trace id, span id, flags)`` of a W3C ``00-<trace>-<span>-<flags>``; None when it is
     missing or malformed (the same rule the SDK path's parent context follows)."""
@@ -190,7 +203,7 @@ class LeanSpan:
         """``(traceparent, tracestate)`` naming this span as the parent of what comes next."""
         state = self.state
         return (
-            f"00-{self.trace_id:032x}-{self.span_id:016x}-{self.flags:02x}",
+            format_traceparent(self.trace_id, self.span_id, self.flags),
             (state.to_header() or None) if state else None,
         )
 
@@ -368,7 +381,8 @@ class LeanTracer:
         rules = _rules(tracer.sampler)
         assert rules is not None
         self._root, self._sampled, self._unsampled = rules
-        self._current = otel_context.get_current
+        # What otel_context.get_current() returns, read from the default runtime's own variable.
+        self._current: Callable[[], Any] = _VAR.get if _VAR is not None else otel_context.get_current
         self._names: dict[tuple[bool, str, str], tuple[str, SpanKind, Any]] = {}
         ids = tracer.id_generator
         inner = getattr(ids, "inner", ids)  # presample's wrapper keeps the tracer's own generator
@@ -376,6 +390,7 @@ class LeanTracer:
         self._span_id: Callable[[], int] = _random_span_id if fast else inner.generate_span_id
         self._trace_id: Callable[[], int] = _random_trace_id if fast else inner.generate_trace_id
         self._random_roots = bool(inner.is_trace_id_random())
+        self._one_draw = fast
 
     def usable(self) -> bool:
         """False once the provider changed in a way lean spans cannot follow (a processor added,
@@ -396,6 +411,20 @@ class LeanTracer:
         """A span for one call, child of ``traceparent`` (a new trace without a valid one); None
         when the SDK must make it (see the module docstring). A span the sampler drops has
         ``recording`` False."""
+        made = self.start_or_drop(server, service, method, traceparent, tracestate, False)
+        return None if isinstance(made, str) else made
+
+    def start_or_drop(
+        self,
+        server: bool,
+        service: str,
+        method: str,
+        traceparent: str | None,
+        tracestate: str | None,
+        bare: bool = True,
+    ) -> LeanSpan | str | None:
+        """What :meth:`start` makes, except that with ``bare`` a new trace the sampler drops is
+        only its traceparent (sampled flag off): no span object for what is never recorded."""
         if (
             self._multi._span_processors is not self._seen or self.tracer._tracer_config is not self._config
         ) and not self.usable():
@@ -405,19 +434,31 @@ class LeanTracer:
         if parent is None:
             if self._current():  # the application's own context may hold the parent
                 return None
-            trace_id = self._trace_id()
+            span_id = 0
+            if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
+                bits = random.getrandbits(192)
+                trace_id, span_id = bits >> 64, bits & _SPAN_ID_MASK
+                if not trace_id:  # never zero, as the SDK's generator makes them
+                    trace_id = self._trace_id()
+            else:
+                trace_id = self._trace_id()
             kept = self._root(trace_id)
             flags = 2 if self._random_roots else 0
+            if kept is False and bare:
+                return format_traceparent(trace_id, span_id or self._span_id(), flags)
         else:
             trace_id = parent[0]
             kept = (self._sampled if parent[2] & 1 else self._unsampled)(trace_id)
             flags = parent[2] & 2
             if tracestate:
                 state = TraceState.from_header([tracestate])
+            span_id = self._span_id()
         named = self._names.get((server, service, method))
         if named is None:
             named = self._named(server, service, method)
-        made = LeanSpan(self, named, trace_id, self._span_id(), flags | 1 if kept else flags, state, parent)
+        made = LeanSpan(
+            self, named, trace_id, span_id or self._span_id(), flags | 1 if kept else flags, state, parent
+        )
         if kept is False:
             made.recording = False
         return made

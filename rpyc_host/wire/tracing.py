@@ -273,7 +273,9 @@ def start_call(
         return None, traceparent, tracestate
     lean_tracer = _lean
     if lean_tracer is not None:
-        made = lean_tracer.start(False, service, method, traceparent, tracestate)
+        made = lean_tracer.start_or_drop(False, service, method, traceparent, tracestate)
+        if type(made) is str:  # a new trace the sampler dropped: only its traceparent goes on
+            return None, made, None
         if made is not None:
             if not made.recording:  # the sampler dropped it: only its traceparent goes on
                 return (None, *made.headers())
