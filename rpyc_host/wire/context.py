@@ -93,7 +93,17 @@ class CallContext:
         return cls(time.monotonic() + max(-1.0, min(left, 31_536_000.0)), parent, state, request_id)
 
 
-class Derived:
+class Lazy:
+    """A call's context built on first read (:func:`current`), since most calls never read
+    theirs."""
+
+    __slots__ = ()
+
+    def build(self) -> CallContext:
+        raise NotImplementedError
+
+
+class Derived(Lazy):
     """The context of a call that arrived without one on a connection whose client told its
     timeout (:mod:`rpyc_host.wire.contextwire`): built on first read, since most calls never
     read theirs."""
@@ -112,7 +122,7 @@ class Derived:
         return built
 
 
-_CURRENT: contextvars.ContextVar[CallContext | Derived | None] = contextvars.ContextVar(
+_CURRENT: contextvars.ContextVar[CallContext | Lazy | None] = contextvars.ContextVar(
     "rpyc_host_call", default=None
 )
 
@@ -120,7 +130,7 @@ _CURRENT: contextvars.ContextVar[CallContext | Derived | None] = contextvars.Con
 def current() -> CallContext | None:
     """The context of the call being served or made in this thread, if any."""
     ctx = _CURRENT.get()
-    return ctx.build() if isinstance(ctx, Derived) else ctx
+    return ctx.build() if isinstance(ctx, Lazy) else ctx
 
 
 @contextmanager

@@ -559,7 +559,9 @@ def attach(span: Any) -> Any:
     if _VAR is None:  # a runtime context other than the default contextvars one
         return otel_context.attach(trace.set_span_in_context(current))
     base = _VAR.get()
-    values = dict(base) if base else {}
+    if not base:  # the usual case: a served call's thread has no OpenTelemetry context of its own
+        return _VAR.set(otel_context.Context({_SPAN_KEY: current}))
+    values = dict(base)
     values[_SPAN_KEY] = current
     return _VAR.set(otel_context.Context(values))
 

@@ -301,11 +301,7 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
     service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
     span = tracing.start_server_span(service, _method_name(obj), parent, state)
-    mine = tracing.headers_of(span) if span is not None else (parent, state)  # turned off meanwhile
-    child = (
-        context.CallContext(ctx.deadline, *mine, ctx.request_id) if ctx else context.CallContext(None, *mine)
-    )
-    token = context._CURRENT.set(child)
+    token = context._CURRENT.set(_ServedContext(ctx, span, parent, state))
     current = tracing.attach(span)  # service code's own spans are children of this one
     try:
         result = inner(conn, obj, args, kwargs)
@@ -317,6 +313,31 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
         context._CURRENT.reset(token)
     afterreply.end_after_reply(span, None)  # ended once the reply is sent (_dispatch_request)
     return result
+
+
+class _ServedContext(context.Lazy):
+    """The context of a call served under a SERVER span: the caller's, with the span as the
+    parent of what the call calls; built when first read (most calls never read theirs)."""
+
+    __slots__ = ("_built", "_caller", "_parent", "_span", "_state")
+
+    def __init__(
+        self, caller: context.CallContext | None, span: Any, parent: str | None, state: str | None
+    ) -> None:
+        self._caller, self._span, self._parent, self._state = caller, span, parent, state
+        self._built: context.CallContext | None = None
+
+    def build(self) -> context.CallContext:
+        built = self._built
+        if built is None:
+            span, caller = self._span, self._caller
+            mine = tracing.headers_of(span) if span is not None else (self._parent, self._state)
+            built = self._built = (
+                context.CallContext(caller.deadline, *mine, caller.request_id)
+                if caller
+                else context.CallContext(None, *mine)
+            )
+        return built
 
 
 _STREAM_REF = netref.class_factory((STREAM_TYPE, 0, 0), [])

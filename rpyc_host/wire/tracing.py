@@ -314,7 +314,8 @@ def _start(kind: str, service: str, method: str, traceparent: str | None, traces
         return None
     lean_tracer = _lean
     if lean_tracer is not None:
-        made = lean_tracer.start(kind == "server", service, method, traceparent, tracestate)
+        # Never a bare traceparent (bare=False): a span, or None for the SDK to make one.
+        made = lean_tracer.start_or_drop(kind == "server", service, method, traceparent, tracestate, False)
         if made is not None:
             return made
     from opentelemetry.trace import SpanKind
