@@ -6,7 +6,9 @@ A call's span needs little of that: a fixed name, kind and attributes, two times
 status, and events only for a pool's retries. :class:`LeanTracer` keeps just those fields
 while the span is open and builds the SDK's own ``ReadableSpan`` (with the provider's resource
 and instrumentation scope) when it ends, handing it to each span processor's ``on_end``,
-which is how the SDK's exporters receive spans.
+which is how the SDK's exporters receive spans. When every processor is a batch one, that
+``ReadableSpan`` is built on first read, in the processor's export thread, not on the call's
+path. A new trace the sampler drops makes no span object: only its traceparent goes on.
 
 It is used only where that is exactly what the SDK would do (:func:`for_tracer`): the SDK's
 tracer, enabled, without its internal metrics, whose processors are all the SDK's

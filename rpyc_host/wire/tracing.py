@@ -19,7 +19,9 @@ drop its child anyway (the SDK's default, parent-based).
 With the SDK's own provider, processors and samplers, a span is recorded as a few fields and
 handed to the processors as a finished span when it ends (:mod:`rpyc_host.wire.leanspan`);
 anything else gets the SDK's spans. While a call is served, its SERVER span is OpenTelemetry's
-current span: service code's own spans are its children.
+current span: service code's own spans are its children. A SERVER span takes its end time when
+the method returns and reaches the processors once the reply is sent
+(:mod:`rpyc_host.wire.afterreply`): the caller does not wait for its export.
 Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
 ``rpc.method``, and the span status is ERROR when the call raised.
 """
