@@ -240,6 +240,7 @@ def test_an_unsampled_trace_costs_no_span_and_is_handed_on(exporter: InMemorySpa
             trace_seen = conn.root.trace_seen
             with context.use(context.CallContext(traceparent=UNSAMPLED)):
                 assert trace_seen() == UNSAMPLED  # no CLIENT span either
+    wait_until(lambda: len(exporter.get_finished_spans()) == 1, 10, "the SERVER span exported")
     (server,) = exporter.get_finished_spans()
     assert server.name == "probe/trace_seen" and server.kind.name == "SERVER"
     assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
@@ -253,6 +254,7 @@ def test_a_sampler_that_records_unsampled_parents_still_gets_its_spans() -> None
             seen = raw.root.trace_seen(**{context.KWARG: f"5{SEP}{UNSAMPLED}{SEP}{SEP}r-1"})
     finally:
         tracing.disable()
+    wait_until(lambda: len(memory.get_finished_spans()) == 1, 10, "the SERVER span exported")
     (server,) = memory.get_finished_spans()
     assert server.parent is not None and server.parent.span_id == 0xB7AD6B7169203331
     assert seen == f"00-{TRACE}-{server.context.span_id:016x}-01"
@@ -271,6 +273,7 @@ def test_server_spans_for_roots_only_leaves_a_call_to_its_callers_span(
     finally:
         tracing.disable()
     assert seen == SAMPLED  # what this call calls becomes a child of the caller's span
+    wait_until(lambda: len(memory.get_finished_spans()) == 1, 10, "the SERVER span exported")
     (server,) = memory.get_finished_spans()
     assert server.parent is None and root == tracing.headers_of(server)[0]
 
@@ -306,6 +309,7 @@ def test_a_new_trace_the_sampler_drops_costs_no_span_and_a_kept_one_keeps_its_de
     # Kept, dropped, kept...: each call's decision is made once, on the trace id it then carries.
     assert [parent[-2:] for parent in parents] == ["01", "00"] * 5
     assert [int(parent[3:35], 16) >> 64 for parent in parents] == list(range(1, 11))
+    wait_until(lambda: len(memory.get_finished_spans()) == 10, 10, "five CLIENT and five SERVER spans")
     spans = memory.get_finished_spans()
     recorded = sorted({span.context.trace_id >> 64 for span in spans})
     assert recorded == [1, 3, 5, 7, 9]  # and a dropped trace made no span at all

@@ -119,6 +119,7 @@ def test_a_service_span_inside_a_served_call_is_a_child_of_the_server_span(
     assert tracing.configure(provider, lean=lean)
     with _user_connection() as conn:
         seen = conn.root.work()
+    wait_until(lambda: len(memory.get_finished_spans()) == 3, 10, "the CLIENT, SERVER and service's spans")
     spans = {(s.name, s.kind.name): s for s in memory.get_finished_spans()}
     server = spans[("user/work", "SERVER")]
     mine = spans[("user/work", "INTERNAL")]
@@ -155,7 +156,7 @@ def test_a_provider_with_a_custom_processor_gets_the_sdks_spans() -> None:
         with _user_connection() as conn:
             conn.root.work()
         assert sorted(counting.started) == ["user/work", "user/work", "user/work"]
-        assert len(memory.get_finished_spans()) == 3
+        wait_until(lambda: len(memory.get_finished_spans()) == 3, 10, "three spans exported")
     finally:
         tracing.disable()
         tracing_services.PROVIDER = None
@@ -195,6 +196,12 @@ def test_lean_sampling_is_the_providers_ratio_sampler() -> None:
         with _user_connection() as conn:
             for _ in range(200):  # bounded: 200 small calls
                 conn.root.work()
+
+        def kinds(kind: str) -> list[ReadableSpan]:
+            return [s for s in memory.get_finished_spans() if s.kind.name == kind]
+
+        # A SERVER span reaches the exporter just after its reply is sent.
+        wait_until(lambda: len(kinds("SERVER")) == len(kinds("CLIENT")), 10, "every SERVER span exported")
         spans = memory.get_finished_spans()
         clients = [s for s in spans if s.kind.name == "CLIENT"]
         assert 40 < len(clients) < 160  # about half of the 200 traces
