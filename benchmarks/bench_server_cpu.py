@@ -11,7 +11,7 @@ thread, GIL hand-off or client in the figure. The systems are bare rpyc (a ``Cha
 ``SocketStream``, as its ThreadedServer serves) and the host's connections as its threaded
 and threadpool servers build them (the threadpool one served as its workers do: one buffered
 read, then ``poll(0)``). Rounds alternate the order of the systems; the table gives each one's
-median, its spread, and its ratio to bare rpyc.
+median, its spread, and its ratio to bare rpyc; the target is a ratio of at most 1.0.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from rpyc.core.channel import Channel  # noqa: E402
 from rpyc.core.stream import SocketStream  # noqa: E402
 
 from benchmarks.bench_service import AddService  # noqa: E402
-from benchmarks.harness import table  # noqa: E402
+from benchmarks.harness import machine, save, table  # noqa: E402
 from rpyc_host.servers.base import close_quietly  # noqa: E402
 from rpyc_host.testing import running_host  # noqa: E402
 
@@ -164,6 +164,23 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(f"{rounds} rounds of {calls} requests per system, one thread, CPU time of the serving only")
     print(table(rows))
+    checks = []
+    for name in SYSTEMS[1:]:
+        ratio = statistics.median(results[name]) / base
+        checks.append(
+            (f"host {name}: server CPU per request {ratio:.2f}x bare (target <= 1.0)", ratio <= 1.0)
+        )
+    print()
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    data = {
+        "machine": machine(),
+        "rounds": rounds,
+        "calls": calls,
+        "us_per_request": results,
+        "checks": [{"check": t, "ok": ok} for t, ok in checks],
+    }
+    print(f"\nJSON: {save('server_cpu', data)}")
     return 0
 
 
