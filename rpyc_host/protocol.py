@@ -19,6 +19,7 @@ from rpyc.core import brine
 from rpyc.core.async_ import AsyncResultTimeout
 from rpyc.core.netref import BaseNetref
 from rpyc.core.protocol import Connection
+from rpyc.lib import Timeout
 
 from . import batching, oneway_calls
 from .batching import BATCH, MODEL_ATTR
@@ -199,6 +200,10 @@ def _requests() -> dict[int, _Request | float]:
         return _handling.by_conn
 
 
+def _always() -> bool:
+    return True
+
+
 class HostConnection(ContextServing, ContextCalls, Connection):
     """An rpyc ``Connection`` that counts requests in flight, bounds the time a request may
     spend waiting on its client, and logs remote errors locally; calls run in the call context
@@ -210,6 +215,42 @@ class HostConnection(ContextServing, ContextCalls, Connection):
     callback) waits at most ``limits.call_timeout``, and all of them together at most
     ``limits.request_timeout`` from the request's start.
     """
+
+    def serve(self, timeout: Any = 1, wait_for_lock: bool = True, waiting: Any = _always) -> bool:
+        """rpyc's ``serve``, given plain seconds as the host's serving loops pass them: no
+        ``Timeout`` object built and asked for the time left on every request (the streams
+        take seconds). A ``Timeout`` (a reply being waited for), a negative timeout (none) or
+        thread binding goes to rpyc's own."""
+        if self._bind_threads or isinstance(timeout, Timeout) or (timeout is not None and timeout < 0):
+            return bool(super().serve(timeout, wait_for_lock, waiting))
+        event, lock = self._recv_event, self._recvlock
+        with event:
+            if not lock.acquire(False):
+                if wait_for_lock and waiting():
+                    return bool(event.wait(timeout))
+                return False
+        if not waiting():  # as rpyc: the result arrived while the lock was being taken
+            lock.release()
+            with event:
+                event.notify_all()
+            return False
+        try:
+            data = None
+            data = self._channel.poll(timeout) and self._channel.recv()
+        except Exception as exc:
+            lock.release()
+            if isinstance(exc, EOFError):
+                self.close()
+            raise
+        else:
+            if data:
+                self._dispatch(data)  # releases the lock once the frame is read
+                return True
+            lock.release()
+            return False
+        finally:
+            with event:
+                event.notify_all()
 
     def _dispatch_request(self, seq: int, raw_args: Any) -> None:
         config = self._config

@@ -1,4 +1,4 @@
-"""The concurrency, TLS and connection benchmarks run end to end in their ``--quick`` modes and
+"""The concurrency, server CPU, TLS and connection benchmarks run end to end in their ``--quick`` modes and
 print their targets (smoke only: figures on a shared machine are not asserted)."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from tests.helpers import ROOT
     ("script", "result", "targets"),
     [
         ("bench_concurrency.py", "concurrency", 4),
+        ("bench_server_cpu.py", "server_cpu", 2),
         ("bench_tls.py", "tls", 3),
         ("bench_connections.py", "connections", 1),
     ],

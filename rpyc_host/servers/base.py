@@ -36,7 +36,8 @@ from ..oneway_calls import BOOK_KEY, OnewayBook
 from ..protocol import NO_WAIT, SAFE_PROTOCOL, HostConnection, InflightTracker
 from ..security import Gatekeeper, closer
 from ..wire.handshake import rpyc_refusal_frame
-from ..wire.transport import FastChannel, FastSocketStream, tune_socket
+from ..wire.transport import FastChannel, tune_socket
+from .stream import ServingSocketStream
 
 _CONN_IDS = itertools.count(1)
 # Every live host server, so a forked child can drop the sockets it inherited from the others.
@@ -203,7 +204,7 @@ class HostServerMixin:
             config[PER_CALL_KEY] = True
         tune_socket(sock)
         channel = CountingChannel(
-            FastSocketStream(sock, self.limits.handshake_timeout),
+            ServingSocketStream(sock, self.limits.handshake_timeout),
             compress=self.settings.compression,
             max_frame=self.limits.max_frame_bytes,
         )
