@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import client
 from benchmarks.bench_host import BARE, HOST_CONFIG
-from benchmarks.harness import fmt, host_server, machine, python_server, save, table
+from benchmarks.harness import fmt, host_server, machine, print_checks, python_server, save, table
 
 DELAY = 0.005  # seconds each chunk is held, each way
 
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"pipelined fallback through the proxy: {pipe_ratio:.1f}x sequential (no target)", True),
     ]
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     path = save(
         "batch",
         {

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_files import cpu_of
 from benchmarks.bench_host import BARE
-from benchmarks.harness import fmt, machine, parallel_calls, python_server, save, table
+from benchmarks.harness import fmt, machine, parallel_calls, print_checks, python_server, save, table
 from rpyc_host.testing import ServerProcess
 
 HOST_CONFIG = """
@@ -140,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         checks.append((f"{name}: calls/s {c:.2f}x bare (target >= 1.0)", c >= 1.0))
         checks.append((f"{name}: p99 {p:.2f}x bare (target <= 1.2)", p <= 1.2))
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     data: dict[str, Any] = {
         "machine": info,
         "rounds": rounds,

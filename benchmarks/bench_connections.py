@@ -45,7 +45,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rpyc
 
 from benchmarks.bench_host import BARE
-from benchmarks.harness import fmt, machine, python_server, save, sequential_calls, setup_rate, table
+from benchmarks.harness import (
+    fmt,
+    machine,
+    print_checks,
+    python_server,
+    save,
+    sequential_calls,
+    setup_rate,
+    table,
+)
 from rpyc_host.testing import ServerProcess, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,8 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ratio = idle["p99_us"] / baseline
     checks = [(f"p99 with {count:,} idle connections = {ratio:.2f}x idle-free (target <= 1.5)", ratio <= 1.5)]
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     result["checks"] = [{"check": t, "ok": ok} for t, ok in checks]
     print(f"\nJSON: {save('connections', result)}")
     return 0

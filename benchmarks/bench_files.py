@@ -280,7 +280,8 @@ class Meter:
         }
 
 
-def bench_files(src: Path, work: Path, hash_names: tuple[str, ...]) -> tuple[list[dict[str, Any]], Any]:
+def files_config(work: Path) -> Path:
+    """A config file in ``work`` serving one file service rooted at ``work/root``."""
     config = work / "files.yaml"
     config.write_text(
         textwrap.dedent(f"""
@@ -292,6 +293,11 @@ def bench_files(src: Path, work: Path, hash_names: tuple[str, ...]) -> tuple[lis
         logging: {{level: INFO}}
         """)
     )
+    return config
+
+
+def bench_files(src: Path, work: Path, hash_names: tuple[str, ...]) -> tuple[list[dict[str, Any]], Any]:
+    config = files_config(work)
     rows: list[dict[str, Any]] = []
     disk = None
     size = src.stat().st_size
@@ -332,17 +338,7 @@ def bench_files_in_memory(src: Path, hash_name: str) -> list[dict[str, Any]]:
         work = Path(tmp)
         local = work / "src.bin"
         shutil.copyfile(src, local)
-        config = work / "files.yaml"
-        config.write_text(
-            textwrap.dedent(f"""
-            services:
-              files:
-                class: services.files:FileService
-                port: 0
-                options: {{root: {work / "root"}}}
-            logging: {{level: INFO}}
-            """)
-        )
+        config = files_config(work)
         size = local.stat().st_size
         dst = work / "back.bin"
         with ServerProcess(config) as server:

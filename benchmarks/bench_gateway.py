@@ -44,6 +44,7 @@ from benchmarks.harness import (
     machine,
     median_of,
     percentile,
+    print_checks,
     python_server,
     run_clients,
     save,
@@ -362,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     path = save(
         "gateway",
         {

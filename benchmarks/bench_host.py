@@ -37,6 +37,7 @@ from benchmarks.harness import (
     machine,
     median_of,
     parallel_calls,
+    print_checks,
     python_server,
     save,
     sequential_calls,
@@ -203,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     ]
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     path = save(
         "host",
         {

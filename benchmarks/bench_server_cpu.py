@@ -36,7 +36,7 @@ from rpyc.core.channel import Channel  # noqa: E402
 from rpyc.core.stream import SocketStream  # noqa: E402
 
 from benchmarks.bench_service import AddService  # noqa: E402
-from benchmarks.harness import machine, save, table  # noqa: E402
+from benchmarks.harness import machine, print_checks, save, table  # noqa: E402
 from rpyc_host.servers.base import close_quietly  # noqa: E402
 from rpyc_host.testing import running_host  # noqa: E402
 
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"host {name}: server CPU per request {ratio:.2f}x bare (target <= 1.0)", ratio <= 1.0)
         )
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     data = {
         "machine": machine(),
         "rounds": rounds,

@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import fmt, host_server, machine, python_server, save, table
+from benchmarks.harness import fmt, host_server, machine, print_checks, python_server, save, table
 
 BARE = """
 from rpyc.utils.server import ThreadedServer
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"the stream delivered all {fmt(items)} items", complete),
     ]
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     path = save(
         "streams",
         {

@@ -41,7 +41,7 @@ from rpyc.core.stream import SocketStream
 
 import client
 from benchmarks.bench_files import Meter, MiB, rss_now_kib, warm_cache
-from benchmarks.harness import fmt, machine, python_server, save, setup_rate, table, timed_calls
+from benchmarks.harness import fmt, machine, print_checks, python_server, save, setup_rate, table, timed_calls
 from client import files
 from rpyc_host.testing import ServerProcess, make_certificates
 
@@ -257,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for way, ratio in ratios.items():
         checks.append((f"files {way} over TLS = {ratio:.2f}x plaintext (target >= 0.8)", ratio >= 0.8))
     print()
-    for text, ok in checks:
-        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    print_checks(checks)
     data = {
         "machine": machine(),
         "rounds": rounds,

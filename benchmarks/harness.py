@@ -243,6 +243,13 @@ def machine() -> dict[str, Any]:
     }
 
 
+def print_checks(checks: list[tuple[str, bool]]) -> list[dict[str, Any]]:
+    """Print each target as a ``[PASS]``/``[MISS]`` line; returns them as JSON-ready rows."""
+    for text, ok in checks:
+        print(f"[{'PASS' if ok else 'MISS'}] {text}")
+    return [{"check": text, "ok": ok} for text, ok in checks]
+
+
 def save(name: str, data: dict[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

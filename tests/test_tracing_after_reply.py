@@ -23,7 +23,7 @@ import client
 from rpyc_host.testing import running_host, wait_until
 from rpyc_host.wire import tracing
 from tests import tracing_services
-from tests.test_tracing_lean import B_HOST, HOSTS, _calls, _shape
+from tests.test_tracing_lean import _shape, spans_both_ways
 
 PROBE = "services:\n  probe: {class: tests.sample_services:ContextProbeService, port: 0}\n"
 USER = "services:\n  user: {class: tests.tracing_services:UserSpanService, port: 0}\n"
@@ -92,21 +92,7 @@ def test_the_server_span_is_exported_after_the_reply_and_ends_before_it(
 def test_batch_exported_lean_spans_are_what_the_sdks_spans_export(provider: TracerProvider) -> None:
     memory = InMemorySpanExporter()
     provider.add_span_processor(BatchSpanProcessor(memory))
-    exported = {}
-    with running_host(B_HOST) as b, running_host(HOSTS.format(b_port=b.address("b")[1])) as a:
-        for lean in (False, True):
-            tracing.disable()
-            assert tracing.configure(provider, lean=lean)
-            assert tracing.lean() is lean
-            memory.clear()
-            _calls(a.address("a")[1], a.address("user")[1])
-
-            def flushed() -> bool:
-                provider.force_flush()
-                return len(memory.get_finished_spans()) >= 11
-
-            wait_until(flushed, 10, "every span exported")
-            exported[lean] = list(memory.get_finished_spans())
+    exported = spans_both_ways(provider, memory)
     assert _shape(exported[True]) == _shape(exported[False])
     assert all(isinstance(span, ReadableSpan) for span in exported[True])
     assert [span.to_json() for span in exported[True]]  # every field readable, as exporters read them

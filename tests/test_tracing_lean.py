@@ -88,10 +88,9 @@ def _shape(spans: list[ReadableSpan]) -> list[tuple[Any, ...]]:
     return sorted(rows, key=repr)
 
 
-def test_lean_spans_export_what_the_sdk_spans_export(
-    traced: tuple[TracerProvider, InMemorySpanExporter],
-) -> None:
-    provider, memory = traced
+def spans_both_ways(provider: TracerProvider, memory: InMemorySpanExporter) -> dict[bool, list[Any]]:
+    """The same calls through two hosts traced with SDK spans, then lean ones: what reached
+    ``memory`` each time (flushing the provider's processors while waiting, for batch ones)."""
     exported = {}
     with running_host(B_HOST) as b, running_host(HOSTS.format(b_port=b.address("b")[1])) as a:
         for lean in (False, True):
@@ -100,8 +99,20 @@ def test_lean_spans_export_what_the_sdk_spans_export(
             assert tracing.lean() is lean
             memory.clear()
             _calls(a.address("a")[1], a.address("user")[1])
-            wait_until(lambda: len(memory.get_finished_spans()) >= 11, 10, "every span ended")
+
+            def ended() -> bool:
+                provider.force_flush()
+                return len(memory.get_finished_spans()) >= 11
+
+            wait_until(ended, 10, "every span ended and exported")
             exported[lean] = list(memory.get_finished_spans())
+    return exported
+
+
+def test_lean_spans_export_what_the_sdk_spans_export(
+    traced: tuple[TracerProvider, InMemorySpanExporter],
+) -> None:
+    exported = spans_both_ways(*traced)
     assert _shape(exported[True]) == _shape(exported[False])
     names = sorted(s.name for s in exported[True])
     assert names.count("a/chain") == 2  # CLIENT and SERVER
