@@ -235,7 +235,6 @@ class HostConnection(ContextServing, ContextCalls, Connection):
                 event.notify_all()
             return False
         try:
-            data = None
             data = self._channel.poll(timeout) and self._channel.recv()
         except Exception as exc:
             lock.release()
