@@ -187,8 +187,9 @@ class HostServerMixin:
         self, sock: socket.socket, peer: Any, connid: str | None = None, credentials: Any = None
     ) -> HostConnection:
         # A peer silent mid-frame (or not reading a reply) must not hold its thread or worker
-        # forever: the channel bounds such waits by handshake_timeout (TLS sockets by a timeout).
-        sock.settimeout(self.limits.handshake_timeout if isinstance(sock, ssl.SSLSocket) else None)
+        # forever: the stream bounds such waits by handshake_timeout itself (a socket timeout
+        # would make CPython poll() before every send). It makes a TLS socket non-blocking.
+        sock.settimeout(None)
         connid = connid or self._new_connid()
         config = dict(
             self.protocol_config,

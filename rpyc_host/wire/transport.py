@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import select
 import socket
+import ssl
 import zlib
 from typing import Any
 
@@ -44,16 +45,25 @@ class FastSocketStream(SocketStream):
     """A ``SocketStream`` whose reads and writes avoid quadratic slicing.
 
     ``stall`` (seconds) bounds how long the peer may keep a half-read frame or a half-sent reply
-    waiting. On a plain socket it is enforced without a socket timeout, which would make CPython
-    poll() before every send and recv: I/O uses MSG_DONTWAIT and polls, bounded by ``stall``,
-    only when the peer is not ready. A TLS socket keeps its timeout (its records need it).
+    waiting. It is enforced without a socket timeout, which would make CPython poll() before
+    every send (and, on a plain socket, every recv): plain I/O uses MSG_DONTWAIT, a TLS socket is
+    put in non-blocking mode (``ssl.SSLWantReadError`` / ``SSLWantWriteError`` then say a record
+    is not complete yet), and either polls, bounded by ``stall``, only when the peer is not ready.
     """
 
-    __slots__ = ("_poller", "_rbuf", "_rpos", "stall")
+    __slots__ = ("_nowait", "_poller", "_rbuf", "_rpos", "stall")
 
     def __init__(self, sock: socket.socket, stall: float | None = None) -> None:
         super().__init__(sock)
-        self.stall = stall if stall is not None and not _is_tls(sock) else None
+        self.stall = stall
+        # The flags of a recv or send that must not wait. SSLSocket refuses flags: a TLS socket
+        # with a stall limit is made non-blocking instead.
+        self._nowait = 0
+        if stall is not None:
+            if _is_tls(sock):
+                sock.setblocking(False)
+            else:
+                self._nowait = socket.MSG_DONTWAIT
         # Received bytes not yet read: _rbuf[_rpos:]. Empty between frames (an idle connection
         # keeps no buffer).
         self._rbuf = b""
@@ -72,12 +82,14 @@ class FastSocketStream(SocketStream):
             raise self._stalled()
 
     def _recv_into(self, view: memoryview) -> int:
-        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        flags = self._nowait
         while True:
             try:
                 return self.sock.recv_into(view, min(len(view), _RECV_CHUNK), flags)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(select.POLLIN)
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT)
             except InterruptedError:
                 continue
             except TimeoutError:  # a TLS socket's timeout: the same stall limit
@@ -88,12 +100,15 @@ class FastSocketStream(SocketStream):
 
     def _recv_some(self) -> bytes:
         """At least one byte (up to _BUFFERED), waiting within the stall limit; EOFError at the end."""
-        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        flags = self._nowait
         while True:
             try:
                 data = self.sock.recv(_BUFFERED, flags)
-            except BlockingIOError:
+            except (BlockingIOError, ssl.SSLWantReadError):
                 self._wait(select.POLLIN)
+                continue
+            except ssl.SSLWantWriteError:
+                self._wait(select.POLLOUT)
                 continue
             except InterruptedError:
                 continue
@@ -116,12 +131,13 @@ class FastSocketStream(SocketStream):
 
     def fill(self) -> bool:
         """One non-blocking ``recv`` into the buffer, for a caller told the socket is readable:
-        False if nothing was there after all. A TLS socket is left to the next read (a record
-        may need more than one ``recv``). Raises EOFError if the peer has closed."""
-        if self.stall is None:
+        False if nothing was there after all. A TLS socket is left to the next read, which waits
+        within the stall limit (readable may mean part of a record). Raises EOFError if the peer
+        has closed."""
+        if self.stall is None or self._nowait == 0:
             return True
         try:
-            data = self.sock.recv(_BUFFERED, socket.MSG_DONTWAIT)
+            data = self.sock.recv(_BUFFERED, self._nowait)
         except (BlockingIOError, InterruptedError):
             return self.buffered > 0
         except OSError as exc:
@@ -211,9 +227,13 @@ class FastSocketStream(SocketStream):
     def writev(self, parts: list[bytes | memoryview]) -> None:
         """Send every part in order, as few system calls as the kernel allows."""
         sock = self.sock
-        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        flags = self._nowait
         try:
-            if not hasattr(sock, "sendmsg") or _is_tls(sock):
+            if _is_tls(sock):
+                for part in parts:
+                    self._send_tls(part)
+                return
+            if not hasattr(sock, "sendmsg"):
                 for part in parts:
                     sock.sendall(part)
                 return
@@ -235,12 +255,32 @@ class FastSocketStream(SocketStream):
             self.close()
             raise EOFError(exc) from exc
 
+    def _send_tls(self, part: bytes | memoryview) -> None:
+        """All of ``part`` through a TLS socket. A non-blocking ``SSL_write`` that raises
+        SSLWantWriteError has kept what it encrypted and must be retried with the same bytes."""
+        sock = self.sock
+        with memoryview(part) as view, view.cast("B") as data:
+            done = 0
+            while done < len(data):
+                try:
+                    done += sock.send(data[done:])
+                except ssl.SSLWantWriteError:
+                    if self.stall is None:
+                        raise
+                    self._wait(select.POLLOUT)
+                except ssl.SSLWantReadError:
+                    if self.stall is None:
+                        raise
+                    self._wait(select.POLLIN)
+                except InterruptedError:
+                    continue
+
     def write(self, data: bytes) -> None:
         # A small frame almost always fits the socket buffer: one send(), no gather list.
-        flags = 0 if self.stall is None else socket.MSG_DONTWAIT
+        flags = self._nowait
         try:
             sent = self.sock.send(data, flags)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except TimeoutError:
             raise self._stalled() from None
