@@ -217,7 +217,10 @@ class FastSocketStream(SocketStream):
             return True
         if self.closed or self.sock.fileno() < 0:
             return bool(super().poll(timeout))  # closed: raises as rpyc's own does
-        left = (timeout if isinstance(timeout, Timeout) else Timeout(timeout)).timeleft()
+        if isinstance(timeout, Timeout):
+            left = timeout.timeleft()
+        else:  # plain seconds, as the host's serving loops pass them: no Timeout built per wait
+            left = None if timeout is None or timeout < 0 else timeout
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
