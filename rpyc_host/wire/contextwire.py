@@ -38,27 +38,54 @@ class _NotTold:
 NOT_TOLD: Final = _NotTold()  # no connection default announced (None is a default: no deadline)
 
 
+def seconds_text(seconds: float) -> str:
+    """``seconds`` as the text field: to the microsecond (``repr`` of a float costs three
+    times as much, for digits no deadline needs)."""
+    return f"{seconds:.6f}"
+
+
 def encode(
     deadline: float | None,
     parent: str | None,
     state: str | None,
     request_id: str | None,
     default: float | _NotTold | None = NOT_TOLD,
+    left_text: str | None = None,
 ) -> Any:
     """The wire form of a context (``deadline`` a ``time.monotonic()`` reading), telling the
     connection's ``default`` timeout too (unless NOT_TOLD); the 4-tuple when a field holds the
-    separator."""
-    left = None if deadline is None else deadline - time.monotonic()
+    separator. ``left_text``, when given, is the time left already as text (a connection's
+    timeout, for a call whose deadline is that timeout from now)."""
     if (state is not None and SEP in state) or (request_id is not None and SEP in request_id):
+        left = None if deadline is None else deadline - time.monotonic()
         return (left, parent, state, request_id)
-    text = f"{'' if left is None else left!r}{SEP}{parent or ''}{SEP}{state or ''}{SEP}{request_id or ''}"
+    if left_text is None:
+        left_text = "" if deadline is None else seconds_text(deadline - time.monotonic())
+    text = f"{left_text}{SEP}{parent or ''}{SEP}{state or ''}{SEP}{request_id or ''}"
     if default is NOT_TOLD:
         return text
     return f"{text}{SEP}{'' if default is None else default!r}"
 
 
+# The seconds of the time-left texts seen lately: most calls carry their connection's timeout
+# unchanged (the same few texts), and parsing a float costs more than looking it up.
+_SECONDS_SEEN: dict[str, float] = {}
+_SECONDS_KEPT = 64
+
+
 def _seconds(text: str) -> float:
     """A finite number of seconds, clamped to [-1 s, 1 year]; ValueError if it is not one."""
+    seen = _SECONDS_SEEN.get(text)
+    if seen is not None:
+        return seen
+    value = _parsed_seconds(text)
+    if len(_SECONDS_SEEN) >= _SECONDS_KEPT:
+        _SECONDS_SEEN.clear()
+    _SECONDS_SEEN[text] = value
+    return value
+
+
+def _parsed_seconds(text: str) -> float:
     value = float(text)
     if value != value or text.strip() != text:  # NaN; float() would also accept padding
         raise ValueError(text)

@@ -22,6 +22,7 @@ later, an OpenTelemetry context already holding a span) gets the SDK's spans as 
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import Callable, Mapping
 from time import time_ns
 from typing import Any
@@ -51,6 +52,7 @@ _UNSET = Status(StatusCode.UNSET)
 _NO_STATE = TraceState()
 _SPAN_ID_MASK = (1 << 64) - 1
 _CACHE_LIMIT = 4096  # (kind, service, method) names and attributes kept for reuse
+_RESOLVING = threading.Lock()  # a served span's ids are decided once (LeanSpan._resolve)
 
 
 def _checked_context(
@@ -168,9 +170,11 @@ class LeanSpan:
         "_attrs",
         "_context",
         "_events",
+        "_headers",
         "_named",
         "_owner",
         "_parent",
+        "_pending",
         "_start",
         "_status",
         "ended",
@@ -199,23 +203,62 @@ class LeanSpan:
         self._events: Any = ()
         self._status = _UNSET
         self.ended = False
+        self._pending: tuple[str | None, str | None] | None = None
+        self._headers: str | None = None
         self._start = time_ns()
+
+    @classmethod
+    def served(
+        cls, owner: LeanTracer, named: tuple[str, SpanKind, Any], traceparent: str | None, tracestate: str | None
+    ) -> LeanSpan:
+        """A SERVER span started now whose ids and sampling decision are made on first read of
+        its context, or when it ends (after the call's reply is sent): until then it holds the
+        caller's ``traceparent`` and ``tracestate`` as text."""
+        made = cls.__new__(cls)
+        made._owner, made._named, made._attrs = owner, named, named[2]
+        made._pending = (traceparent, tracestate)
+        made._context = made._headers = None
+        made._events = ()
+        made._status = _UNSET
+        made.ended = False
+        made._start = time_ns()
+        return made
+
+    def _resolve(self) -> None:
+        """Decide the ids and sampling of a span started by :meth:`served`, as
+        :meth:`LeanTracer.start` would have when it started; once, whichever thread reads
+        the span first (service code may hand its context to another thread)."""
+        with _RESOLVING:
+            pending = self._pending
+            if pending is None:
+                return
+            self.trace_id, self.span_id, self.flags, self.state, self._parent, kept = self._owner.decide(
+                *pending
+            )
+            self.recording = kept is not False
+            self._pending = None
 
     def headers(self) -> tuple[str, str | None]:
         """``(traceparent, tracestate)`` naming this span as the parent of what comes next."""
+        if self._pending is not None:
+            self._resolve()
         state = self.state
-        return (
-            format_traceparent(self.trace_id, self.span_id, self.flags),
-            (state.to_header() or None) if state else None,
-        )
+        text = self._headers
+        if text is None:
+            text = self._headers = format_traceparent(self.trace_id, self.span_id, self.flags)
+        return text, (state.to_header() or None) if state else None
 
     def get_span_context(self) -> SpanContext:
+        if self._pending is not None:
+            self._resolve()
         built = self._context
         if built is None:
             built = self._context = _new_context(self.trace_id, self.span_id, False, self.flags, self.state)
         return built
 
     def is_recording(self) -> bool:
+        if self._pending is not None:
+            self._resolve()
         return self.recording and not self.ended
 
     def set_status(self, status: Status) -> None:
@@ -240,6 +283,8 @@ class LeanSpan:
     def add_event(
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
+        if self._pending is not None:
+            self._resolve()
         if self.ended or not self.recording:
             return
         limits = self._owner.limits
@@ -254,6 +299,8 @@ class LeanSpan:
         if self.ended:
             return
         self.ended = True
+        if self._pending is not None:
+            self._resolve()
         if self.recording:
             self._owner.finish(self, time_ns() if end_time is None else end_time)
 
@@ -267,6 +314,8 @@ class LeanSpan:
 
     def readable(self, end: int) -> ReadableSpan:
         """The SDK's finished span for this one."""
+        if self._pending is not None:
+            self._resolve()
         tracer = self._owner.tracer
         parent = self._parent
         named = self._named
@@ -432,11 +481,65 @@ class LeanTracer:
         ) and not self.usable():
             return None
         parent = parse_traceparent(traceparent) if traceparent else None
-        state: TraceState | None = None
         if parent is None:
             if self._current():  # the application's own context may hold the parent
                 return None
-            span_id = 0
+            if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
+                bits = random.getrandbits(192)
+                trace_id, span_id = bits >> 64, bits & _SPAN_ID_MASK
+                if trace_id and span_id:  # never zero, as the SDK's generator makes them
+                    kept = self._root(trace_id)
+                    flags = 2 if self._random_roots else 0
+                    if kept:
+                        flags |= 1
+                    ids = bits.to_bytes(24, "big").hex()  # one conversion for both ids' text
+                    text = f"00-{ids[:32]}-{ids[32:]}-{_FLAGS_HEX[flags]}"
+                    if kept is False and bare:
+                        return text
+                    made = LeanSpan(self, self._name(server, service, method), trace_id, span_id, flags, None, None)
+                    made._headers = text
+                    if kept is False:
+                        made.recording = False
+                    return made
+        trace_id, span_id, flags, state, kept = self._decide(parent, tracestate)
+        if kept is False and bare and parent is None:
+            return format_traceparent(trace_id, span_id, flags)
+        made = LeanSpan(self, self._name(server, service, method), trace_id, span_id, flags, state, parent)
+        if kept is False:
+            made.recording = False
+        return made
+
+    def start_served(
+        self, service: str, method: str, traceparent: str | None, tracestate: str | None
+    ) -> LeanSpan | None:
+        """The SERVER span of a call being served, child of ``traceparent``, its ids and
+        sampling decided when first read or when it ends (:meth:`LeanSpan.served`), so the
+        call waits for none of it; None when the SDK must make it."""
+        if (
+            self._multi._span_processors is not self._seen or self.tracer._tracer_config is not self._config
+        ) and not self.usable():
+            return None
+        if self._current():  # the application's own context may hold the parent: decide now
+            made = self.start_or_drop(True, service, method, traceparent, tracestate, False)
+            return None if isinstance(made, str) else made
+        return LeanSpan.served(self, self._name(True, service, method), traceparent, tracestate)
+
+    def decide(
+        self, traceparent: str | None, tracestate: str | None
+    ) -> tuple[int, int, int, TraceState | None, tuple[int, int, int] | None, bool | None]:
+        """``(trace id, span id, flags, trace state, parent ids, sampler's decision)`` of a span
+        child of ``traceparent``, or starting a new trace without a valid one (the caller has
+        made sure the application's own context holds no parent)."""
+        parent = parse_traceparent(traceparent) if traceparent else None
+        trace_id, span_id, flags, state, kept = self._decide(parent, tracestate)
+        return trace_id, span_id, flags, state, parent, kept
+
+    def _decide(
+        self, parent: tuple[int, int, int] | None, tracestate: str | None
+    ) -> tuple[int, int, int, TraceState | None, bool | None]:
+        state: TraceState | None = None
+        span_id = 0
+        if parent is None:
             if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
                 bits = random.getrandbits(192)
                 trace_id, span_id = bits >> 64, bits & _SPAN_ID_MASK
@@ -446,24 +549,17 @@ class LeanTracer:
                 trace_id = self._trace_id()
             kept = self._root(trace_id)
             flags = 2 if self._random_roots else 0
-            if kept is False and bare:
-                return format_traceparent(trace_id, span_id or self._span_id(), flags)
         else:
             trace_id = parent[0]
             kept = (self._sampled if parent[2] & 1 else self._unsampled)(trace_id)
             flags = parent[2] & 2
             if tracestate:
                 state = TraceState.from_header([tracestate])
-            span_id = self._span_id()
+        return trace_id, span_id or self._span_id(), flags | 1 if kept else flags, state, kept
+
+    def _name(self, server: bool, service: str, method: str) -> tuple[str, SpanKind, Any]:
         named = self._names.get((server, service, method))
-        if named is None:
-            named = self._named(server, service, method)
-        made = LeanSpan(
-            self, named, trace_id, span_id or self._span_id(), flags | 1 if kept else flags, state, parent
-        )
-        if kept is False:
-            made.recording = False
-        return made
+        return self._named(server, service, method) if named is None else named
 
     def _named(self, server: bool, service: str, method: str) -> tuple[str, SpanKind, Any]:
         limits = self.limits
@@ -554,10 +650,25 @@ _RUNTIME = getattr(otel_context, "_RUNTIME_CONTEXT", None)
 _VAR = _RUNTIME._current_context if type(_RUNTIME) is ContextVarsRuntimeContext else None
 
 
+class _ServedView(trace.NonRecordingSpan):
+    """OpenTelemetry's current span while a call is served: a non-recording view of its
+    SERVER span (service code cannot end or change it), whose context is read from the span
+    when asked for, so a call whose code never asks decides no ids before its reply."""
+
+    def __init__(self, span: LeanSpan) -> None:  # no super().__init__: the context is the span's
+        self._span = span
+
+    def get_span_context(self) -> SpanContext:
+        return self._span.get_span_context()
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
 def attach(span: Any) -> Any:
     """Make ``span`` (a :class:`LeanSpan` or an SDK span) OpenTelemetry's current span until
     :func:`detach` is given the token returned."""
-    current = span if not isinstance(span, LeanSpan) else trace.NonRecordingSpan(span.get_span_context())
+    current = span if not isinstance(span, LeanSpan) else _ServedView(span)
     if _VAR is None:  # a runtime context other than the default contextvars one
         return otel_context.attach(trace.set_span_in_context(current))
     base = _VAR.get()

@@ -98,6 +98,8 @@ class ContextCalls:
     peer_takes_bare_text = False  # ... and takes it in place of empty keyword arguments
     _told: float | contextwire._NotTold | None = contextwire.NOT_TOLD  # the timeout the peer knows
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
+    _left_for: float | None = None  # the call timeout whose text _left_text holds
+    _left_text = ""
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
         result, span = self._request(handler, args, kwargs)
@@ -123,10 +125,15 @@ class ContextCalls:
         # The context's fields as locals: no CallContext is built for the call being sent.
         base = context.current()
         request_id: str | None
+        left_text = None
         if base is None:
             deadline = None if limit is None else time.monotonic() + limit
             parent = state = None
             request_id = context.new_request_id()
+            if limit is not None:  # the time left is the limit itself: its text made once
+                if limit != self._left_for:
+                    self._left_for, self._left_text = limit, contextwire.seconds_text(limit)
+                left_text = self._left_text
         else:
             ctx = context.outgoing(limit)
             deadline, parent, state, request_id = (
@@ -150,7 +157,7 @@ class ContextCalls:
             default = self._config.get("sync_request_timeout")
             telling = default != self._told
             wire = contextwire.encode(
-                deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD
+                deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD, left_text
             )
             telling = telling and type(wire) is str
             if not call_kwargs and self.peer_takes_bare_text and type(wire) is str:

@@ -300,7 +300,14 @@ def start_client_span(service: str, method: str, traceparent: str | None, traces
 
 def start_server_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
     """A SERVER span for a call being served (end it with :func:`end_span`): what :func:`span`
-    makes, without a generator's frame per call."""
+    makes, without a generator's frame per call. A lean span's ids and sampling are decided
+    when its context is first read or when it ends (``LeanTracer.start_served``): a call that
+    reads neither gets its reply first."""
+    lean_tracer = _lean
+    if lean_tracer is not None:
+        made = lean_tracer.start_served(service, method, traceparent, tracestate)
+        if made is not None:
+            return made
     return _start("server", service, method, traceparent, tracestate)
 
 
