@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from typing import Any, Final
 
-from .context import MAX_TEXT, CallContext, Derived
+from .context import MAX_TEXT, CallContext, Derived, Lazy
 
 SEP: Final = "\x1f"
 MAX_WIRE: Final = 4 * MAX_TEXT + 128
@@ -92,9 +92,43 @@ def _parsed_seconds(text: str) -> float:
     return -1.0 if value < -1.0 else 31_536_000.0 if value > 31_536_000.0 else value
 
 
+class Sent(Lazy):
+    """The context a call request carried as text, made a :class:`CallContext` when first
+    read (most calls never read theirs); its deadline and trace fields read without that."""
+
+    __slots__ = ("_built", "_fields", "deadline")
+
+    def __init__(self, deadline: float | None, fields: list[str]) -> None:
+        self.deadline, self._fields, self._built = deadline, fields, None
+
+    @property
+    def traceparent(self) -> str | None:
+        return self._fields[1] or None
+
+    @property
+    def tracestate(self) -> str | None:
+        return self._fields[2] or None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def build(self) -> CallContext:
+        built = self._built
+        if built is None:
+            fields = self._fields
+            built = self._built = CallContext(self.deadline, fields[1] or None, fields[2] or None, fields[3] or None)
+        return built
+
+
 def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
     """``(context, connection default)`` from what a peer sent as the context: the text form or
     the 4-tuple; ``(None, NOT_TOLD)`` for anything malformed (it is ignored, like a bad tuple)."""
+    ctx, default = decode_lazily(value)
+    return (ctx.build() if isinstance(ctx, Sent) else ctx), default
+
+
+def decode_lazily(value: Any) -> tuple[CallContext | Sent | None, float | _NotTold | None]:
+    """What :func:`decode` reads, the text form as a :class:`Sent` (checked as strictly)."""
     if type(value) is not str:
         return CallContext.from_wire(value), NOT_TOLD
     size = len(value)
@@ -104,7 +138,7 @@ def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
     count = len(fields)
     if (count != 4 and count != 5) or (size > MAX_TEXT and max(map(len, fields)) > MAX_TEXT):
         return None, NOT_TOLD
-    left, parent, state, request_id = fields[:4]
+    left = fields[0]
     try:
         deadline = time.monotonic() + _seconds(left) if left else None
         default: float | _NotTold | None = NOT_TOLD
@@ -112,7 +146,7 @@ def decode(value: Any) -> tuple[CallContext | None, float | _NotTold | None]:
             default = _seconds(fields[4]) if fields[4] else None
     except ValueError:
         return None, NOT_TOLD
-    return CallContext(deadline, parent or None, state or None, request_id or None), default
+    return Sent(deadline, fields), default
 
 
 def derived(default: float | None) -> Derived:

@@ -21,6 +21,8 @@ later, an OpenTelemetry context already holding a span) gets the SDK's spans as 
 
 from __future__ import annotations
 
+import collections
+import os
 import random
 import threading
 from collections.abc import Callable, Mapping
@@ -301,8 +303,17 @@ class LeanSpan:
         self.ended = True
         if self._pending is not None:
             self._resolve()
-        if self.recording:
-            self._owner.finish(self, time_ns() if end_time is None else end_time)
+        if not self.recording:
+            return
+        owner = self._owner
+        end = time_ns() if end_time is None else end_time
+        if self.flags & 1 and owner._batched:  # LeanTracer.finish's usual case, without its frame
+            readable = _new_deferred(_Deferred)
+            readable._source = (self, end)
+            for sink in owner._sinks:
+                sink(readable)
+            return
+        owner.finish(self, end)
 
     def finish(self, error: BaseException | None, end_time: int | None = None) -> None:
         """End the span (at ``end_time``, ns since the epoch, else now), ERROR with the
@@ -496,10 +507,19 @@ class LeanTracer:
                     text = f"00-{ids[:32]}-{ids[32:]}-{_FLAGS_HEX[flags]}"
                     if kept is False and bare:
                         return text
-                    made = LeanSpan(self, self._name(server, service, method), trace_id, span_id, flags, None, None)
+                    named = self._names.get((server, service, method)) or self._named(server, service, method)
+                    # What LeanSpan(self, named, trace_id, span_id, flags, None, None) makes,
+                    # without its frame: this is every CLIENT span starting a trace.
+                    made = _new_span(LeanSpan)
+                    made._owner, made._named, made._attrs = self, named, named[2]
+                    made.trace_id, made.span_id, made.flags, made.state = trace_id, span_id, flags, None
+                    made._parent = made._context = made._pending = None
                     made._headers = text
-                    if kept is False:
-                        made.recording = False
+                    made.recording = kept is not False
+                    made._events = ()
+                    made._status = _UNSET
+                    made.ended = False
+                    made._start = time_ns()
                     return made
         trace_id, span_id, flags, state, kept = self._decide(parent, tracestate)
         if kept is False and bare and parent is None:
@@ -578,7 +598,11 @@ class LeanTracer:
         if span.flags & 1:
             # Every processor a batch one: the span is read in its export thread, so it is
             # built there, off the call's path.
-            readable = _Deferred(span, end) if self._batched else span.readable(end)
+            if self._batched:
+                readable: ReadableSpan = _new_deferred(_Deferred)  # what _Deferred(span, end) makes
+                readable._source = (span, end)  # type: ignore[attr-defined]
+            else:
+                readable = span.readable(end)
             for sink in self._sinks:
                 sink(readable)
             return
@@ -603,6 +627,8 @@ class _Deferred(ReadableSpan):
     def __init__(self, span: LeanSpan, end: int) -> None:  # no super().__init__: fields come later
         self._source = (span, end)
 
+    _source: tuple[LeanSpan, int]
+
     def __getattr__(self, name: str) -> Any:
         # Called only for a field not yet set (every field, before the first read).
         source = self.__dict__.get("_source")
@@ -613,17 +639,65 @@ class _Deferred(ReadableSpan):
         return self.__dict__[name]
 
 
+_new_deferred = object.__new__
+_new_span = object.__new__
+
+
 def _sinks(processors: tuple[Any, ...]) -> tuple[Callable[[ReadableSpan], None], ...]:
     """Where each processor takes a finished, sampled span: a batch processor's queue directly
     when it has the SDK's (its ``on_end`` only checks the sampled flag, then queues), else
     ``on_end``."""
     sinks = []
     for processor in processors:
-        queue = getattr(getattr(processor, "_batch_processor", None), "emit", None)
-        sinks.append(
-            queue if type(processor) is BatchSpanProcessor and queue is not None else processor.on_end
-        )
+        batch = getattr(processor, "_batch_processor", None)
+        if type(processor) is BatchSpanProcessor and getattr(batch, "emit", None) is not None:
+            sinks.append(_queue_of(batch))
+        else:
+            sinks.append(processor.on_end)
     return tuple(sinks)
+
+
+# What the SDK's BatchProcessor.emit refers to, in the versions whose emit _queue_of repeats:
+# refused after shutdown, re-initialised after a fork, a warning when the queue is full, else
+# queued, waking the export thread once a batch is waiting.
+_EMIT_NAMES = frozenset(
+    "_at_fork_reinit _bsp_reset_once _exporting _logger _max_export_batch_size _max_queue_size "
+    "_metrics _pid _queue _shutdown _worker_awaken appendleft do_once drop_items getpid info "
+    "is_set len os set warning".split()
+)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _queue_of(batch: Any) -> Callable[[ReadableSpan], None]:
+    """``batch.emit``, without the ``getpid`` system call it makes per span: the pid is this
+    module's, renewed after a fork. Whatever is not the plain case (shut down, forked, the
+    queue full) goes to ``emit`` itself; an ``emit`` this does not know is used as it is."""
+    emit = batch.emit
+    queue = getattr(batch, "_queue", None)
+    code = getattr(getattr(type(batch), "emit", None), "__code__", None)
+    if code is None or not set(code.co_names) <= _EMIT_NAMES or type(queue) is not collections.deque:
+        return emit  # type: ignore[no-any-return]
+    full, batch_size = batch._max_queue_size, batch._max_export_batch_size
+
+    def sink(span: ReadableSpan) -> None:
+        if batch._shutdown or batch._pid != _pid or len(queue) >= full:
+            emit(span)
+            return
+        queue.appendleft(span)
+        if len(queue) >= batch_size:
+            awaken = batch._worker_awaken  # read each time: a fork replaces it
+            if not awaken.is_set():
+                awaken.set()
+
+    return sink
 
 
 def _random_span_id() -> int:
@@ -665,18 +739,26 @@ class _ServedView(trace.NonRecordingSpan):
         return f"NonRecordingSpan({self.get_span_context()!r})"
 
 
+_new_view = object.__new__
+_Context = otel_context.Context
+
+
 def attach(span: Any) -> Any:
     """Make ``span`` (a :class:`LeanSpan` or an SDK span) OpenTelemetry's current span until
     :func:`detach` is given the token returned."""
-    current = span if not isinstance(span, LeanSpan) else _ServedView(span)
+    if type(span) is LeanSpan:
+        current: Any = _new_view(_ServedView)  # what _ServedView(span) makes, without its frame
+        current._span = span
+    else:
+        current = span
     if _VAR is None:  # a runtime context other than the default contextvars one
         return otel_context.attach(trace.set_span_in_context(current))
     base = _VAR.get()
     if not base:  # the usual case: a served call's thread has no OpenTelemetry context of its own
-        return _VAR.set(otel_context.Context({_SPAN_KEY: current}))
+        return _VAR.set(_Context({_SPAN_KEY: current}))
     values = dict(base)
     values[_SPAN_KEY] = current
-    return _VAR.set(otel_context.Context(values))
+    return _VAR.set(_Context(values))
 
 
 def detach(token: Any) -> None:

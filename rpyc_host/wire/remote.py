@@ -98,6 +98,7 @@ class ContextCalls:
     peer_takes_bare_text = False  # ... and takes it in place of empty keyword arguments
     _told: float | contextwire._NotTold | None = contextwire.NOT_TOLD  # the timeout the peer knows
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
+    _peer_label: str | None = None  # the service name CLIENT spans carry (peer_service)
     _left_for: float | None = None  # the call timeout whose text _left_text holds
     _left_text = ""
 
@@ -150,7 +151,9 @@ class ContextCalls:
         obj, call_args, call_kwargs = args
         span = None
         if traced:
-            service = str(self._config.get("peer_service") or "rpyc")
+            service = self._peer_label
+            if service is None:
+                service = self._peer_label = str(self._config.get("peer_service") or "rpyc")
             span, parent, state = tracing.start_call(service, self._name_of(obj), parent, state)
         telling = False
         if self.peer_takes_text and self.peer_speaks_context:
@@ -196,7 +199,8 @@ class ContextCalls:
         except BaseException as exc:
             tracing.end_span(span, exc)
             raise
-        tracing.end_span(span, None)
+        if span is not None:
+            span.end()  # what end_span(span, None) does, for a lean span and the SDK's alike
         return value
 
     @property
@@ -250,7 +254,7 @@ class ContextServing:
         inner = handlers[consts.HANDLE_CALL]
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
-            ctx: context.CallContext | context.Derived | None
+            ctx: context.CallContext | context.Derived | contextwire.Sent | None
             if type(kwargs) is str:  # the text form in place of no keyword arguments
                 ctx = self._context_sent(kwargs)
                 kwargs = ()
@@ -261,7 +265,7 @@ class ContextServing:
                 told = self.__dict__.get("_told_by_peer", contextwire.NOT_TOLD)
                 ctx = None if told is contextwire.NOT_TOLD else contextwire.derived(told)
             if tracing._tracer is not None:
-                if isinstance(ctx, context.Derived):
+                if type(ctx) is context.Derived:
                     ctx = ctx.build()
                 return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
@@ -283,10 +287,10 @@ class ContextServing:
             # when the method returned, goes to the processors now, off the caller's wait.
             afterreply.finish_ended()
 
-    def _context_sent(self, value: Any) -> context.CallContext | None:
+    def _context_sent(self, value: Any) -> context.CallContext | contextwire.Sent | None:
         """The context a call request carried (None if malformed), remembering a default it
         told; DeadlineExceeded if its deadline passed before it arrived."""
-        ctx, told = contextwire.decode(value)
+        ctx, told = contextwire.decode_lazily(value)
         if told is not contextwire.NOT_TOLD:
             self._told_by_peer = told
         if ctx is not None:
@@ -296,7 +300,9 @@ class ContextServing:
         return ctx
 
 
-def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
+def _traced(
+    conn: Any, inner: Any, ctx: context.CallContext | contextwire.Sent | None, obj: Any, args: Any, kwargs: Any
+) -> Any:
     if ctx is not None and not tracing.server_span_needed(ctx.traceparent):
         # The caller's trace is not recorded (nor would this span be), or its CLIENT span is
         # the one wanted: no span work at all; the caller's traceparent goes on as it is.
@@ -305,9 +311,9 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
             return inner(conn, obj, args, kwargs)
         finally:
             context._CURRENT.reset(token)
-    service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
+    service, method = _span_names(conn, obj)
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
-    span = tracing.start_server_span(service, _method_name(obj), parent, state)
+    span = tracing.start_server_span(service, method, parent, state)
     token = context._CURRENT.set(_ServedContext(ctx, span, parent, state))
     current = tracing.attach(span)  # service code's own spans are children of this one
     try:
@@ -322,6 +328,29 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
     return result
 
 
+_NAMES_KEPT = 256  # (service, method) names of the objects a connection's calls were made on
+
+
+def _span_names(conn: Any, obj: Any) -> tuple[str, str]:
+    """``(service, method)`` for the span of a call on ``obj``, kept per connection: a client
+    calls the same few methods over and over."""
+    names: dict[Any, tuple[str, str]] | None = conn.__dict__.get("_span_names")
+    if names is None:
+        names = conn.__dict__["_span_names"] = {}
+    try:
+        found = names.get(obj)
+    except TypeError:  # an object that cannot be a key: named each time
+        found, names = None, None
+    if found is None:
+        config = conn._config
+        found = (str(config.get("host_service") or config.get("peer_service") or "rpyc"), _method_name(obj))
+        if names is not None:
+            if len(names) >= _NAMES_KEPT:
+                names.clear()
+            names[obj] = found
+    return found
+
+
 class _ServedContext(context.Lazy):
     """The context of a call served under a SERVER span: the caller's, with the span as the
     parent of what the call calls; built when first read (most calls never read theirs)."""
@@ -329,7 +358,11 @@ class _ServedContext(context.Lazy):
     __slots__ = ("_built", "_caller", "_parent", "_span", "_state")
 
     def __init__(
-        self, caller: context.CallContext | None, span: Any, parent: str | None, state: str | None
+        self,
+        caller: context.CallContext | contextwire.Sent | None,
+        span: Any,
+        parent: str | None,
+        state: str | None,
     ) -> None:
         self._caller, self._span, self._parent, self._state = caller, span, parent, state
         self._built: context.CallContext | None = None
@@ -338,6 +371,8 @@ class _ServedContext(context.Lazy):
         built = self._built
         if built is None:
             span, caller = self._span, self._caller
+            if type(caller) is contextwire.Sent:
+                caller = caller.build()
             mine = tracing.headers_of(span) if span is not None else (self._parent, self._state)
             built = self._built = (
                 context.CallContext(caller.deadline, *mine, caller.request_id)

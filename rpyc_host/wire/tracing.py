@@ -127,20 +127,28 @@ def _drops_children_of_unsampled(sampler: Any) -> bool:
 def server_span_needed(traceparent: str | None) -> bool:
     """Whether a call that arrived with ``traceparent`` gets a SERVER span (see the module
     docstring); without one it runs under, and hands on, the caller's traceparent."""
-    if _server_spans_for_roots_only and _valid(traceparent):
-        return False
-    return not unsampled(traceparent)
+    if traceparent is None:
+        return True
+    if _server_spans_for_roots_only:
+        return not _valid(traceparent)
+    # unsampled(), in one call: this runs for every call served
+    return not (_drops_unsampled and traceparent[-1:] in _EVEN_HEX and _valid(traceparent))
+
+
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
 def _valid(traceparent: str | None) -> bool:
     return (
         traceparent is not None
         and len(traceparent) == 55
-        and traceparent.startswith("00-")
+        and traceparent[2] == "-"
         and traceparent[35] == "-"
         and traceparent[52] == "-"
-        and traceparent[3:35] != "0" * 32
-        and traceparent[36:52] != "0" * 16
+        and traceparent[:2] == "00"
+        and traceparent[3:35] != _ZERO_TRACE
+        and traceparent[36:52] != _ZERO_SPAN
     )
 
 
@@ -271,7 +279,7 @@ def start_call(
     """``(CLIENT span or None, traceparent, tracestate)`` for a call about to be sent, child of
     the given trace context: no span at all for a trace that is not sampled (the parent's, or a
     new one the sampler drops), whose traceparent goes on as it is."""
-    if unsampled(traceparent):
+    if traceparent is not None and unsampled(traceparent):
         return None, traceparent, tracestate
     lean_tracer = _lean
     if lean_tracer is not None:
