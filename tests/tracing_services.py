@@ -25,3 +25,21 @@ class UserSpanService(rpyc.Service):
     @rpyc.exposed
     def fail(self) -> None:
         raise ValueError("no such thing")
+
+
+class Unhashable:
+    """A callable a service hands out that cannot be a dict key."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self) -> int:
+        return 7
+
+
+@rpyc.service
+class CallableService(rpyc.Service):
+    """Hands out an unhashable callable, for the span a call on it gets."""
+
+    @rpyc.exposed
+    def make(self) -> Unhashable:
+        return Unhashable()

@@ -99,7 +99,8 @@ class Sent(Lazy):
     __slots__ = ("_built", "_fields", "deadline")
 
     def __init__(self, deadline: float | None, fields: list[str]) -> None:
-        self.deadline, self._fields, self._built = deadline, fields, None
+        self.deadline, self._fields = deadline, fields
+        self._built: CallContext | None = None
 
     @property
     def traceparent(self) -> str | None:
@@ -115,8 +116,10 @@ class Sent(Lazy):
     def build(self) -> CallContext:
         built = self._built
         if built is None:
-            fields = self._fields
-            built = self._built = CallContext(self.deadline, fields[1] or None, fields[2] or None, fields[3] or None)
+            _, parent, state, request_id = self._fields[:4]
+            built = self._built = CallContext(
+                self.deadline, parent or None, state or None, request_id or None
+            )
         return built
 
 

@@ -211,7 +211,11 @@ class LeanSpan:
 
     @classmethod
     def served(
-        cls, owner: LeanTracer, named: tuple[str, SpanKind, Any], traceparent: str | None, tracestate: str | None
+        cls,
+        owner: LeanTracer,
+        named: tuple[str, SpanKind, Any],
+        traceparent: str | None,
+        tracestate: str | None,
     ) -> LeanSpan:
         """A SERVER span started now whose ids and sampling decision are made on first read of
         its context, or when it ends (after the call's reply is sent): until then it holds the
@@ -661,9 +665,29 @@ def _sinks(processors: tuple[Any, ...]) -> tuple[Callable[[ReadableSpan], None],
 # refused after shutdown, re-initialised after a fork, a warning when the queue is full, else
 # queued, waking the export thread once a batch is waiting.
 _EMIT_NAMES = frozenset(
-    "_at_fork_reinit _bsp_reset_once _exporting _logger _max_export_batch_size _max_queue_size "
-    "_metrics _pid _queue _shutdown _worker_awaken appendleft do_once drop_items getpid info "
-    "is_set len os set warning".split()
+    {
+        "_at_fork_reinit",
+        "_bsp_reset_once",
+        "_exporting",
+        "_logger",
+        "_max_export_batch_size",
+        "_max_queue_size",
+        "_metrics",
+        "_pid",
+        "_queue",
+        "_shutdown",
+        "_worker_awaken",
+        "appendleft",
+        "do_once",
+        "drop_items",
+        "getpid",
+        "info",
+        "is_set",
+        "len",
+        "os",
+        "set",
+        "warning",
+    }
 )
 _pid = os.getpid()
 
@@ -684,7 +708,7 @@ def _queue_of(batch: Any) -> Callable[[ReadableSpan], None]:
     queue = getattr(batch, "_queue", None)
     code = getattr(getattr(type(batch), "emit", None), "__code__", None)
     if code is None or not set(code.co_names) <= _EMIT_NAMES or type(queue) is not collections.deque:
-        return emit  # type: ignore[no-any-return]
+        return emit
     full, batch_size = batch._max_queue_size, batch._max_export_batch_size
 
     def sink(span: ReadableSpan) -> None:

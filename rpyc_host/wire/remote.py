@@ -265,7 +265,7 @@ class ContextServing:
                 told = self.__dict__.get("_told_by_peer", contextwire.NOT_TOLD)
                 ctx = None if told is contextwire.NOT_TOLD else contextwire.derived(told)
             if tracing._tracer is not None:
-                if type(ctx) is context.Derived:
+                if isinstance(ctx, context.Derived):
                     ctx = ctx.build()
                 return _traced(self, inner, ctx, obj, args, kwargs)
             if ctx is None:
@@ -301,7 +301,12 @@ class ContextServing:
 
 
 def _traced(
-    conn: Any, inner: Any, ctx: context.CallContext | contextwire.Sent | None, obj: Any, args: Any, kwargs: Any
+    conn: Any,
+    inner: Any,
+    ctx: context.CallContext | contextwire.Sent | None,
+    obj: Any,
+    args: Any,
+    kwargs: Any,
 ) -> Any:
     if ctx is not None and not tracing.server_span_needed(ctx.traceparent):
         # The caller's trace is not recorded (nor would this span be), or its CLIENT span is
@@ -370,9 +375,8 @@ class _ServedContext(context.Lazy):
     def build(self) -> context.CallContext:
         built = self._built
         if built is None:
-            span, caller = self._span, self._caller
-            if type(caller) is contextwire.Sent:
-                caller = caller.build()
+            span, sent = self._span, self._caller
+            caller = sent.build() if isinstance(sent, contextwire.Sent) else sent
             mine = tracing.headers_of(span) if span is not None else (self._parent, self._state)
             built = self._built = (
                 context.CallContext(caller.deadline, *mine, caller.request_id)
