@@ -24,11 +24,13 @@ import client
 from rpyc_host.testing import running_host, wait_until
 from rpyc_host.wire import context, contextwire, leanspan, tracing
 from rpyc_host.wire.contextwire import SEP
+from tests import tracing_services
 from tests.test_context_wire import _TextHost, recording_peer
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
 SAMPLED = f"00-{TRACE}-b7ad6b7169203331-01"
 CALLABLE = "services:\n  maker: {class: tests.tracing_services:CallableService, port: 0}\n"
+USER = "services:\n  user: {class: tests.tracing_services:UserSpanService, port: 0}\n"
 
 
 @pytest.fixture
@@ -89,6 +91,40 @@ def test_a_served_span_read_from_many_threads_at_once_has_one_context(memory: In
     tracing.end_span(span, None)
     (exported,) = memory.get_finished_spans()
     assert exported.context == seen[0]
+
+
+@pytest.fixture
+def user_spans(memory: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    """:func:`memory`, with UserSpanService's own spans going there too."""
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing_services.PROVIDER = provider
+    yield memory
+    tracing_services.PROVIDER = None
+    provider.shutdown()
+
+
+def test_a_hosts_serving_thread_names_the_served_span_in_deadline_blocks_and_copied_contexts(
+    user_spans: InMemorySpanExporter,
+) -> None:
+    with (
+        running_host(USER) as host,
+        client.connect("user", host="127.0.0.1", port=host.address("user")[1]) as conn,
+    ):
+        in_block = conn.root.parent_in_deadline_block()
+        copied = conn.root.seen_in_a_copied_context()
+        assert conn.root.current_span_valid()  # during a traced call: its SERVER span
+        # A call whose trace is not sampled gets no span: between spans, the serving thread
+        # (which keeps its OpenTelemetry context) names none.
+        with context.use(context.CallContext(None, f"00-{TRACE}-b7ad6b7169203331-00")):
+            assert not conn.root.current_span_valid()
+    wait_until(lambda: len(user_spans.get_finished_spans()) >= 7, 10, "every call's spans")
+    served = {s.name: s for s in user_spans.get_finished_spans() if s.kind.name == "SERVER"}
+    assert in_block == f"{served['user/parent_in_deadline_block'].context.span_id:016x}"
+    assert copied == f"{served['user/seen_in_a_copied_context'].context.span_id:016x}"
+    from opentelemetry import trace
+
+    assert not trace.get_current_span().get_span_context().is_valid  # this thread: nothing kept
 
 
 def test_a_call_on_an_object_that_cannot_be_a_key_is_named_by_its_type(memory: InMemorySpanExporter) -> None:

@@ -22,6 +22,7 @@ later, an OpenTelemetry context already holding a span) gets the SDK's spans as 
 from __future__ import annotations
 
 import collections
+import contextvars
 import os
 import random
 import threading
@@ -447,8 +448,8 @@ class LeanTracer:
         rules = _rules(tracer.sampler)
         assert rules is not None
         self._root, self._sampled, self._unsampled = rules
-        # What otel_context.get_current() returns, read from the default runtime's own variable.
-        self._current: Callable[[], Any] = _VAR.get if _VAR is not None else otel_context.get_current
+        # What otel_context.get_current() returns, as far as the application's own context goes.
+        self._current: Callable[[], Any] = _application_context
         self._names: dict[tuple[bool, str, str], tuple[str, SpanKind, Any]] = {}
         ids = tracer.id_generator
         inner = getattr(ids, "inner", ids)  # presample's wrapper keeps the tracer's own generator
@@ -763,14 +764,55 @@ class _ServedView(trace.NonRecordingSpan):
         return f"NonRecordingSpan({self.get_span_context()!r})"
 
 
+class _ThreadView(trace.NonRecordingSpan):
+    """OpenTelemetry's current span, for good, in a thread that serves traced calls: a
+    non-recording view of the SERVER span of the call being served (:data:`_SERVED`, a context
+    variable of its own, so a context copied to another thread keeps its call's span), and of
+    none (an invalid context, as with no span at all) between calls."""
+
+    def __init__(self) -> None:  # no super().__init__: the context is the served span's
+        pass
+
+    def get_span_context(self) -> SpanContext:
+        span = _SERVED.get()
+        return trace.INVALID_SPAN_CONTEXT if span is None else span.get_span_context()
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+_SERVED: contextvars.ContextVar[LeanSpan | None] = contextvars.ContextVar(
+    "rpyc_host_served_span", default=None
+)
+# The OpenTelemetry context a thread that serves traced calls keeps (attach(span, for_good=True)):
+# a call then costs one set and one reset of _SERVED, not an OpenTelemetry context of its own.
+_SERVING = otel_context.Context({_SPAN_KEY: _ThreadView()})
 _new_view = object.__new__
 _Context = otel_context.Context
 
 
-def attach(span: Any) -> Any:
+def _application_context() -> Any:
+    """What otel_context.get_current() returns, as far as the application's own context goes:
+    a thread's kept serving context counts only while a call is served in it."""
+    ctx = _VAR.get() if _VAR is not None else otel_context.get_current()
+    if ctx is _SERVING and _SERVED.get() is None:
+        return None
+    return ctx
+
+
+def attach(span: Any, for_good: bool = False) -> Any:
     """Make ``span`` (a :class:`LeanSpan` or an SDK span) OpenTelemetry's current span until
-    :func:`detach` is given the token returned."""
+    :func:`detach` is given the token returned. With ``for_good``, a thread with no
+    OpenTelemetry context of its own keeps :data:`_SERVING` from then on, whose current span
+    is the lean span of the call being served there, none between calls."""
     if type(span) is LeanSpan:
+        if _VAR is not None:
+            base = _VAR.get()
+            if base is _SERVING:
+                return _SERVED.set(span)
+            if for_good and not base:
+                _VAR.set(_SERVING)  # never reset: between calls it names no span
+                return _SERVED.set(span)
         current: Any = _new_view(_ServedView)  # what _ServedView(span) makes, without its frame
         current._span = span
     else:
@@ -778,7 +820,7 @@ def attach(span: Any) -> Any:
     if _VAR is None:  # a runtime context other than the default contextvars one
         return otel_context.attach(trace.set_span_in_context(current))
     base = _VAR.get()
-    if not base:  # the usual case: a served call's thread has no OpenTelemetry context of its own
+    if not base:  # a served call's thread with no OpenTelemetry context of its own
         return _VAR.set(_Context({_SPAN_KEY: current}))
     values = dict(base)
     values[_SPAN_KEY] = current
@@ -786,7 +828,9 @@ def attach(span: Any) -> Any:
 
 
 def detach(token: Any) -> None:
-    if _VAR is None:
+    if getattr(token, "var", None) is _SERVED:
+        _SERVED.reset(token)
+    elif _VAR is None:
         otel_context.detach(token)
     else:
         _VAR.reset(token)

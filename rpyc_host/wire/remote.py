@@ -248,6 +248,11 @@ class ContextServing:
     is served exactly as rpyc serves it. With tracing on, each call served is a SERVER span,
     child of the caller's span."""
 
+    # Whether a thread serving this connection's calls may keep an OpenTelemetry context of
+    # its own for good (tracing.attach): a host's serving threads run nothing but calls; a
+    # client's thread serving callbacks is the application's.
+    keeps_span_view = False
+
     @classmethod
     def _request_handlers(cls) -> dict[int, Any]:
         handlers: dict[int, Any] = super()._request_handlers()  # type: ignore[misc]
@@ -320,7 +325,7 @@ def _traced(
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
     span = tracing.start_server_span(service, method, parent, state)
     token = context._CURRENT.set(_ServedContext(ctx, span, parent, state))
-    current = tracing.attach(span)  # service code's own spans are children of this one
+    current = tracing.attach(span, conn.keeps_span_view)  # service code's spans are its children
     try:
         result = inner(conn, obj, args, kwargs)
     except BaseException as exc:

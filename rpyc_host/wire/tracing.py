@@ -361,13 +361,15 @@ def end_span(current: Any, error: BaseException | None, end_time: int | None = N
     current.end(end_time)
 
 
-def attach(current: Any) -> Any:
+def attach(current: Any, for_good: bool = False) -> Any:
     """Make ``current`` (a span from this module) OpenTelemetry's current span, for the code a
-    served call runs; returns the token for :func:`detach`. None for no span."""
+    served call runs; returns the token for :func:`detach`. None for no span. ``for_good``: a
+    thread that serves only calls may keep a context of its own from then on, whose current
+    span is the call's (``leanspan.attach``)."""
     if current is None:
         return None
     if _leanspan is not None:
-        return _leanspan.attach(current)
+        return _leanspan.attach(current, for_good)
     from opentelemetry import context, trace
 
     return context.attach(trace.set_span_in_context(current))
