@@ -10,6 +10,13 @@ which is how the SDK's exporters receive spans. When every processor is a batch 
 ``ReadableSpan`` is built on first read, in the processor's export thread, not on the call's
 path. A new trace the sampler drops makes no span object: only its traceparent goes on.
 
+A SERVER span (:meth:`LeanTracer.start_served`) holds the caller's traceparent as text and
+decides its ids and sampling when its context is first read (a service's own span, a call it
+makes) or when it ends, after the reply. A host's serving thread keeps one OpenTelemetry
+context whose current span is a view of the SERVER span of the call being served there, held
+in a context variable of its own (:func:`attach` with ``for_good``): a call sets and resets that
+variable instead of building and attaching an OpenTelemetry context.
+
 It is used only where that is exactly what the SDK would do (:func:`for_tracer`): the SDK's
 tracer, enabled, without its internal metrics, whose processors are all the SDK's
 ``SimpleSpanProcessor`` or ``BatchSpanProcessor`` (their ``on_start`` does nothing), and whose

@@ -21,7 +21,9 @@ handed to the processors as a finished span when it ends (:mod:`rpyc_host.wire.l
 anything else gets the SDK's spans. While a call is served, its SERVER span is OpenTelemetry's
 current span: service code's own spans are its children. A SERVER span takes its end time when
 the method returns and reaches the processors once the reply is sent
-(:mod:`rpyc_host.wire.afterreply`): the caller does not wait for its export.
+(:mod:`rpyc_host.wire.afterreply`): the caller does not wait for its export. A lean SERVER
+span also decides its ids and sampling only then, unless the call reads its context (or
+OpenTelemetry's current span) first.
 Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
 ``rpc.method``, and the span status is ERROR when the call raised.
 """
