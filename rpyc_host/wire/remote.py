@@ -349,7 +349,7 @@ def _span_names(conn: Any, obj: Any) -> tuple[str, str]:
         names = conn.__dict__["_span_names"] = {}
     try:
         found = names.get(obj)
-    except TypeError:  # an object that cannot be a key: named each time
+    except Exception:  # not a key (unhashable, or an __eq__ that raises): named each time
         found, names = None, None
     if found is None:
         config = conn._config
