@@ -216,6 +216,8 @@ class HostConnection(ContextServing, ContextCalls, Connection):
     ``limits.request_timeout`` from the request's start.
     """
 
+    keeps_span_view = True  # its serving threads run only its calls (ContextServing)
+
     def serve(self, timeout: Any = 1, wait_for_lock: bool = True, waiting: Any = _always) -> bool:
         """rpyc's ``serve``, given plain seconds as the host's serving loops pass them: no
         ``Timeout`` object built and asked for the time left on every request (the streams

@@ -10,6 +10,13 @@ which is how the SDK's exporters receive spans. When every processor is a batch 
 ``ReadableSpan`` is built on first read, in the processor's export thread, not on the call's
 path. A new trace the sampler drops makes no span object: only its traceparent goes on.
 
+A SERVER span (:meth:`LeanTracer.start_served`) holds the caller's traceparent as text and
+decides its ids and sampling when its context is first read (a service's own span, a call it
+makes) or when it ends, after the reply. A host's serving thread keeps one OpenTelemetry
+context whose current span is a view of the SERVER span of the call being served there, held
+in a context variable of its own (:func:`attach` with ``for_good``): a call sets and resets that
+variable instead of building and attaching an OpenTelemetry context.
+
 It is used only where that is exactly what the SDK would do (:func:`for_tracer`): the SDK's
 tracer, enabled, without its internal metrics, whose processors are all the SDK's
 ``SimpleSpanProcessor`` or ``BatchSpanProcessor`` (their ``on_start`` does nothing), and whose
@@ -21,7 +28,11 @@ later, an OpenTelemetry context already holding a span) gets the SDK's spans as 
 
 from __future__ import annotations
 
+import collections
+import contextvars
+import os
 import random
+import threading
 from collections.abc import Callable, Mapping
 from time import time_ns
 from typing import Any
@@ -51,6 +62,7 @@ _UNSET = Status(StatusCode.UNSET)
 _NO_STATE = TraceState()
 _SPAN_ID_MASK = (1 << 64) - 1
 _CACHE_LIMIT = 4096  # (kind, service, method) names and attributes kept for reuse
+_RESOLVING = threading.Lock()  # a served span's ids are decided once (LeanSpan._resolve)
 
 
 def _checked_context(
@@ -168,9 +180,11 @@ class LeanSpan:
         "_attrs",
         "_context",
         "_events",
+        "_headers",
         "_named",
         "_owner",
         "_parent",
+        "_pending",
         "_start",
         "_status",
         "ended",
@@ -199,23 +213,66 @@ class LeanSpan:
         self._events: Any = ()
         self._status = _UNSET
         self.ended = False
+        self._pending: tuple[str | None, str | None] | None = None
+        self._headers: str | None = None
         self._start = time_ns()
+
+    @classmethod
+    def served(
+        cls,
+        owner: LeanTracer,
+        named: tuple[str, SpanKind, Any],
+        traceparent: str | None,
+        tracestate: str | None,
+    ) -> LeanSpan:
+        """A SERVER span started now whose ids and sampling decision are made on first read of
+        its context, or when it ends (after the call's reply is sent): until then it holds the
+        caller's ``traceparent`` and ``tracestate`` as text."""
+        made = cls.__new__(cls)
+        made._owner, made._named, made._attrs = owner, named, named[2]
+        made._pending = (traceparent, tracestate)
+        made._context = made._headers = None
+        made._events = ()
+        made._status = _UNSET
+        made.ended = False
+        made._start = time_ns()
+        return made
+
+    def _resolve(self) -> None:
+        """Decide the ids and sampling of a span started by :meth:`served`, as
+        :meth:`LeanTracer.start` would have when it started; once, whichever thread reads
+        the span first (service code may hand its context to another thread)."""
+        with _RESOLVING:
+            pending = self._pending
+            if pending is None:
+                return
+            self.trace_id, self.span_id, self.flags, self.state, self._parent, kept = self._owner.decide(
+                *pending
+            )
+            self.recording = kept is not False
+            self._pending = None
 
     def headers(self) -> tuple[str, str | None]:
         """``(traceparent, tracestate)`` naming this span as the parent of what comes next."""
+        if self._pending is not None:
+            self._resolve()
         state = self.state
-        return (
-            format_traceparent(self.trace_id, self.span_id, self.flags),
-            (state.to_header() or None) if state else None,
-        )
+        text = self._headers
+        if text is None:
+            text = self._headers = format_traceparent(self.trace_id, self.span_id, self.flags)
+        return text, (state.to_header() or None) if state else None
 
     def get_span_context(self) -> SpanContext:
+        if self._pending is not None:
+            self._resolve()
         built = self._context
         if built is None:
             built = self._context = _new_context(self.trace_id, self.span_id, False, self.flags, self.state)
         return built
 
     def is_recording(self) -> bool:
+        if self._pending is not None:
+            self._resolve()
         return self.recording and not self.ended
 
     def set_status(self, status: Status) -> None:
@@ -240,6 +297,8 @@ class LeanSpan:
     def add_event(
         self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
     ) -> None:
+        if self._pending is not None:
+            self._resolve()
         if self.ended or not self.recording:
             return
         limits = self._owner.limits
@@ -254,8 +313,19 @@ class LeanSpan:
         if self.ended:
             return
         self.ended = True
-        if self.recording:
-            self._owner.finish(self, time_ns() if end_time is None else end_time)
+        if self._pending is not None:
+            self._resolve()
+        if not self.recording:
+            return
+        owner = self._owner
+        end = time_ns() if end_time is None else end_time
+        if self.flags & 1 and owner._batched:  # LeanTracer.finish's usual case, without its frame
+            readable = _new_deferred(_Deferred)
+            readable._source = (self, end)
+            for sink in owner._sinks:
+                sink(readable)
+            return
+        owner.finish(self, end)
 
     def finish(self, error: BaseException | None, end_time: int | None = None) -> None:
         """End the span (at ``end_time``, ns since the epoch, else now), ERROR with the
@@ -267,6 +337,8 @@ class LeanSpan:
 
     def readable(self, end: int) -> ReadableSpan:
         """The SDK's finished span for this one."""
+        if self._pending is not None:
+            self._resolve()
         tracer = self._owner.tracer
         parent = self._parent
         named = self._named
@@ -383,8 +455,8 @@ class LeanTracer:
         rules = _rules(tracer.sampler)
         assert rules is not None
         self._root, self._sampled, self._unsampled = rules
-        # What otel_context.get_current() returns, read from the default runtime's own variable.
-        self._current: Callable[[], Any] = _VAR.get if _VAR is not None else otel_context.get_current
+        # What otel_context.get_current() returns, as far as the application's own context goes.
+        self._current: Callable[[], Any] = _application_context
         self._names: dict[tuple[bool, str, str], tuple[str, SpanKind, Any]] = {}
         ids = tracer.id_generator
         inner = getattr(ids, "inner", ids)  # presample's wrapper keeps the tracer's own generator
@@ -432,11 +504,74 @@ class LeanTracer:
         ) and not self.usable():
             return None
         parent = parse_traceparent(traceparent) if traceparent else None
-        state: TraceState | None = None
         if parent is None:
             if self._current():  # the application's own context may hold the parent
                 return None
-            span_id = 0
+            if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
+                bits = random.getrandbits(192)
+                trace_id, span_id = bits >> 64, bits & _SPAN_ID_MASK
+                if trace_id and span_id:  # never zero, as the SDK's generator makes them
+                    kept = self._root(trace_id)
+                    flags = 2 if self._random_roots else 0
+                    if kept:
+                        flags |= 1
+                    ids = bits.to_bytes(24, "big").hex()  # one conversion for both ids' text
+                    text = f"00-{ids[:32]}-{ids[32:]}-{_FLAGS_HEX[flags]}"
+                    if kept is False and bare:
+                        return text
+                    named = self._names.get((server, service, method)) or self._named(server, service, method)
+                    # What LeanSpan(self, named, trace_id, span_id, flags, None, None) makes,
+                    # without its frame: this is every CLIENT span starting a trace.
+                    made = _new_span(LeanSpan)
+                    made._owner, made._named, made._attrs = self, named, named[2]
+                    made.trace_id, made.span_id, made.flags, made.state = trace_id, span_id, flags, None
+                    made._parent = made._context = made._pending = None
+                    made._headers = text
+                    made.recording = kept is not False
+                    made._events = ()
+                    made._status = _UNSET
+                    made.ended = False
+                    made._start = time_ns()
+                    return made
+        trace_id, span_id, flags, state, kept = self._decide(parent, tracestate)
+        if kept is False and bare and parent is None:
+            return format_traceparent(trace_id, span_id, flags)
+        made = LeanSpan(self, self._name(server, service, method), trace_id, span_id, flags, state, parent)
+        if kept is False:
+            made.recording = False
+        return made
+
+    def start_served(
+        self, service: str, method: str, traceparent: str | None, tracestate: str | None
+    ) -> LeanSpan | None:
+        """The SERVER span of a call being served, child of ``traceparent``, its ids and
+        sampling decided when first read or when it ends (:meth:`LeanSpan.served`), so the
+        call waits for none of it; None when the SDK must make it."""
+        if (
+            self._multi._span_processors is not self._seen or self.tracer._tracer_config is not self._config
+        ) and not self.usable():
+            return None
+        if self._current():  # the application's own context may hold the parent: decide now
+            made = self.start_or_drop(True, service, method, traceparent, tracestate, False)
+            return None if isinstance(made, str) else made
+        return LeanSpan.served(self, self._name(True, service, method), traceparent, tracestate)
+
+    def decide(
+        self, traceparent: str | None, tracestate: str | None
+    ) -> tuple[int, int, int, TraceState | None, tuple[int, int, int] | None, bool | None]:
+        """``(trace id, span id, flags, trace state, parent ids, sampler's decision)`` of a span
+        child of ``traceparent``, or starting a new trace without a valid one (the caller has
+        made sure the application's own context holds no parent)."""
+        parent = parse_traceparent(traceparent) if traceparent else None
+        trace_id, span_id, flags, state, kept = self._decide(parent, tracestate)
+        return trace_id, span_id, flags, state, parent, kept
+
+    def _decide(
+        self, parent: tuple[int, int, int] | None, tracestate: str | None
+    ) -> tuple[int, int, int, TraceState | None, bool | None]:
+        state: TraceState | None = None
+        span_id = 0
+        if parent is None:
             if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
                 bits = random.getrandbits(192)
                 trace_id, span_id = bits >> 64, bits & _SPAN_ID_MASK
@@ -446,24 +581,17 @@ class LeanTracer:
                 trace_id = self._trace_id()
             kept = self._root(trace_id)
             flags = 2 if self._random_roots else 0
-            if kept is False and bare:
-                return format_traceparent(trace_id, span_id or self._span_id(), flags)
         else:
             trace_id = parent[0]
             kept = (self._sampled if parent[2] & 1 else self._unsampled)(trace_id)
             flags = parent[2] & 2
             if tracestate:
                 state = TraceState.from_header([tracestate])
-            span_id = self._span_id()
+        return trace_id, span_id or self._span_id(), flags | 1 if kept else flags, state, kept
+
+    def _name(self, server: bool, service: str, method: str) -> tuple[str, SpanKind, Any]:
         named = self._names.get((server, service, method))
-        if named is None:
-            named = self._named(server, service, method)
-        made = LeanSpan(
-            self, named, trace_id, span_id or self._span_id(), flags | 1 if kept else flags, state, parent
-        )
-        if kept is False:
-            made.recording = False
-        return made
+        return self._named(server, service, method) if named is None else named
 
     def _named(self, server: bool, service: str, method: str) -> tuple[str, SpanKind, Any]:
         limits = self.limits
@@ -482,7 +610,11 @@ class LeanTracer:
         if span.flags & 1:
             # Every processor a batch one: the span is read in its export thread, so it is
             # built there, off the call's path.
-            readable = _Deferred(span, end) if self._batched else span.readable(end)
+            if self._batched:
+                readable: ReadableSpan = _new_deferred(_Deferred)  # what _Deferred(span, end) makes
+                readable._source = (span, end)  # type: ignore[attr-defined]
+            else:
+                readable = span.readable(end)
             for sink in self._sinks:
                 sink(readable)
             return
@@ -507,6 +639,8 @@ class _Deferred(ReadableSpan):
     def __init__(self, span: LeanSpan, end: int) -> None:  # no super().__init__: fields come later
         self._source = (span, end)
 
+    _source: tuple[LeanSpan, int]
+
     def __getattr__(self, name: str) -> Any:
         # Called only for a field not yet set (every field, before the first read).
         source = self.__dict__.get("_source")
@@ -517,17 +651,85 @@ class _Deferred(ReadableSpan):
         return self.__dict__[name]
 
 
+_new_deferred = object.__new__
+_new_span = object.__new__
+
+
 def _sinks(processors: tuple[Any, ...]) -> tuple[Callable[[ReadableSpan], None], ...]:
     """Where each processor takes a finished, sampled span: a batch processor's queue directly
     when it has the SDK's (its ``on_end`` only checks the sampled flag, then queues), else
     ``on_end``."""
     sinks = []
     for processor in processors:
-        queue = getattr(getattr(processor, "_batch_processor", None), "emit", None)
-        sinks.append(
-            queue if type(processor) is BatchSpanProcessor and queue is not None else processor.on_end
-        )
+        batch = getattr(processor, "_batch_processor", None)
+        if type(processor) is BatchSpanProcessor and getattr(batch, "emit", None) is not None:
+            sinks.append(_queue_of(batch))
+        else:
+            sinks.append(processor.on_end)
     return tuple(sinks)
+
+
+# What the SDK's BatchProcessor.emit refers to, in the versions whose emit _queue_of repeats:
+# refused after shutdown, re-initialised after a fork, a warning when the queue is full, else
+# queued, waking the export thread once a batch is waiting.
+_EMIT_NAMES = frozenset(
+    {
+        "_at_fork_reinit",
+        "_bsp_reset_once",
+        "_exporting",
+        "_logger",
+        "_max_export_batch_size",
+        "_max_queue_size",
+        "_metrics",
+        "_pid",
+        "_queue",
+        "_shutdown",
+        "_worker_awaken",
+        "appendleft",
+        "do_once",
+        "drop_items",
+        "getpid",
+        "info",
+        "is_set",
+        "len",
+        "os",
+        "set",
+        "warning",
+    }
+)
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _queue_of(batch: Any) -> Callable[[ReadableSpan], None]:
+    """``batch.emit``, without the ``getpid`` system call it makes per span: the pid is this
+    module's, renewed after a fork. Whatever is not the plain case (shut down, forked, the
+    queue full) goes to ``emit`` itself; an ``emit`` this does not know is used as it is."""
+    emit = batch.emit
+    queue = getattr(batch, "_queue", None)
+    code = getattr(getattr(type(batch), "emit", None), "__code__", None)
+    if code is None or not set(code.co_names) <= _EMIT_NAMES or type(queue) is not collections.deque:
+        return emit
+    full, batch_size = batch._max_queue_size, batch._max_export_batch_size
+
+    def sink(span: ReadableSpan) -> None:
+        if batch._shutdown or batch._pid != _pid or len(queue) >= full:
+            emit(span)
+            return
+        queue.appendleft(span)
+        if len(queue) >= batch_size:
+            awaken = batch._worker_awaken  # read each time: a fork replaces it
+            if not awaken.is_set():
+                awaken.set()
+
+    return sink
 
 
 def _random_span_id() -> int:
@@ -554,22 +756,88 @@ _RUNTIME = getattr(otel_context, "_RUNTIME_CONTEXT", None)
 _VAR = _RUNTIME._current_context if type(_RUNTIME) is ContextVarsRuntimeContext else None
 
 
-def attach(span: Any) -> Any:
+class _ServedView(trace.NonRecordingSpan):
+    """OpenTelemetry's current span while a call is served: a non-recording view of its
+    SERVER span (service code cannot end or change it), whose context is read from the span
+    when asked for, so a call whose code never asks decides no ids before its reply."""
+
+    def __init__(self, span: LeanSpan) -> None:  # no super().__init__: the context is the span's
+        self._span = span
+
+    def get_span_context(self) -> SpanContext:
+        return self._span.get_span_context()
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+class _ThreadView(trace.NonRecordingSpan):
+    """OpenTelemetry's current span, for good, in a thread that serves traced calls: a
+    non-recording view of the SERVER span of the call being served (:data:`_SERVED`, a context
+    variable of its own, so a context copied to another thread keeps its call's span), and of
+    none (an invalid context, as with no span at all) between calls."""
+
+    def __init__(self) -> None:  # no super().__init__: the context is the served span's
+        pass
+
+    def get_span_context(self) -> SpanContext:
+        span = _SERVED.get()
+        return trace.INVALID_SPAN_CONTEXT if span is None else span.get_span_context()
+
+    def __repr__(self) -> str:
+        return f"NonRecordingSpan({self.get_span_context()!r})"
+
+
+_SERVED: contextvars.ContextVar[LeanSpan | None] = contextvars.ContextVar(
+    "rpyc_host_served_span", default=None
+)
+# The OpenTelemetry context a thread that serves traced calls keeps (attach(span, for_good=True)):
+# a call then costs one set and one reset of _SERVED, not an OpenTelemetry context of its own.
+_SERVING = otel_context.Context({_SPAN_KEY: _ThreadView()})
+_new_view = object.__new__
+_Context = otel_context.Context
+
+
+def _application_context() -> Any:
+    """What otel_context.get_current() returns, as far as the application's own context goes:
+    a thread's kept serving context counts only while a call is served in it."""
+    ctx = _VAR.get() if _VAR is not None else otel_context.get_current()
+    if ctx is _SERVING and _SERVED.get() is None:
+        return None
+    return ctx
+
+
+def attach(span: Any, for_good: bool = False) -> Any:
     """Make ``span`` (a :class:`LeanSpan` or an SDK span) OpenTelemetry's current span until
-    :func:`detach` is given the token returned."""
-    current = span if not isinstance(span, LeanSpan) else trace.NonRecordingSpan(span.get_span_context())
+    :func:`detach` is given the token returned. With ``for_good``, a thread with no
+    OpenTelemetry context of its own keeps :data:`_SERVING` from then on, whose current span
+    is the lean span of the call being served there, none between calls."""
+    if type(span) is LeanSpan:
+        if _VAR is not None:
+            base = _VAR.get()
+            if base is _SERVING:
+                return _SERVED.set(span)
+            if for_good and not base:
+                _VAR.set(_SERVING)  # never reset: between calls it names no span
+                return _SERVED.set(span)
+        current: Any = _new_view(_ServedView)  # what _ServedView(span) makes, without its frame
+        current._span = span
+    else:
+        current = span
     if _VAR is None:  # a runtime context other than the default contextvars one
         return otel_context.attach(trace.set_span_in_context(current))
     base = _VAR.get()
-    if not base:  # the usual case: a served call's thread has no OpenTelemetry context of its own
-        return _VAR.set(otel_context.Context({_SPAN_KEY: current}))
+    if not base:  # a served call's thread with no OpenTelemetry context of its own
+        return _VAR.set(_Context({_SPAN_KEY: current}))
     values = dict(base)
     values[_SPAN_KEY] = current
-    return _VAR.set(otel_context.Context(values))
+    return _VAR.set(_Context(values))
 
 
 def detach(token: Any) -> None:
-    if _VAR is None:
+    if getattr(token, "var", None) is _SERVED:
+        _SERVED.reset(token)
+    elif _VAR is None:
         otel_context.detach(token)
     else:
         _VAR.reset(token)

@@ -98,6 +98,9 @@ class ContextCalls:
     peer_takes_bare_text = False  # ... and takes it in place of empty keyword arguments
     _told: float | contextwire._NotTold | None = contextwire.NOT_TOLD  # the timeout the peer knows
     _method_names: dict[Any, str] | None = None  # netref id -> attribute name, for span names
+    _peer_label: str | None = None  # the service name CLIENT spans carry (peer_service)
+    _left_for: float | None = None  # the call timeout whose text _left_text holds
+    _left_text = ""
 
     def async_request(self, handler: int, *args: Any, **kwargs: Any) -> Any:
         result, span = self._request(handler, args, kwargs)
@@ -123,10 +126,15 @@ class ContextCalls:
         # The context's fields as locals: no CallContext is built for the call being sent.
         base = context.current()
         request_id: str | None
+        left_text = None
         if base is None:
             deadline = None if limit is None else time.monotonic() + limit
             parent = state = None
             request_id = context.new_request_id()
+            if limit is not None:  # the time left is the limit itself: its text made once
+                if limit != self._left_for:
+                    self._left_for, self._left_text = limit, contextwire.seconds_text(limit)
+                left_text = self._left_text
         else:
             ctx = context.outgoing(limit)
             deadline, parent, state, request_id = (
@@ -143,14 +151,16 @@ class ContextCalls:
         obj, call_args, call_kwargs = args
         span = None
         if traced:
-            service = str(self._config.get("peer_service") or "rpyc")
+            service = self._peer_label
+            if service is None:
+                service = self._peer_label = str(self._config.get("peer_service") or "rpyc")
             span, parent, state = tracing.start_call(service, self._name_of(obj), parent, state)
         telling = False
         if self.peer_takes_text and self.peer_speaks_context:
             default = self._config.get("sync_request_timeout")
             telling = default != self._told
             wire = contextwire.encode(
-                deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD
+                deadline, parent, state, request_id, default if telling else contextwire.NOT_TOLD, left_text
             )
             telling = telling and type(wire) is str
             if not call_kwargs and self.peer_takes_bare_text and type(wire) is str:
@@ -189,7 +199,8 @@ class ContextCalls:
         except BaseException as exc:
             tracing.end_span(span, exc)
             raise
-        tracing.end_span(span, None)
+        if span is not None:
+            span.end()  # what end_span(span, None) does, for a lean span and the SDK's alike
         return value
 
     @property
@@ -237,13 +248,18 @@ class ContextServing:
     is served exactly as rpyc serves it. With tracing on, each call served is a SERVER span,
     child of the caller's span."""
 
+    # Whether a thread serving this connection's calls may keep an OpenTelemetry context of
+    # its own for good (tracing.attach): a host's serving threads run nothing but calls; a
+    # client's thread serving callbacks is the application's.
+    keeps_span_view = False
+
     @classmethod
     def _request_handlers(cls) -> dict[int, Any]:
         handlers: dict[int, Any] = super()._request_handlers()  # type: ignore[misc]
         inner = handlers[consts.HANDLE_CALL]
 
         def handle_call(self: Any, obj: Any, args: Any, kwargs: Any = ()) -> Any:
-            ctx: context.CallContext | context.Derived | None
+            ctx: context.CallContext | context.Derived | contextwire.Sent | None
             if type(kwargs) is str:  # the text form in place of no keyword arguments
                 ctx = self._context_sent(kwargs)
                 kwargs = ()
@@ -276,10 +292,10 @@ class ContextServing:
             # when the method returned, goes to the processors now, off the caller's wait.
             afterreply.finish_ended()
 
-    def _context_sent(self, value: Any) -> context.CallContext | None:
+    def _context_sent(self, value: Any) -> context.CallContext | contextwire.Sent | None:
         """The context a call request carried (None if malformed), remembering a default it
         told; DeadlineExceeded if its deadline passed before it arrived."""
-        ctx, told = contextwire.decode(value)
+        ctx, told = contextwire.decode_lazily(value)
         if told is not contextwire.NOT_TOLD:
             self._told_by_peer = told
         if ctx is not None:
@@ -289,7 +305,14 @@ class ContextServing:
         return ctx
 
 
-def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, args: Any, kwargs: Any) -> Any:
+def _traced(
+    conn: Any,
+    inner: Any,
+    ctx: context.CallContext | contextwire.Sent | None,
+    obj: Any,
+    args: Any,
+    kwargs: Any,
+) -> Any:
     if ctx is not None and not tracing.server_span_needed(ctx.traceparent):
         # The caller's trace is not recorded (nor would this span be), or its CLIENT span is
         # the one wanted: no span work at all; the caller's traceparent goes on as it is.
@@ -298,11 +321,11 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
             return inner(conn, obj, args, kwargs)
         finally:
             context._CURRENT.reset(token)
-    service = str(conn._config.get("host_service") or conn._config.get("peer_service") or "rpyc")
+    service, method = _span_names(conn, obj)
     parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
-    span = tracing.start_server_span(service, _method_name(obj), parent, state)
+    span = tracing.start_server_span(service, method, parent, state)
     token = context._CURRENT.set(_ServedContext(ctx, span, parent, state))
-    current = tracing.attach(span)  # service code's own spans are children of this one
+    current = tracing.attach(span, conn.keeps_span_view)  # service code's spans are its children
     try:
         result = inner(conn, obj, args, kwargs)
     except BaseException as exc:
@@ -315,6 +338,29 @@ def _traced(conn: Any, inner: Any, ctx: context.CallContext | None, obj: Any, ar
     return result
 
 
+_NAMES_KEPT = 256  # (service, method) names of the objects a connection's calls were made on
+
+
+def _span_names(conn: Any, obj: Any) -> tuple[str, str]:
+    """``(service, method)`` for the span of a call on ``obj``, kept per connection: a client
+    calls the same few methods over and over."""
+    names: dict[Any, tuple[str, str]] | None = conn.__dict__.get("_span_names")
+    if names is None:
+        names = conn.__dict__["_span_names"] = {}
+    try:
+        found = names.get(obj)
+    except Exception:  # not a key (unhashable, or an __eq__ that raises): named each time
+        found, names = None, None
+    if found is None:
+        config = conn._config
+        found = (str(config.get("host_service") or config.get("peer_service") or "rpyc"), _method_name(obj))
+        if names is not None:
+            if len(names) >= _NAMES_KEPT:
+                names.clear()
+            names[obj] = found
+    return found
+
+
 class _ServedContext(context.Lazy):
     """The context of a call served under a SERVER span: the caller's, with the span as the
     parent of what the call calls; built when first read (most calls never read theirs)."""
@@ -322,7 +368,11 @@ class _ServedContext(context.Lazy):
     __slots__ = ("_built", "_caller", "_parent", "_span", "_state")
 
     def __init__(
-        self, caller: context.CallContext | None, span: Any, parent: str | None, state: str | None
+        self,
+        caller: context.CallContext | contextwire.Sent | None,
+        span: Any,
+        parent: str | None,
+        state: str | None,
     ) -> None:
         self._caller, self._span, self._parent, self._state = caller, span, parent, state
         self._built: context.CallContext | None = None
@@ -330,7 +380,8 @@ class _ServedContext(context.Lazy):
     def build(self) -> context.CallContext:
         built = self._built
         if built is None:
-            span, caller = self._span, self._caller
+            span, sent = self._span, self._caller
+            caller = sent.build() if isinstance(sent, contextwire.Sent) else sent
             mine = tracing.headers_of(span) if span is not None else (self._parent, self._state)
             built = self._built = (
                 context.CallContext(caller.deadline, *mine, caller.request_id)

@@ -21,7 +21,9 @@ handed to the processors as a finished span when it ends (:mod:`rpyc_host.wire.l
 anything else gets the SDK's spans. While a call is served, its SERVER span is OpenTelemetry's
 current span: service code's own spans are its children. A SERVER span takes its end time when
 the method returns and reaches the processors once the reply is sent
-(:mod:`rpyc_host.wire.afterreply`): the caller does not wait for its export.
+(:mod:`rpyc_host.wire.afterreply`): the caller does not wait for its export. A lean SERVER
+span also decides its ids and sampling only then, unless the call reads its context (or
+OpenTelemetry's current span) first.
 Attributes follow OpenTelemetry's RPC conventions: ``rpc.system`` = ``rpyc``, ``rpc.service``,
 ``rpc.method``, and the span status is ERROR when the call raised.
 """
@@ -127,20 +129,28 @@ def _drops_children_of_unsampled(sampler: Any) -> bool:
 def server_span_needed(traceparent: str | None) -> bool:
     """Whether a call that arrived with ``traceparent`` gets a SERVER span (see the module
     docstring); without one it runs under, and hands on, the caller's traceparent."""
-    if _server_spans_for_roots_only and _valid(traceparent):
-        return False
-    return not unsampled(traceparent)
+    if traceparent is None:
+        return True
+    if _server_spans_for_roots_only:
+        return not _valid(traceparent)
+    # unsampled(), in one call: this runs for every call served
+    return not (_drops_unsampled and traceparent[-1:] in _EVEN_HEX and _valid(traceparent))
+
+
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
 
 
 def _valid(traceparent: str | None) -> bool:
     return (
         traceparent is not None
         and len(traceparent) == 55
-        and traceparent.startswith("00-")
+        and traceparent[2] == "-"
         and traceparent[35] == "-"
         and traceparent[52] == "-"
-        and traceparent[3:35] != "0" * 32
-        and traceparent[36:52] != "0" * 16
+        and traceparent[:2] == "00"
+        and traceparent[3:35] != _ZERO_TRACE
+        and traceparent[36:52] != _ZERO_SPAN
     )
 
 
@@ -271,7 +281,7 @@ def start_call(
     """``(CLIENT span or None, traceparent, tracestate)`` for a call about to be sent, child of
     the given trace context: no span at all for a trace that is not sampled (the parent's, or a
     new one the sampler drops), whose traceparent goes on as it is."""
-    if unsampled(traceparent):
+    if traceparent is not None and unsampled(traceparent):
         return None, traceparent, tracestate
     lean_tracer = _lean
     if lean_tracer is not None:
@@ -300,7 +310,14 @@ def start_client_span(service: str, method: str, traceparent: str | None, traces
 
 def start_server_span(service: str, method: str, traceparent: str | None, tracestate: str | None) -> Any:
     """A SERVER span for a call being served (end it with :func:`end_span`): what :func:`span`
-    makes, without a generator's frame per call."""
+    makes, without a generator's frame per call. A lean span's ids and sampling are decided
+    when its context is first read or when it ends (``LeanTracer.start_served``): a call that
+    reads neither gets its reply first."""
+    lean_tracer = _lean
+    if lean_tracer is not None:
+        made = lean_tracer.start_served(service, method, traceparent, tracestate)
+        if made is not None:
+            return made
     return _start("server", service, method, traceparent, tracestate)
 
 
@@ -346,13 +363,15 @@ def end_span(current: Any, error: BaseException | None, end_time: int | None = N
     current.end(end_time)
 
 
-def attach(current: Any) -> Any:
+def attach(current: Any, for_good: bool = False) -> Any:
     """Make ``current`` (a span from this module) OpenTelemetry's current span, for the code a
-    served call runs; returns the token for :func:`detach`. None for no span."""
+    served call runs; returns the token for :func:`detach`. None for no span. ``for_good``: a
+    thread that serves only calls may keep a context of its own from then on, whose current
+    span is the call's (``leanspan.attach``)."""
     if current is None:
         return None
     if _leanspan is not None:
-        return _leanspan.attach(current)
+        return _leanspan.attach(current, for_good)
     from opentelemetry import context, trace
 
     return context.attach(trace.set_span_in_context(current))
