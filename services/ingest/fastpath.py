@@ -61,8 +61,7 @@ class FastPath:
         # collections of the host's heap (1,000 tracked objects a batch would, several times).
         struct = msgspec.defstruct("IngestRecord", fields, rename=rename, gc=False)
         self._records: type | None = list[struct] if schema else None  # type: ignore[valid-type]
-        self._dicts = msgspec.json.Decoder(dict[str, Any])
-        self._decode_dict = self._dicts.decode
+        self._decode_dict = msgspec.json.Decoder(dict[str, Any]).decode
         self._decode_checked = msgspec.json.Decoder(struct).decode
 
     def check(self, lines: Sequence[str | bytes]) -> bool:
