@@ -197,7 +197,7 @@ class Collector:
         self.stats = CollectorStats()
         self._prefix = uuid.uuid4().hex[:16]
         self._seq = 0
-        self._lines: list[bytes] = []
+        self._lines: list[str] = []  # ASCII: the encoder escapes everything else
         self._size = 0
         # One connection per window slot; slot 0 also carries the resends and replays.
         self._conns: list[Any] = [None] * window
@@ -223,7 +223,13 @@ class Collector:
 
     def add(self, record: Mapping[str, Any]) -> None:
         """Queue one record (TypeError/ValueError at once if it is not JSON-compatible)."""
-        line = encode_record(record)
+        try:
+            # The common case without encode_record's checks and per-record bytes copy: the
+            # batch is encoded to bytes once, when it is sealed.
+            line = _ENCODE(record) if type(record) is dict else encode_record(record).decode()
+        except (TypeError, ValueError, RecursionError):
+            encode_record(record)  # raises with the record in the message
+            raise
         self._lines.append(line)
         self._size += len(line) + 1
         if len(self._lines) >= self.batch_records or self._size >= self.batch_bytes:
@@ -276,7 +282,10 @@ class Collector:
             self._settle()  # the spool keeps order: older batches reach it first
         self._seq += 1
         batch = _Batch(
-            f"{self._prefix}-{self._seq}", self.topic, b"\n".join(self._lines) + b"\n", len(self._lines)
+            f"{self._prefix}-{self._seq}",
+            self.topic,
+            ("\n".join(self._lines) + "\n").encode(),
+            len(self._lines),
         )
         self._lines, self._size = [], 0
         # Keep order: nothing new goes out before the spool is replayed.

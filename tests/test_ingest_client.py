@@ -3,6 +3,7 @@ against real in-process hosts and real SQLite files."""
 
 from __future__ import annotations
 
+import collections
 import json
 import queue
 import subprocess
@@ -89,6 +90,27 @@ def test_collector_seals_on_batch_bytes(db: Path) -> None:
             for i in range(12):
                 col.add({**record, "seq": i})
     assert [r.accepted for r in receipts] == [5, 5, 2]
+
+
+def test_non_ascii_and_dict_subclass_records_are_sent_escaped_and_counted_in_bytes(db: Path) -> None:
+    """A batch's size is counted in the bytes sent: lines are ASCII (the encoder escapes
+    everything else), so a record of accented text seals batches as its escaped length."""
+    receipts: list[Receipt] = []
+    sent = [{"seq": i, "name": "é☃ \U0001f600 \u2028" * 3} for i in range(6)]
+    sent.append(collections.OrderedDict(seq=6, name="ü"))  # a dict subclass: encode_record's path
+    with ingest_host(db) as host:
+        h, p = host.address("ingest")
+        size = len(json.dumps(sent[0]).encode()) + 1
+        assert size > len(json.dumps(sent[0], ensure_ascii=False)) + 1
+        with Collector(
+            None, host=h, port=p, topic="t", batch_bytes=3 * size, on_receipt=lambda r, _: receipts.append(r)
+        ) as col:
+            for record in sent:
+                col.add(record)
+        with rpyc.connect(h, p) as conn:
+            stored = [json.loads(d) for _, d in conn.root.query("t")]
+    assert [r.accepted for r in receipts] == [3, 3, 1]
+    assert stored == [dict(r) for r in sent]
 
 
 def test_records_that_are_not_json_compatible_fail_at_add(db: Path) -> None:

@@ -157,6 +157,10 @@ def test_run_calls_the_processor_once_per_record_and_keeps_each_result_in_place(
 
 def test_encode_all_takes_only_batches_msgspec_encodes_as_json_would() -> None:
     flat = [{"a": 1, "b": "é\n", "c": 1.5, "d": True}, {"e": -2}]
-    assert encode_all(flat) == ['{"a":1,"b":"é\\n","c":1.5,"d":true}', '{"e":-2}']
+    block = encode_all(flat)
+    assert block is not None and len(block) == 2
+    assert list(block) == ['{"a":1,"b":"é\\n","c":1.5,"d":true}', '{"e":-2}']
+    assert block.block == '{"a":1,"b":"é\\n","c":1.5,"d":true}\n{"e":-2}\n'.encode()
+    assert block.size == len(block.block) - 2 and block[1] == '{"e":-2}'
     for odd_one in ({"a": None}, {"a": float("nan")}, {"a": [1]}, {1: 2}, {"a": "\ud800"}, None, 5):
         assert encode_all([*flat, odd_one]) is None

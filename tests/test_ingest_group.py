@@ -22,9 +22,11 @@ import rpyc
 from client.ingest import Collector
 from rpyc_host.testing import LocalService, running_host, wait_until
 from services.ingest import IngestService
+from services.ingest.fastpath import encode_all
 from services.ingest.storage import BatchWrite, StoreBusy, StoreError
 from services.ingest.storage.group import GroupCommit, GroupLimits
 from services.ingest.storage.sqlite import SQLiteStore
+from tests.test_ingest_service import SHOUT
 
 
 def config(db: Path, server_type: str = "threaded", **options: Any) -> str:
@@ -518,3 +520,99 @@ def test_a_line_that_cannot_be_utf8_is_rejected_alone_not_failing_its_group(
             '{"seq": 2}',
             '{"seq": 3}',
         ]
+
+
+def test_json_lines_blocks_and_plain_rows_in_one_group_are_stored_exactly(
+    tmp_path: Path, submitters: Submitters, hold: Any
+) -> None:
+    path = tmp_path / "group.db"
+    store = SQLiteStore(path)
+    odd = {"p": 'C:\\dir "q"', "c": "\t\r\n\x00", "u": "é ☃ \u2028", "n": -0.0, "big": 2**63}
+
+    def block(*records: dict[str, Any]) -> Any:
+        rows = encode_all(list(records))
+        assert rows is not None
+        return rows
+
+    try:
+        blocker = hold(path)
+        submitters.start("lead", store.write, batch("lead", '{"v": "lead"}'))
+        wait_until(lambda: queued(store._group) == 0, 10, "the first submit to become the writer")
+        order = [
+            BatchWrite("t", "j", block(odd, {"v": 2}), "receipt-j", rejected=1, nbytes=5),
+            batch("p", '{"a":\t1}', topic="other"),
+            BatchWrite("t", "j", block({"v": "again"}), "receipt-j-second"),  # same id, same group
+            BatchWrite("t", "k", block({"v": 3}), "receipt-k"),
+        ]
+        for i, queued_batch in enumerate(order):
+            submitters.start(f"{i}", store.write, queued_batch)
+            wait_queued(store._group, i + 1, 10)
+        blocker.release()
+        submitters.join()
+        assert [submitters.results[k] for k in ("lead", "0", "1", "2", "3")] == [
+            None,
+            None,
+            None,
+            "receipt-j",
+            None,
+        ]
+        stored = store.query("t", 0, 100)
+        assert [d for _, d in stored] == ['{"v": "lead"}', *block(odd, {"v": 2}), '{"v":3}']
+        assert json.loads(stored[1][1]) == odd
+        # Ids in queue order across topics: batch "p" of the other topic took 4.
+        assert [i for i, _ in stored] == [1, 2, 3, 5]
+        assert store.query("other", 0, 100) == ((4, '{"a":\t1}'),)
+        stats = store.stats()
+        assert (stats.records, stats.batches, stats.rejects, stats.duplicates, stats.bytes) == (5, 4, 1, 1, 5)
+    finally:
+        store.close()
+
+
+def test_processed_batches_from_many_connections_are_stored_once(tmp_path: Path) -> None:
+    """Batches through the processor (the JsonLines path) from many connections, some ids sent
+    by every writer: each id stored once, and the records are the processor's output."""
+    db = tmp_path / "ingest.db"
+    writers, batches, size, shared = 6, 10, 40, 4
+    receipts: list[tuple[Any, ...]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    with running_host(config(db, processor=SHOUT, schema={"w": "int", "name": "str"})) as host:
+        address = host.address("ingest")
+
+        def write(w: int) -> None:
+            try:
+                with rpyc.connect(*address) as conn:
+                    submit = conn.root.submit
+                    for b in range(batches):
+                        batch_id = f"shared-{b}" if b < shared else f"w{w}-b{b}"
+                        payload = lines(*({"w": w, "b": b, "i": i, "name": f"n\\{i}é"} for i in range(size)))
+                        receipt = tuple(submit("load", payload, batch_id))
+                        with lock:
+                            receipts.append(receipt)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=90)
+        assert not any(t.is_alive() for t in threads) and errors == []
+        writer = host.hosted[0].service.store._group
+        assert writer.stats.groups < writer.stats.batches  # submits overlapped into groups
+    assert len(receipts) == writers * batches and all(r[1:4] == (size, 0, ()) for r in receipts)
+    assert sorted(r[0] for r in receipts if not r[4]) == sorted(
+        [f"shared-{b}" for b in range(shared)]
+        + [f"w{w}-b{b}" for w in range(writers) for b in range(shared, batches)]
+    )
+    with sqlite3.connect(db) as check:
+        rows = [json.loads(d) for (d,) in check.execute("SELECT data FROM records ORDER BY id")]
+        owners = check.execute(
+            "SELECT b.batch_id, count(DISTINCT json_extract(r.data, '$.w')), count(*) FROM batches b "
+            "JOIN records r ON r.id BETWEEN b.first_id AND b.last_id "
+            "WHERE b.batch_id LIKE 'shared-%' GROUP BY 1"
+        ).fetchall()
+    assert len(rows) == (shared + writers * (batches - shared)) * size
+    assert len({(r["w"], r["b"], r["i"]) for r in rows}) == len(rows)
+    assert all(r["name"] == f"N\\{r['i']}É" for r in rows)
+    assert sorted(owners) == [(f"shared-{b}", 1, size) for b in range(shared)]

@@ -8,6 +8,7 @@ installs both).
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import pwd
@@ -24,11 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rpyc
 
 import client
 from client.ingest import Collector, PooledCollector
 from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
+from services.ingest.fastpath import encode_all
 from services.ingest.storage import BatchWrite, StoreBusy, StoreError, open_store
+from tests.test_ingest_service import SHOUT
 
 HOW_TO = (
     "run bash scripts/test.sh (it installs Debian's postgresql and psycopg), or set RPYC_HOST_TEST_POSTGRES"
@@ -491,3 +495,130 @@ def test_threads_and_processes_on_two_instances_store_every_batch_once(database:
                 p.join(timeout=10)
         for store in stores:
             store.close()
+
+
+def _block(*records: dict[str, Any]) -> Any:
+    """Rows as the service's fast path hands them over: one JsonLines block."""
+    block = encode_all(list(records))
+    assert block is not None
+    return block
+
+
+def test_json_lines_blocks_and_plain_rows_in_one_group_are_stored_exactly(database: str) -> None:
+    store: Any = open_store(database + "?lock_timeout=30")
+    results: dict[str, Any] = {}
+    threads: list[threading.Thread] = []
+    lock: _TopicLock | None = None
+    # What COPY's text format must escape, as msgspec writes it: backslashes of escapes
+    # (quotes, control characters, a literal backslash), and text that looks like COPY's own.
+    odd = {"p": 'C:\\dir\\n "q"', "c": "\t\r\n\x00\x1f", "u": "é ☃ \u2028", "end": "\\.", "n": -0.0}
+    try:
+        assert store.write(BatchWrite("load", "old", _block({"v": "old"}), "receipt-old")) is None
+        lock = _TopicLock(database, "load")
+        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
+        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
+        order = [
+            BatchWrite("load", "j", _block(odd, {"v": 2}), "receipt-j", rejected=1, dropped=2, nbytes=7),
+            batch("p", ['{"a":\t1}\r', '{"b": "\\\\"}'], topic="other"),
+            BatchWrite("load", "j", _block({"v": "again"}), "receipt-j-second"),  # same id, same group
+            BatchWrite("load", "old", _block({"v": "old2"}), "receipt-old-second"),  # stored before
+            BatchWrite("other", "none", _block(), "receipt-none", rejected=3),  # every record refused
+        ]
+        for i, queued_batch in enumerate(order):
+            _start(results, threads, str(i), store.write, queued_batch)
+            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
+        lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads)
+        assert [results["lead"], *(results[str(i)] for i in range(len(order)))] == [
+            None,
+            None,
+            None,
+            "receipt-j",
+            "receipt-old",
+            None,
+        ]
+        assert store._group.stats.largest == len(order)
+        stored = [d for _, d in store.query("load", 0, 100)]
+        assert stored == ['{"v":"old"}', '{"v": "lead"}', *list(_block(odd, {"v": 2}))]
+        assert json.loads(stored[2]) == odd
+        assert [d for _, d in store.query("other", 0, 100)] == ['{"a":\t1}\r', '{"b": "\\\\"}']
+        stats = store.stats()
+        assert (stats.records, stats.batches, stats.rejects, stats.dropped) == (6, 5, 4, 2)
+        assert (stats.duplicates, stats.bytes) == (2, 0 + 10 + 7 + 10 + 0)
+        assert store.count("load") == 4 and store.count("other") == 2
+    finally:
+        if lock is not None:
+            lock.release()
+        for t in threads:
+            t.join(timeout=60)
+        store.close()
+
+
+def _shout_config(write: Callable[[str], Path], database: str, name: str) -> Path:
+    options = {"database": database, "processor": SHOUT, "schema": {"w": "int", "name": "str"}}
+    return write(
+        f"""
+server: {{type: threaded, host: 127.0.0.1}}
+services:
+  ingest:
+    class: services.ingest:IngestService
+    port: 0
+    options: {json.dumps(options)}
+"""
+    )
+
+
+def test_processed_batches_from_threads_on_two_instances_are_stored_once(
+    database: str, write_config: Callable[[str], Path], start_server: Callable[..., ServerProcess]
+) -> None:
+    """Batches through the processor (the JsonLines path) from many connections to two
+    instances, some ids sent by every writer: each id stored once, every receipt after its
+    commit says what was stored, and the records are the processor's output."""
+    servers = [start_server(_shout_config(write_config, database, str(i))) for i in range(2)]
+    writers, batches, size, shared = 6, 10, 40, 4
+    receipts: list[tuple[Any, ...]] = []
+    errors: list[BaseException] = []
+    guard = threading.Lock()
+
+    def write(w: int) -> None:
+        try:
+            with rpyc.connect(*servers[w % 2].address("ingest")) as conn:
+                submit = conn.root.submit
+                for b in range(batches):
+                    batch_id = f"shared-{b}" if b < shared else f"w{w}-b{b}"
+                    records = [{"w": w, "b": b, "i": i, "name": f"n\\{i}é"} for i in range(size)]
+                    receipt = tuple(submit("load", "".join(json.dumps(r) + "\n" for r in records), batch_id))
+                    with guard:
+                        receipts.append(receipt)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    assert not any(t.is_alive() for t in threads) and errors == []
+    assert len(receipts) == writers * batches and all(r[1:4] == (size, 0, ()) for r in receipts)
+    firsts = sorted(r[0] for r in receipts if not r[4])
+    assert firsts == sorted(
+        [f"shared-{b}" for b in range(shared)]
+        + [f"w{w}-b{b}" for w in range(writers) for b in range(shared, batches)]
+    )
+    store = open_store(database)
+    try:
+        rows = [json.loads(d) for _, d in store.query("load", 0, 10_000)]
+        assert len(rows) == (shared + writers * (batches - shared)) * size
+        assert len({(r["w"], r["b"], r["i"]) for r in rows}) == len(rows)
+        assert all(r["name"] == f"N\\{r['i']}É" for r in rows)
+        # A shared id stores the records of exactly one writer.
+        owners: dict[int, set[int]] = {}
+        for r in rows:
+            if r["b"] < shared:
+                owners.setdefault(r["b"], set()).add(r["w"])
+        assert all(len(ws) == 1 for ws in owners.values()) and len(owners) == shared
+        assert store.stats().duplicates == (writers - 1) * shared
+    finally:
+        store.close()

@@ -26,6 +26,8 @@ import msgspec
 
 from rpyc_host.wire.jsonlines import fast_json_encoder
 
+from .storage import JsonLines
+
 _TYPES: dict[str, Any] = {
     "any": Any,
     "bool": bool,
@@ -41,7 +43,9 @@ _TYPES: dict[str, Any] = {
 _PLAIN = frozenset({str, int, float, bool})
 _STR = frozenset({str})
 _DICT = frozenset({dict})
-_MSGSPEC_ENCODE = msgspec.json.Encoder().encode
+_ENCODER = msgspec.json.Encoder()
+_MSGSPEC_ENCODE = _ENCODER.encode
+_MSGSPEC_ENCODE_LINES = _ENCODER.encode_lines
 _JSON_ENCODE = fast_json_encoder(compact=True)
 
 
@@ -128,9 +132,9 @@ def run(processor: Callable[[dict[str, Any]], Any], records: Sequence[dict[str, 
     return results
 
 
-def encode_all(results: list[Any]) -> list[str] | None:
-    """The texts of ``results`` if every one is a dict that :func:`encode` would give to msgspec
-    (checked and encoded in C for the whole batch); None if any is not."""
+def encode_all(results: list[Any]) -> JsonLines | None:
+    """``results`` as one block of JSON lines if every one is a dict that :func:`encode` would
+    give to msgspec (checked and encoded in C for the whole batch); None if any is not."""
     if not (
         _DICT.issuperset(map(type, results))
         and _PLAIN.issuperset(map(type, chain.from_iterable(map(dict.values, results))))
@@ -138,9 +142,9 @@ def encode_all(results: list[Any]) -> list[str] | None:
         return None
     try:
         "".join(chain.from_iterable(results))  # every key a str: join refuses anything else
-        texts = list(map(_MSGSPEC_ENCODE, results))
+        block = _MSGSPEC_ENCODE_LINES(results)
     except (TypeError, ValueError):  # a key that is not a str; a lone surrogate
         return None
-    if b"null" in b"".join(texts):  # a non-finite float: json refuses it (see encode)
+    if b"null" in block:  # a non-finite float: json refuses it (see encode)
         return None
-    return list(map(bytes.decode, texts))
+    return JsonLines(block, len(results))

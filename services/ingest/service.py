@@ -320,7 +320,7 @@ class IngestService(rpyc.Service):
             )
         return lines, nbytes
 
-    def _process(self, lines: list[str | bytes]) -> tuple[list[str], int, list[tuple[int, str]]]:
+    def _process(self, lines: list[str | bytes]) -> tuple[Sequence[str], int, list[tuple[int, str]]]:
         """Decode, check, process and re-encode each line: (rows to store, dropped, rejected).
 
         A batch whose every record decodes and passes the schema goes through msgspec in C
@@ -332,13 +332,12 @@ class IngestService(rpyc.Service):
         else:
             records = self.fast.decode(lines)
             if records is not None:
-                rows: list[str] = []
                 rejected: list[tuple[int, str]] = []
-                dropped = self._run_processor(range(len(records)), records, rows, rejected)
+                rows, dropped = self._run_processor(range(len(records)), records, rejected)
                 return rows, dropped, rejected
         return self._process_slowly(lines)
 
-    def _process_slowly(self, lines: list[str | bytes]) -> tuple[list[str], int, list[tuple[int, str]]]:
+    def _process_slowly(self, lines: list[str | bytes]) -> tuple[Sequence[str], int, list[tuple[int, str]]]:
         """The per-record path: each line decoded and checked alone, with a reason for each reject."""
         rows: list[str] = []
         rejected: list[tuple[int, str]] = []
@@ -373,25 +372,26 @@ class IngestService(rpyc.Service):
             else:
                 indexes.append(index)
                 checked.append(record)
-        dropped = self._run_processor(indexes, checked, rows, rejected) if checked else 0
+        if not checked:
+            return rows, 0, rejected
+        processed, dropped = self._run_processor(indexes, checked, rejected)
         rejected.sort()  # the processor's rejects come after the decoder's: by line again
-        return rows, dropped, rejected
+        return processed, dropped, rejected
 
     def _run_processor(
         self,
         indexes: Sequence[int],
         records: list[dict[str, Any]],
-        rows: list[str],
         rejected: list[tuple[int, str]],
-    ) -> int:
+    ) -> tuple[Sequence[str], int]:
         """Run the processor on checked records (line ``indexes[i]`` is ``records[i]``), appending
-        what to store to ``rows`` and the reasons to ``rejected``; the number dropped."""
+        the reasons to ``rejected``: (rows to store, the number dropped)."""
         assert self.processor is not None
         results = fastpath.run(self.processor, records)
-        texts = fastpath.encode_all(results)
-        if texts is not None:  # every result a dict msgspec encodes as json would
-            rows += texts
-            return 0
+        block = fastpath.encode_all(results)
+        if block is not None:  # every result a dict msgspec encodes as json would
+            return block, 0
+        rows: list[str] = []
         encode = fastpath.encode
         dropped = 0
         for index, result in zip(indexes, results, strict=True):
@@ -417,7 +417,7 @@ class IngestService(rpyc.Service):
                 rejected.append(
                     (index, "processor output is not JSON-compatible: nested too deeply or circular")
                 )
-        return dropped
+        return rows, dropped
 
     # -- reading -------------------------------------------------------------------------------
 

@@ -21,9 +21,9 @@ Errors a backend raises to callers::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, overload
 from urllib.parse import urlsplit
 
 from rpyc_host.errors import did_you_mean
@@ -37,12 +37,60 @@ class StoreBusy(StoreError):
     """The database stayed locked by another writer for longer than the busy timeout."""
 
 
+class JsonLines(Sequence[str]):
+    """Rows as one block: each row's JSON text in UTF-8 followed by ``b"\\n"``, no row holding a
+    newline or a tab, carriage return or other control character (compact JSON as msgspec writes
+    it, control characters escaped).
+
+    The service's fast path encodes a whole batch in one call; a backend can write ``block``
+    as it is (one COPY block) instead of handling a thousand ``str`` objects. As a
+    sequence it still reads as the row texts (split on first use).
+    """
+
+    __slots__ = ("_texts", "block", "length")
+
+    def __init__(self, block: bytes, length: int) -> None:
+        self.block = block
+        self.length = length
+        self._texts: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[str]: ...
+    def __getitem__(self, index: int | slice) -> str | list[str]:
+        return self.texts()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.texts())
+
+    def texts(self) -> list[str]:
+        """The rows as ``str``."""
+        if self._texts is None:
+            self._texts = self.block.decode().split("\n")[: self.length]
+        return self._texts
+
+    @property
+    def size(self) -> int:
+        """Bytes of row text, without the newlines."""
+        return len(self.block) - self.length
+
+
+def rows_size(rows: Sequence[str]) -> int:
+    """Characters (bytes, for :class:`JsonLines`) of row text: what the group limits count."""
+    return rows.size if type(rows) is JsonLines else sum(map(len, rows))
+
+
 @dataclass(frozen=True)
 class BatchWrite:
     """One batch to store atomically, under a batch id that makes it idempotent.
 
-    ``rows`` are the JSON texts of the records to keep (after processing); ``receipt`` is an
-    opaque text the store keeps with the batch and hands back when the id is seen again.
+    ``rows`` are the JSON texts of the records to keep (after processing), a list or a
+    :class:`JsonLines` block; ``receipt`` is an opaque text the store keeps with the batch and
+    hands back when the id is seen again.
     """
 
     topic: str

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import BatchWrite, StoreError
+from . import BatchWrite, StoreError, rows_size
 
 WriteGroup = Callable[[Sequence[BatchWrite]], list["str | None"]]
 """Writes batches in one transaction: per batch None (stored) or the receipt stored before."""
@@ -52,7 +52,7 @@ class _Waiter:
 
     def __init__(self, batch: BatchWrite) -> None:
         self.batch = batch
-        self.size = sum(map(len, batch.rows))
+        self.size = rows_size(batch.rows)
         self.done = False
         self.result: str | None = None
         self.error: BaseException | None = None

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from . import BatchWrite, Stats, StoreBusy, StoreError
+from . import BatchWrite, JsonLines, Stats, StoreBusy, StoreError
 from .group import GroupCommit, GroupLimits
 
 SCHEMA_VERSION = 1
@@ -232,15 +232,17 @@ class PostgresStore:
             self._connection() as conn,
             conn.transaction(),
         ):
-            # Topic row locks in name order: two instances locking overlapping topics cannot
-            # deadlock, and writers of one topic take turns (record ids in commit order).
-            topic_ids: dict[str, int] = {}
-            for name in sorted({b.topic for b in group}):
-                topic_ids[name] = conn.execute(
-                    "INSERT INTO ingest_topics (name) VALUES (%s) "
-                    "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING id",
-                    (name,),
-                ).fetchone()[0]
+            # One statement per step, not per batch: a group of 16 batches from 4 topics is
+            # about 6 round trips instead of 26. Topic row locks in name order (the database's
+            # collation): two instances locking overlapping topics cannot deadlock, and writers
+            # of one topic take turns (record ids in commit order).
+            topic_ids: dict[str, int] = dict(
+                conn.execute(
+                    "INSERT INTO ingest_topics (name) SELECT unnest(%s::text[]) ORDER BY 1 "
+                    "ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING name, id",
+                    (sorted({b.topic for b in group}),),
+                ).fetchall()
+            )
             results: list[str | None] = [None] * len(group)
             first: dict[str, int] = {}  # batch id -> index of its first batch in the group
             for index, batch in enumerate(group):
@@ -250,23 +252,34 @@ class PostgresStore:
                     first[batch.batch_id] = index
             # Batch rows in id order: instances inserting the same ids wait on each other in
             # one order, never in a cycle.
-            now = time.time()
-            for batch_id in sorted(first):
-                batch = group[first[batch_id]]
-                inserted = conn.execute(
+            ids = sorted(first)
+            firsts = [group[first[batch_id]] for batch_id in ids]
+            inserted = {
+                row[0]
+                for row in conn.execute(
                     "INSERT INTO ingest_batches (batch_id, topic_id, records, created, receipt) "
-                    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (batch_id) DO NOTHING RETURNING 1",
-                    (batch_id, topic_ids[batch.topic], len(batch.rows), now, batch.receipt),
-                ).fetchone()
-                if inserted is None:  # stored before, maybe by another instance a moment ago
-                    stored = str(
-                        conn.execute(
-                            "SELECT receipt FROM ingest_batches WHERE batch_id = %s", (batch_id,)
-                        ).fetchone()[0]
-                    )
-                    for index, other in enumerate(group):
-                        if other.batch_id == batch_id:
-                            results[index] = stored
+                    "SELECT b, t, n, %s, r FROM unnest(%s::text[], %s::bigint[], %s::int[], %s::text[]) "
+                    "WITH ORDINALITY AS u(b, t, n, r, o) ORDER BY o "
+                    "ON CONFLICT (batch_id) DO NOTHING RETURNING batch_id",
+                    (
+                        time.time(),
+                        ids,
+                        [topic_ids[b.topic] for b in firsts],
+                        [len(b.rows) for b in firsts],
+                        [b.receipt for b in firsts],
+                    ),
+                ).fetchall()
+            }
+            if len(inserted) < len(ids):  # stored before, maybe by another instance a moment ago
+                stored = dict(
+                    conn.execute(
+                        "SELECT batch_id, receipt FROM ingest_batches WHERE batch_id = ANY(%s)",
+                        ([i for i in ids if i not in inserted],),
+                    ).fetchall()
+                )
+                for index, other in enumerate(group):
+                    if other.batch_id in stored:
+                        results[index] = str(stored[other.batch_id])
             duplicates = sum(r is not None for r in results)
             totals: dict[int, list[int]] = {}
             with conn.cursor().copy("COPY ingest_records (topic_id, data) FROM STDIN") as copy:
@@ -282,11 +295,15 @@ class PostgresStore:
                     t[2] += batch.rejected
                     t[3] += batch.dropped
                     t[4] += batch.nbytes
-            for topic_id, (records, batches, rejects, dropped, nbytes) in sorted(totals.items()):
+            if totals:
+                columns = list(zip(*([topic_id, *t] for topic_id, t in sorted(totals.items())), strict=True))
                 conn.execute(
-                    "UPDATE ingest_topics SET records = records + %s, batches = batches + %s, "
-                    "rejects = rejects + %s, dropped = dropped + %s, bytes = bytes + %s WHERE id = %s",
-                    (records, batches, rejects, dropped, nbytes, topic_id),
+                    "UPDATE ingest_topics t SET records = t.records + v.records, "
+                    "batches = t.batches + v.batches, rejects = t.rejects + v.rejects, "
+                    "dropped = t.dropped + v.dropped, bytes = t.bytes + v.bytes "
+                    "FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], %s::bigint[], "
+                    "%s::bigint[]) AS v(id, records, batches, rejects, dropped, bytes) WHERE t.id = v.id",
+                    [list(c) for c in columns],
                 )
             if duplicates:
                 conn.execute("UPDATE ingest_duplicates SET n = n + %s", (duplicates,))
@@ -339,6 +356,11 @@ class PostgresStore:
 def _copy_rows(copy: Any, topic_id: int, rows: Sequence[str]) -> None:
     """Write ``(topic_id, row)`` lines to a COPY in its text format, one block for the batch:
     the escaping runs in C over the whole text instead of ``write_row`` in Python per row."""
+    if type(rows) is JsonLines:  # no tab, CR or newline in a row: only backslashes to escape
+        block = rows.block.replace(b"\\", b"\\\\") if b"\\" in rows.block else rows.block
+        head = b"%d\t" % topic_id
+        copy.write(head + block[:-1].replace(b"\n", b"\n" + head) + b"\n")
+        return
     text = "\n".join(rows)
     if text.count("\n") != len(rows) - 1:  # a row with a newline in it (never JSON lines')
         for row in rows:

@@ -69,10 +69,13 @@ INSERT OR IGNORE INTO totals VALUES (1, 0, 0, 0, 0, 0, 0);
 # A batch's records get consecutive ids (first_id..last_id), so the records table needs no
 # topic column and no second index: finding a topic's records goes through its batches.
 
-INSERT_RECORD = "INSERT INTO records (id, data) VALUES (?, ?)"
-CHUNK_ROWS = 499
-"""Rows per multi-row INSERT: 998 parameters, within SQLite's smallest compiled-in limit (999)."""
-INSERT_CHUNK = "INSERT INTO records (id, data) VALUES " + ", ".join(["(?, ?)"] * CHUNK_ROWS)
+# Rows go in without their ids: under the write lock SQLite gives each the largest id so far
+# plus one, the ids the batch rows name (checked after the insert). Binding no id per row cuts
+# the insert's CPU by a quarter.
+INSERT_RECORD = "INSERT INTO records (data) VALUES (?)"
+CHUNK_ROWS = 999
+"""Rows per multi-row INSERT: 999 parameters, SQLite's smallest compiled-in limit."""
+INSERT_CHUNK = "INSERT INTO records (data) VALUES " + ", ".join(["(?)"] * CHUNK_ROWS)
 
 
 class _PerProcess:
@@ -364,15 +367,15 @@ class SQLiteStore:
 
 
 def _insert_records(conn: sqlite3.Connection, first_id: int, texts: list[str]) -> None:
-    """Insert ``texts`` with ids ``first_id, first_id + 1, ...``: whole chunks as one multi-row
-    INSERT each (half the CPU of ``executemany``, which steps the statement once per row), the
-    rest with ``executemany``."""
+    """Insert ``texts`` as the records ``first_id, first_id + 1, ...``: whole chunks as one
+    multi-row INSERT each (half the CPU of ``executemany``, which steps the statement once per
+    row), the rest with ``executemany``."""
     n = len(texts)
-    params: list[int | str] = [0] * (2 * n)
-    params[0::2] = range(first_id, first_id + n)
-    params[1::2] = texts
     full = n - n % CHUNK_ROWS
-    for k in range(0, 2 * full, 2 * CHUNK_ROWS):
-        conn.execute(INSERT_CHUNK, params[k : k + 2 * CHUNK_ROWS])
+    for k in range(0, full, CHUNK_ROWS):
+        conn.execute(INSERT_CHUNK, texts[k : k + CHUNK_ROWS])
     if full < n:
-        conn.executemany(INSERT_RECORD, zip(range(first_id + full, first_id + n), texts[full:], strict=True))
+        conn.executemany(INSERT_RECORD, zip(texts[full:]))
+    last = conn.execute("SELECT max(id) FROM records").fetchone()[0]
+    if n and last != first_id + n - 1:  # no id above the largest was left: SQLite picked others
+        raise sqlite3.DatabaseError(f"records got ids up to {last}, not {first_id}..{first_id + n - 1}")
