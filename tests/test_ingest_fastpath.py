@@ -12,7 +12,8 @@ import pytest
 
 from services.ingest.fastpath import FastPath, Raised, encode, encode_all, run
 from services.ingest.service import parse_schema
-from tests.test_ingest_service import SHOUT, ingest_host, lines
+from tests.ingest_support import lines
+from tests.test_ingest_service import SHOUT, ingest_host
 
 ODD_OUTPUT: dict[str, Any] = {
     "nan": {"seq": 1, "v": float("nan")},

@@ -26,23 +26,8 @@ from services.ingest.fastpath import encode_all
 from services.ingest.storage import BatchWrite, StoreBusy, StoreError
 from services.ingest.storage.group import GroupCommit, GroupLimits
 from services.ingest.storage.sqlite import SQLiteStore
+from tests.ingest_support import config, first_stored_ids, lines, named_record, submit_from_threads
 from tests.test_ingest_service import SHOUT
-
-
-def config(db: Path, server_type: str = "threaded", **options: Any) -> str:
-    opts = json.dumps({"database": f"sqlite:///{db}", **options})
-    return f"""
-server: {{type: {server_type}, host: 127.0.0.1}}
-services:
-  ingest:
-    class: services.ingest:IngestService
-    port: 0
-    options: {opts}
-"""
-
-
-def lines(*records: Any) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
 
 def batch(batch_id: str, *rows: str, topic: str = "t") -> BatchWrite:
@@ -410,37 +395,16 @@ def test_many_threads_and_collector_processes_store_every_record_once(
 ) -> None:
     db = tmp_path / "ingest.db"
     writers, batches, size, shared = 6, 12, 50, 4
-    receipts: list[tuple[Any, ...]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
     with ingest_server(db, server_type, start_server, write_config) as host:
         address = host.address("ingest")
-
-        def write(w: int) -> None:
-            try:
-                with rpyc.connect(*address) as conn:
-                    submit = conn.root.submit
-                    for b in range(batches):
-                        # The first `shared` ids are sent by every writer: one stores, the rest
-                        # are duplicates, in the same group or in later ones.
-                        batch_id = f"shared-{b}" if b < shared else f"w{w}-b{b}"
-                        payload = lines(*({"w": w, "b": b, "i": i} for i in range(size)))
-                        receipt = tuple(submit("load", payload, batch_id))
-                        with lock:
-                            receipts.append(receipt)
-            except BaseException as exc:
-                errors.append(exc)
-
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_collect, args=(address, p, 8, 100)) for p in range(2)]
-        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
         try:
             for p in procs:
                 p.start()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(timeout=90)
+            # The first `shared` ids are sent by every writer: one stores, the rest are
+            # duplicates, in the same group or in later ones.
+            receipts = submit_from_threads([address], writers, batches, size, shared)
             for p in procs:
                 p.join(timeout=90)
         finally:
@@ -448,20 +412,13 @@ def test_many_threads_and_collector_processes_store_every_record_once(
                 if p.is_alive():
                     p.kill()
                     p.join(timeout=10)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
         assert [p.exitcode for p in procs] == [0, 0]
         if server_type == "threaded":  # one writer for every connection: submits overlapped
             writer = host.hosted[0].service.store._group
             # Repeats of a shared id seen before processing never reach the writer.
             assert writers * (batches - shared) + shared + 2 * 8 <= writer.stats.batches
             assert writer.stats.groups < writer.stats.batches
-        firsts = [r for r in receipts if not r[4]]
-        assert len(receipts) == writers * batches
-        assert sorted(r[0] for r in firsts) == sorted(
-            [f"shared-{b}" for b in range(shared)]
-            + [f"w{w}-b{b}" for w in range(writers) for b in range(shared, batches)]
-        )
+        assert sorted(r[0] for r in receipts if not r[4]) == first_stored_ids(writers, batches, shared)
         assert all(r[1:4] == (size, 0, ()) for r in receipts)
         with rpyc.connect(*address) as conn:
             stored = writers * (batches - shared) * size + shared * size
@@ -573,38 +530,12 @@ def test_processed_batches_from_many_connections_are_stored_once(tmp_path: Path)
     by every writer: each id stored once, and the records are the processor's output."""
     db = tmp_path / "ingest.db"
     writers, batches, size, shared = 6, 10, 40, 4
-    receipts: list[tuple[Any, ...]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
     with running_host(config(db, processor=SHOUT, schema={"w": "int", "name": "str"})) as host:
-        address = host.address("ingest")
-
-        def write(w: int) -> None:
-            try:
-                with rpyc.connect(*address) as conn:
-                    submit = conn.root.submit
-                    for b in range(batches):
-                        batch_id = f"shared-{b}" if b < shared else f"w{w}-b{b}"
-                        payload = lines(*({"w": w, "b": b, "i": i, "name": f"n\\{i}é"} for i in range(size)))
-                        receipt = tuple(submit("load", payload, batch_id))
-                        with lock:
-                            receipts.append(receipt)
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=90)
-        assert not any(t.is_alive() for t in threads) and errors == []
+        receipts = submit_from_threads([host.address("ingest")], writers, batches, size, shared, named_record)
         writer = host.hosted[0].service.store._group
         assert writer.stats.groups < writer.stats.batches  # submits overlapped into groups
-    assert len(receipts) == writers * batches and all(r[1:4] == (size, 0, ()) for r in receipts)
-    assert sorted(r[0] for r in receipts if not r[4]) == sorted(
-        [f"shared-{b}" for b in range(shared)]
-        + [f"w{w}-b{b}" for w in range(writers) for b in range(shared, batches)]
-    )
+    assert all(r[1:4] == (size, 0, ()) for r in receipts)
+    assert sorted(r[0] for r in receipts if not r[4]) == first_stored_ids(writers, batches, shared)
     with sqlite3.connect(db) as check:
         rows = [json.loads(d) for (d,) in check.execute("SELECT data FROM records ORDER BY id")]
         owners = check.execute(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from rpyc_host.errors import ConfigError
 from rpyc_host.host import Host
 from rpyc_host.testing import run_cli, running_host
 from tests.helpers import ROOT
+from tests.ingest_support import config, lines, submit_from_threads
 
 
 def shout(record: dict[str, Any]) -> dict[str, Any] | None:
@@ -37,18 +37,6 @@ def shout(record: dict[str, Any]) -> dict[str, Any] | None:
 SHOUT = f"{__name__}:shout"
 
 
-def config(db: Path, server_type: str = "threaded", **options: Any) -> str:
-    opts = json.dumps({"database": f"sqlite:///{db}", **options})
-    return f"""
-server: {{type: {server_type}, host: 127.0.0.1}}
-services:
-  ingest:
-    class: services.ingest:IngestService
-    port: 0
-    options: {opts}
-"""
-
-
 @contextmanager
 def ingest_host(db: Path, server_type: str = "threaded", **options: Any) -> Iterator[tuple[Host, Any]]:
     with running_host(config(db, server_type, **options)) as host:
@@ -57,10 +45,6 @@ def ingest_host(db: Path, server_type: str = "threaded", **options: Any) -> Iter
             yield host, conn
         finally:
             conn.close()
-
-
-def lines(*records: Any) -> bytes:
-    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
 
 
 @pytest.fixture
@@ -258,27 +242,10 @@ def test_reading_back_count_topics_query_stats(root: Any) -> None:
 @pytest.mark.parametrize("server_type", ["threaded", "forking"])
 def test_concurrent_submitters_lose_no_writes(db: Path, server_type: str) -> None:
     writers, batches, size = 6, 15, 200
-    errors: list[BaseException] = []
     with running_host(config(db, server_type)) as host:
         address = host.address("ingest")
-
-        def write(w: int) -> None:
-            try:
-                with rpyc.connect(*address) as conn:
-                    submit = conn.root.submit
-                    for b in range(batches):
-                        payload = lines(*({"w": w, "b": b, "i": i} for i in range(size)))
-                        assert submit("load", payload, f"w{w}-b{b}")[1] == size
-            except BaseException as exc:
-                errors.append(exc)
-
-        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
+        receipts = submit_from_threads([address], writers, batches, size)
+        assert all(r[1] == size for r in receipts)
         with rpyc.connect(*address) as conn:
             assert conn.root.count("load") == writers * batches * size
             assert dict(conn.root.stats())["batches"] == writers * batches

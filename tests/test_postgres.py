@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import rpyc
 
 import client
 from client.ingest import Collector, PooledCollector
 from rpyc_host.testing import RegistryProcess, ServerProcess, wait_until
 from services.ingest.fastpath import encode_all
 from services.ingest.storage import BatchWrite, StoreBusy, StoreError, open_store
+from tests.ingest_support import first_stored_ids, named_record, submit_from_threads
 from tests.test_ingest_service import SHOUT
 
 HOW_TO = (
@@ -340,49 +340,67 @@ class _TopicLock:
             self.conn.close()
 
 
-def _start(results: dict[str, Any], threads: list[threading.Thread], name: str, fn: Any, *args: Any) -> None:
-    def run() -> None:
-        try:
-            results[name] = fn(*args)
-        except BaseException as exc:
-            results[name] = exc
+class _HeldGroup:
+    """Another session holds topic ``load``'s row lock while a lead write waits on it as the
+    writer: batches written meanwhile queue behind it into one group. Leaving the block
+    releases the lock and joins every write."""
 
-    threads.append(threading.Thread(target=run, name=name))
-    threads[-1].start()
+    def __init__(self, database: str, store: Any) -> None:
+        self.store = store
+        self.results: dict[str, Any] = {}
+        self.threads: list[threading.Thread] = []
+        self.lock = _TopicLock(database, "load")
+        self._start("lead", batch("lead", ['{"v": "lead"}']))
+        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
+
+    def _start(self, name: str, item: BatchWrite) -> None:
+        def run() -> None:
+            try:
+                self.results[name] = self.store.write(item)
+            except BaseException as exc:
+                self.results[name] = exc
+
+        self.threads.append(threading.Thread(target=run, name=name))
+        self.threads[-1].start()
+
+    def queue(self, items: list[BatchWrite]) -> None:
+        """Write each of ``items`` from its own thread (result under its index), in order."""
+        for i, item in enumerate(items):
+            self._start(str(i), item)
+            wait_until(lambda n=i + 1: _queued(self.store) == n, 10, "batches queued")  # type: ignore[misc]
+
+    def join(self) -> list[Any]:
+        """Wait for every write; the results of the queued ones, in order."""
+        for t in self.threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in self.threads)
+        return [self.results[str(i)] for i in range(len(self.threads) - 1)]
+
+    def __enter__(self) -> _HeldGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+        for t in self.threads:
+            t.join(timeout=60)
 
 
 def test_batches_queued_together_are_one_transaction_with_duplicates_first_wins(database: str) -> None:
     store: Any = open_store(database + "?lock_timeout=30")
-    results: dict[str, Any] = {}
-    threads: list[threading.Thread] = []
-    lock: _TopicLock | None = None
     try:
         assert store.write(batch("old", ['{"v": "old"}'])) is None
-        lock = _TopicLock(database, "load")
-        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
-        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
-        order = [
-            batch("z", ['{"v": "z1"}', '{"v": "z1b"}']),
-            batch("b", ['{"v": "b"}'], topic="other"),
-            BatchWrite("load", "z", ('{"v": "z2"}',), receipt="receipt-z-second"),  # same id, same group
-            batch("lead", ['{"v": "lead2"}']),  # an id of the previous group
-            batch("old", ['{"v": "old2"}']),  # an id stored long before
-        ]
-        for i, queued_batch in enumerate(order):
-            _start(results, threads, str(i), store.write, queued_batch)
-            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
-        lock.release()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads)
-        assert results["lead"] is None
-        assert [results[str(i)] for i in range(len(order))] == [
-            None,
-            None,
-            "receipt-z",
-            "receipt-lead",
-            "receipt-old",
-        ]
+        with _HeldGroup(database, store) as group:
+            order = [
+                batch("z", ['{"v": "z1"}', '{"v": "z1b"}']),
+                batch("b", ['{"v": "b"}'], topic="other"),
+                BatchWrite("load", "z", ('{"v": "z2"}',), receipt="receipt-z-second"),  # same id, same group
+                batch("lead", ['{"v": "lead2"}']),  # an id of the previous group
+                batch("old", ['{"v": "old2"}']),  # an id stored long before
+            ]
+            group.queue(order)
+            group.lock.release()
+            assert group.join() == [None, None, "receipt-z", "receipt-lead", "receipt-old"]
+            assert group.results["lead"] is None
         assert store._group.stats.largest == len(order)
         assert [d for _, d in store.query("load", 0, 100)] == [
             '{"v": "old"}',
@@ -394,41 +412,23 @@ def test_batches_queued_together_are_one_transaction_with_duplicates_first_wins(
         stats = store.stats()
         assert (stats.records, stats.batches, stats.duplicates) == (5, 4, 3)
     finally:
-        if lock is not None:
-            lock.release()
-        for t in threads:
-            t.join(timeout=60)
         store.close()
 
 
 def test_a_lock_timeout_fails_every_batch_of_the_group_and_stores_none(database: str) -> None:
     store: Any = open_store(database + "?lock_timeout=2")
-    results: dict[str, Any] = {}
-    threads: list[threading.Thread] = []
-    lock: _TopicLock | None = None
     try:
         assert store.write(batch("first", ['{"v": 0}'])) is None
-        lock = _TopicLock(database, "load")
-        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
-        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
-        for i in range(4):
-            _start(results, threads, f"b{i}", store.write, batch(f"b{i}", [f'{{"v": {i}}}']))
-            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
-        for t in threads:
-            t.join(timeout=60)
-        errors = [results[f"b{i}"] for i in range(4)]
-        assert all(type(e) is StoreBusy for e in errors), errors
-        assert all("retry with the same batch id" in str(e) for e in errors)
-        assert store._group.stats.largest == 4
-        lock.release()
+        with _HeldGroup(database, store) as group:
+            group.queue([batch(f"b{i}", [f'{{"v": {i}}}']) for i in range(4)])
+            errors = group.join()
+            assert all(type(e) is StoreBusy for e in errors), errors
+            assert all("retry with the same batch id" in str(e) for e in errors)
+            assert store._group.stats.largest == 4
         assert store.count("load") == 1
         assert [store.write(batch(f"b{i}", [f'{{"v": {i}}}'])) for i in range(4)] == [None] * 4
         assert store.count("load") == 5
     finally:
-        if lock is not None:
-            lock.release()
-        for t in threads:
-            t.join(timeout=60)
         store.close()
 
 
@@ -506,39 +506,23 @@ def _block(*records: dict[str, Any]) -> Any:
 
 def test_json_lines_blocks_and_plain_rows_in_one_group_are_stored_exactly(database: str) -> None:
     store: Any = open_store(database + "?lock_timeout=30")
-    results: dict[str, Any] = {}
-    threads: list[threading.Thread] = []
-    lock: _TopicLock | None = None
     # What COPY's text format must escape, as msgspec writes it: backslashes of escapes
     # (quotes, control characters, a literal backslash), and text that looks like COPY's own.
     odd = {"p": 'C:\\dir\\n "q"', "c": "\t\r\n\x00\x1f", "u": "é ☃ \u2028", "end": "\\.", "n": -0.0}
     try:
         assert store.write(BatchWrite("load", "old", _block({"v": "old"}), "receipt-old")) is None
-        lock = _TopicLock(database, "load")
-        _start(results, threads, "lead", store.write, batch("lead", ['{"v": "lead"}']))
-        wait_until(lambda: _queued(store) == 0, 10, "the first write to become the writer")
-        order = [
-            BatchWrite("load", "j", _block(odd, {"v": 2}), "receipt-j", rejected=1, dropped=2, nbytes=7),
-            batch("p", ['{"a":\t1}\r', '{"b": "\\\\"}'], topic="other"),
-            BatchWrite("load", "j", _block({"v": "again"}), "receipt-j-second"),  # same id, same group
-            BatchWrite("load", "old", _block({"v": "old2"}), "receipt-old-second"),  # stored before
-            BatchWrite("other", "none", _block(), "receipt-none", rejected=3),  # every record refused
-        ]
-        for i, queued_batch in enumerate(order):
-            _start(results, threads, str(i), store.write, queued_batch)
-            wait_until(lambda n=i + 1: _queued(store) == n, 10, "batches queued")  # type: ignore[misc]
-        lock.release()
-        for t in threads:
-            t.join(timeout=60)
-        assert not any(t.is_alive() for t in threads)
-        assert [results["lead"], *(results[str(i)] for i in range(len(order)))] == [
-            None,
-            None,
-            None,
-            "receipt-j",
-            "receipt-old",
-            None,
-        ]
+        with _HeldGroup(database, store) as group:
+            order = [
+                BatchWrite("load", "j", _block(odd, {"v": 2}), "receipt-j", rejected=1, dropped=2, nbytes=7),
+                batch("p", ['{"a":\t1}\r', '{"b": "\\\\"}'], topic="other"),
+                BatchWrite("load", "j", _block({"v": "again"}), "receipt-j-second"),  # same id, same group
+                BatchWrite("load", "old", _block({"v": "old2"}), "receipt-old-second"),  # stored before
+                BatchWrite("other", "none", _block(), "receipt-none", rejected=3),  # every record refused
+            ]
+            group.queue(order)
+            group.lock.release()
+            assert group.join() == [None, None, "receipt-j", "receipt-old", None]
+            assert group.results["lead"] is None
         assert store._group.stats.largest == len(order)
         stored = [d for _, d in store.query("load", 0, 100)]
         assert stored == ['{"v":"old"}', '{"v": "lead"}', *list(_block(odd, {"v": 2}))]
@@ -549,10 +533,6 @@ def test_json_lines_blocks_and_plain_rows_in_one_group_are_stored_exactly(databa
         assert (stats.duplicates, stats.bytes) == (2, 0 + 10 + 7 + 10 + 0)
         assert store.count("load") == 4 and store.count("other") == 2
     finally:
-        if lock is not None:
-            lock.release()
-        for t in threads:
-            t.join(timeout=60)
         store.close()
 
 
@@ -578,35 +558,10 @@ def test_processed_batches_from_threads_on_two_instances_are_stored_once(
     commit says what was stored, and the records are the processor's output."""
     servers = [start_server(_shout_config(write_config, database, str(i))) for i in range(2)]
     writers, batches, size, shared = 6, 10, 40, 4
-    receipts: list[tuple[Any, ...]] = []
-    errors: list[BaseException] = []
-    guard = threading.Lock()
-
-    def write(w: int) -> None:
-        try:
-            with rpyc.connect(*servers[w % 2].address("ingest")) as conn:
-                submit = conn.root.submit
-                for b in range(batches):
-                    batch_id = f"shared-{b}" if b < shared else f"w{w}-b{b}"
-                    records = [{"w": w, "b": b, "i": i, "name": f"n\\{i}é"} for i in range(size)]
-                    receipt = tuple(submit("load", "".join(json.dumps(r) + "\n" for r in records), batch_id))
-                    with guard:
-                        receipts.append(receipt)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=90)
-    assert not any(t.is_alive() for t in threads) and errors == []
-    assert len(receipts) == writers * batches and all(r[1:4] == (size, 0, ()) for r in receipts)
-    firsts = sorted(r[0] for r in receipts if not r[4])
-    assert firsts == sorted(
-        [f"shared-{b}" for b in range(shared)]
-        + [f"w{w}-b{b}" for w in range(writers) for b in range(shared, batches)]
-    )
+    addresses = [server.address("ingest") for server in servers]
+    receipts = submit_from_threads(addresses, writers, batches, size, shared, named_record)
+    assert all(r[1:4] == (size, 0, ()) for r in receipts)
+    assert sorted(r[0] for r in receipts if not r[4]) == first_stored_ids(writers, batches, shared)
     store = open_store(database)
     try:
         rows = [json.loads(d) for _, d in store.query("load", 0, 10_000)]
