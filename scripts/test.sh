@@ -14,7 +14,6 @@ need() {  # need COMMAND PACKAGE
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
 }
 need ss iproute2
-need fincore util-linux  # how much of a file is in the page cache (tests/test_files_directio.py)
 need ip iproute2
 need curl curl
 need node nodejs

@@ -28,6 +28,7 @@ sent with ``sendall``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import queue
@@ -39,11 +40,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from .bulktls import handshake, receive_error, send_error
-from .directio import ALIGN, direct_io_allowed, set_direct
 
 TOKEN_BYTES = 32
 CHUNK = 4 << 20  # receive buffer, disk write and progress granularity
 BUFFERS = 4  # CHUNK-sized buffers in flight while receiving: socket, disk and hash overlap
+ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers (the largest in common use)
 SEND_CHUNK = 8 << 20
 
 Ticket = tuple[str, int, bytes]
@@ -370,7 +371,7 @@ class _WritePipeline:
         self.hasher = hasher
         self.progress = progress
         self.error: BaseException | None = None
-        self.direct = direct_io_allowed(fd)
+        self.direct = _direct_io_allowed(fd)
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._buffers = [mmap.mmap(-1, CHUNK) for _ in range(BUFFERS)]  # page-aligned, as O_DIRECT needs
         for b in self._buffers:
@@ -404,7 +405,7 @@ class _WritePipeline:
         for t in self._threads:
             t.join()
         if self.direct:
-            set_direct(self.fd, False)
+            _set_direct(self.fd, False)
         self._raise_if_failed()
         # Buffers are left to the garbage collector: a failed stage may still hold a view.
 
@@ -436,7 +437,7 @@ class _WritePipeline:
             view = whole[: piece.n]
             direct = self.direct and piece.pos % ALIGN == 0 and piece.n % ALIGN == 0
             if self.direct:
-                set_direct(self.fd, direct)
+                _set_direct(self.fd, direct)
             done = 0
             while done < piece.n:
                 try:
@@ -446,7 +447,7 @@ class _WritePipeline:
                         raise
                     # The filesystem refused direct I/O after all (alignment it needs): go buffered.
                     self.direct = direct = False
-                    set_direct(self.fd, False)
+                    _set_direct(self.fd, False)
             view.release()
 
     def _hash_loop(self) -> None:
@@ -474,6 +475,25 @@ class _Piece:
         self.pos = pos
         self.n = n
         self.written = threading.Event()
+
+
+def _direct_io_allowed(fd: int) -> bool:
+    """Whether ``fd`` (a regular file) accepts O_DIRECT; it is left off either way."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        _set_direct(fd, True)
+    except OSError:
+        return False  # tmpfs and some network filesystems: buffered writes it is
+    _set_direct(fd, False)
+    return True
+
+
+def _set_direct(fd: int, on: bool) -> None:
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    want = flags | os.O_DIRECT if on else flags & ~os.O_DIRECT
+    if want != flags:
+        fcntl.fcntl(fd, fcntl.F_SETFL, want)
 
 
 def _is_tls(sock: socket.socket) -> bool:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import rpyc
 
-from rpyc_host.wire import bulk, directio, hashes
+from rpyc_host.wire import bulk, hashes
 
 from .errors import err, exposed_op, human_size, reworded
 from .paths import shown_path
@@ -284,7 +284,6 @@ class Upload(Transfer):
         # The quota counts the partial file by its size until the first reservation is made.
         self._quota_key = f"up-{os.getpid()}-{secrets.token_hex(8)}"
         self._reserved = 0
-        self._direct = True  # until the filesystem refuses O_DIRECT
 
     # -- limits ----------------------------------------------------------------------------------
 
@@ -351,10 +350,12 @@ class Upload(Transfer):
                 f"{human_size(self._svc.small_io_limit)} limit; split it or use bulk()"
             )
         self._check_room(len(data))
+        view = memoryview(data)
+        pos = self._pos
         with reworded(self._shown):
-            # Large writes skip the page cache (directio): a burst of them must not cost every
-            # other fsync on the filesystem a wait behind their data.
-            self._direct = directio.pwrite_all(self._fd, data, self._pos, self._direct)
+            while view:
+                n = os.pwrite(self._fd, view, pos)
+                view, pos = view[n:], pos + n
         self._hash.update(data)
         self._pos += len(data)
         self._svc.counts.add(bytes_in=len(data))
