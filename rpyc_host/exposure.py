@@ -26,6 +26,7 @@ import copy
 import functools
 import importlib
 import inspect
+import logging
 import os
 import sys
 import time
@@ -42,6 +43,7 @@ from .wire import batch, context
 # rpyc.Service exposes these itself; describe() lists the service's own methods.
 _RPYC_BUILTINS = {"get_service_aliases", "get_service_name", batch.ENTRY}
 EXPOSED_PREFIX = "exposed_"
+log = logging.getLogger("rpyc_host")
 
 
 # Folders user classes are imported from (besides sys.path), in the order they were added.
@@ -197,15 +199,43 @@ def _delegate(name: str, member: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def marked_not_renamed(cls: type) -> dict[str, tuple[str, Any]]:
+    """Members marked ``@rpyc.exposed`` that no ``@rpyc.service`` renamed: ``{name: (the name
+    that decorator would add, the member)}``. Without it, rpyc refuses every one of them."""
+    found: dict[str, tuple[str, Any]] = {}
+    for klass in reversed(cls.__mro__):
+        for name, raw in vars(klass).items():
+            prefix = getattr(raw, "__exposed__", None)
+            if prefix is None:  # @rpyc.exposed under @staticmethod or @classmethod
+                prefix = getattr(getattr(raw, "__func__", None), "__exposed__", None)
+            if isinstance(prefix, str) and prefix and not name.startswith(prefix):
+                found[name] = (prefix + name, raw)
+    return {name: entry for name, entry in found.items() if not hasattr(cls, entry[0])}
+
+
 def prepare_class(cls: type) -> type[rpyc.Service]:
     """The class the host instantiates: ``cls`` (wrapped if plain) plus describe(), health(),
-    the call-context marker and the batch entry point (:mod:`rpyc_host.batching`)."""
+    the call-context marker and the batch entry point (:mod:`rpyc_host.batching`).
+
+    A Service whose methods are marked ``@rpyc.exposed`` but whose class lacks ``@rpyc.service``
+    is served as that decorator would have made it (a warning says so): rpyc alone would answer
+    every call with ``cannot access``, which is never what the marks mean."""
     base = cls if issubclass(cls, rpyc.Service) else wrap_plain_class(cls)
     namespace: dict[str, Any] = {
         "_protocol": HostConnection,
         "__module__": base.__module__,
         "__doc__": base.__doc__,
     }
+    marked = marked_not_renamed(base)
+    if marked:
+        log.warning(
+            "%s:%s marks %s with @rpyc.exposed but the class has no @rpyc.service: serving them "
+            "as that decorator would (add it: plain rpyc servers refuse them)",
+            cls.__module__,
+            cls.__qualname__,
+            ", ".join(marked),
+        )
+        namespace.update(marked.values())
     # Tells the client library this peer takes call contexts off (rpyc_host.wire.context).
     namespace[EXPOSED_PREFIX + context.MARKER] = context.VERSION
     namespace[EXPOSED_PREFIX + context.TEXT_MARKER] = context.TEXT_VERSION

@@ -120,3 +120,26 @@ def test_serves_the_users_service_from_their_folder(
     with proc, rpyc.connect(*proc.address("greeter")) as conn:
         assert conn.root.greet() == "hello newcomer"
     assert proc.proc is not None and proc.proc.returncode == 0
+
+
+def test_exposed_methods_of_a_class_without_the_service_decorator_are_served(user_folder: Path) -> None:
+    """``@rpyc.exposed`` marks without ``@rpyc.service`` on the class: plain rpyc refuses every
+    call (``cannot access 'greet'``); the host serves them and says once what was missing."""
+    (user_folder / "myapp" / "greeter.py").write_text(GREETER.replace("@rpyc.service\n", ""))
+    proc = ServerProcess(user_folder / "mine.yaml", cwd=user_folder, env=user_env())
+    with proc, rpyc.connect(*proc.address("greeter")) as conn:
+        assert conn.root.greet() == "hello newcomer"
+        assert [m[0] for m in conn.root.describe()[1]] == ["describe", "greet", "health"]
+    warnings = [line for line in proc.lines if "@rpyc.exposed" in line]
+    assert len(warnings) == 1, proc.lines
+    assert (
+        "myapp.greeter:Greeter marks greet with @rpyc.exposed but the class has no @rpyc.service"
+        in warnings[0]
+    )
+
+
+def test_a_decorated_class_gets_no_warning(user_folder: Path) -> None:
+    proc = ServerProcess(user_folder / "mine.yaml", cwd=user_folder, env=user_env())
+    with proc, rpyc.connect(*proc.address("greeter")) as conn:
+        assert conn.root.greet() == "hello newcomer"
+    assert not [line for line in proc.lines if "@rpyc.exposed" in line], proc.lines
