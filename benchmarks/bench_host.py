@@ -9,10 +9,11 @@ and the median round is reported, so a noisy moment hits every system alike. Tar
 from this run): host ``threaded`` >= 0.95x bare calls/s; ``threadpool`` p50 <= 1.5x ``threaded``.
 
 Call contexts: the same threaded host called through ``client.connect`` with the call context
-off and on (the default), those two over two connections open together in alternating slices,
-and on with OpenTelemetry tracing at both ends (in-memory exporters), every trace recorded or
-one in ten, and every trace recorded with the server making no SERVER span where the caller's
-CLIENT span covers the call (``RPYC_HOST_SERVER_SPANS=roots``). Targets: context on >= 0.97x,
+off and on (the default), and on with OpenTelemetry tracing at both ends (in-memory
+exporters), every trace recorded or one in ten, and every trace recorded with the server
+making no SERVER span where the caller's CLIENT span covers the call
+(``RPYC_HOST_SERVER_SPANS=roots``); all five over connections open together, in alternating
+one-second slices whose order rotates, so the machine's slow spells fall on every mode alike. Targets: context on >= 0.97x,
 tracing on and 1 in 10 sampled >= 0.90x the calls/s with the context off. Spans are lean here
 (the SDK's provider and batch processor: rpyc_host/wire/leanspan.py); what a traced call also
 pays is carrying its context, which ``bench_context_cpu.py``'s ``context sent, no trace`` row
@@ -33,7 +34,6 @@ from benchmarks.harness import (
     fmt,
     host_server,
     interleaved_context_calls,
-    library_sequential_calls,
     machine,
     median_of,
     parallel_calls,
@@ -122,19 +122,19 @@ def main(argv: list[str] | None = None) -> int:
                 seq[name].append(sequential_calls(ports[name], seq_calls, seq_secs))
             for name in order:
                 par[name].append(parallel_calls(ports[name], args.clients, par_secs))
-            turn = round_ % len(CONTEXT_MODES)
-            # Context off and on: alternating slices over two open connections, the ratio the
-            # target is about kept clear of the machine's slow and fast spells.
-            for mode, slices in interleaved_context_calls(ports["host threaded"], 6, seq_secs / 3).items():
+            # Every context mode in alternating slices over connections open together (the
+            # order rotating each slice): the ratios the targets are about kept clear of the
+            # machine's slow and fast spells. The traced host records every trace its callers
+            # sampled; the client-spans-only host makes no SERVER span under a CLIENT one.
+            context_ports = {
+                "context off": ports["host threaded"],
+                "context on": ports["host threaded"],
+                "tracing on": traced_port,
+                "tracing, 1 in 10 sampled": traced_port,
+                "tracing on, client spans only": client_spans_port,
+            }
+            for mode, slices in interleaved_context_calls(context_ports, 6, seq_secs / 5).items():
                 ctx[mode].extend(slices)
-            for mode in CONTEXT_MODES[turn:] + CONTEXT_MODES[:turn]:
-                if mode in ("context off", "context on"):
-                    continue
-                # The server end traces everything its callers sampled (it follows their decision).
-                port = ports["host threaded"]
-                if mode.startswith("tracing"):
-                    port = client_spans_port if mode.endswith("client spans only") else traced_port
-                ctx[mode].append(library_sequential_calls(port, seq_calls, seq_secs, mode))
 
     s = {k: median_of(v) for k, v in seq.items()}
     p = {k: median_of(v) for k, v in par.items()}

@@ -14,8 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -112,62 +112,67 @@ def sequential_calls(port: int, count: int, seconds: float) -> dict[str, float]:
         return timed_calls(conn.root.add, count, seconds)
 
 
-def traced_in_memory(ratio: float = 1.0) -> Any:
-    """Turn on tracing in this process with an in-memory exporter, sampling ``ratio`` of the
-    traces (a child follows its parent's decision); returns the exporter."""
+def in_memory_provider(ratio: float = 1.0) -> tuple[Any, Any]:
+    """``(provider, exporter)``: an SDK tracer provider sampling ``ratio`` of the traces (a child
+    follows its parent's decision) into an in-memory exporter through a batch processor."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
-    from rpyc_host.wire import tracing
-
     exporter = InMemorySpanExporter()
     provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(exporter))  # what a deployment would use
+    return provider, exporter
+
+
+def traced_in_memory(ratio: float = 1.0) -> Any:
+    """Turn on tracing in this process with an in-memory exporter, sampling ``ratio`` of the
+    traces (a child follows its parent's decision); returns the exporter."""
+    from rpyc_host.wire import tracing
+
+    provider, exporter = in_memory_provider(ratio)
     tracing.configure(provider)
     return exporter
 
 
-def library_sequential_calls(port: int, count: int, seconds: float, mode: str) -> dict[str, float]:
-    """:func:`sequential_calls` through ``client.connect``: ``mode`` is ``context off`` (the
-    connection sends no call context), ``context on`` (the default), ``tracing on`` (context and
-    a CLIENT span per call, exported to memory; the same for ``tracing on, client spans only``,
-    whose server makes none) or ``tracing, 1 in 10 sampled``."""
+def interleaved_context_calls(
+    ports: Mapping[str, int], slices: int, seconds: float
+) -> dict[str, list[dict[str, float]]]:
+    """Each mode of ``ports`` (mode -> port of the host it calls) over ``client.connect``
+    connections open together: ``context off`` (the connection sends no call context),
+    ``context on`` (the default), ``tracing on`` (context and a CLIENT span per call, exported
+    to memory; the same for ``tracing on, client spans only``, to a host that makes no SERVER
+    span under it) or ``tracing, 1 in 10 sampled``. Measured in ``slices`` rounds of one slice
+    of ``seconds`` per mode, the order rotating every round: the machine's slow and fast
+    spells, which last seconds on a shared box, fall on every mode alike. Tracing is on
+    (in-memory exporter, cleared every thousand calls) during the slices of the tracing modes
+    and off during the others. Returns each mode's slices."""
     import client
     from rpyc_host.wire import tracing
 
-    exporter = None
-    if mode.startswith("tracing"):
-        exporter = traced_in_memory(0.1 if "1 in 10" in mode else 1.0)
-    try:
-        with client.connect(host="127.0.0.1", port=port) as conn:
+    made = {m: in_memory_provider(0.1 if "1 in 10" in m else 1.0) for m in ports if m.startswith("tracing")}
+    modes = list(ports)
+    runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
+    with ExitStack() as stack:
+        adds = {}
+        for mode in modes:
+            conn = stack.enter_context(client.connect(host="127.0.0.1", port=ports[mode]))
             if mode == "context off":
                 conn.peer_speaks_context = False
-            # Clearing keeps memory flat; the spans were made and exported all the same.
-            return timed_calls(conn.root.add, count, seconds, exporter.clear if exporter else None)
-    finally:
-        if exporter is not None:
+            adds[mode] = conn.root.add
+        try:
+            for i in range(slices):
+                for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
+                    provider, exporter = made.get(mode, (None, None))
+                    if provider is None:
+                        tracing.disable()
+                    else:
+                        tracing.configure(provider)
+                    clear = exporter.clear if exporter is not None else None
+                    runs[mode].append(timed_calls(adds[mode], 1_000_000, seconds, clear))
+        finally:
             tracing.disable()
-
-
-def interleaved_context_calls(port: int, slices: int, seconds: float) -> dict[str, list[dict[str, float]]]:
-    """``context off`` and ``context on`` (see :func:`library_sequential_calls`) over two
-    connections to one host, open together and measured in ``slices`` alternating slices of
-    ``seconds`` each (the order flipping every slice): the machine's slow and fast spells, which
-    last seconds on a shared box, fall on both modes alike. Returns each mode's slices."""
-    import client
-
-    with (
-        client.connect(host="127.0.0.1", port=port) as off_conn,
-        client.connect(host="127.0.0.1", port=port) as on_conn,
-    ):
-        off_conn.peer_speaks_context = False
-        adds = {"context off": off_conn.root.add, "context on": on_conn.root.add}
-        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in adds}
-        for i in range(slices):
-            for mode in list(adds) if i % 2 == 0 else list(reversed(adds)):
-                runs[mode].append(timed_calls(adds[mode], 1_000_000, seconds))
     return runs
 
 
