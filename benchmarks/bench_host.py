@@ -13,8 +13,9 @@ off and on (the default), and on with OpenTelemetry tracing at both ends (in-mem
 exporters), every trace recorded or one in ten, and every trace recorded with the server
 making no SERVER span where the caller's CLIENT span covers the call
 (``RPYC_HOST_SERVER_SPANS=roots``); all five over connections open together, in alternating
-one-second slices whose order rotates, so the machine's slow spells fall on every mode alike. Targets: context on >= 0.97x,
-tracing on and 1 in 10 sampled >= 0.90x the calls/s with the context off. Spans are lean here
+one-second slices whose order rotates, so the machine's slow spells fall on every mode alike.
+Targets: context on >= 0.97x, tracing on and 1 in 10 sampled >= 0.90x the calls/s with the
+context off. Spans are lean here
 (the SDK's provider and batch processor: rpyc_host/wire/leanspan.py); what a traced call also
 pays is carrying its context, which ``bench_context_cpu.py``'s ``context sent, no trace`` row
 measures alone. The sampled row shows the cost a deployment that samples pays, the
