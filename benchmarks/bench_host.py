@@ -15,11 +15,11 @@ making no SERVER span where the caller's CLIENT span covers the call
 (``RPYC_HOST_SERVER_SPANS=roots``); all five over connections open together, in alternating
 one-second slices whose order rotates, so the machine's slow spells fall on every mode alike.
 Targets: context on >= 0.97x, tracing on and 1 in 10 sampled >= 0.90x the calls/s with the
-context off. Spans are lean here
-(the SDK's provider and batch processor: rpyc_host/wire/leanspan.py); what a traced call also
-pays is carrying its context, which ``bench_context_cpu.py``'s ``context sent, no trace`` row
-measures alone. The sampled row shows the cost a deployment that samples pays, the
-client-spans-only row what one span per call costs.
+context off. Spans are lean here (the SDK's provider and batch processor:
+rpyc_host/wire/leanspan.py); what a traced call also pays is carrying its context, which
+``bench_context_cpu.py``'s ``context sent, no trace`` row measures alone. The sampled row
+shows the cost a deployment that samples pays, the client-spans-only row what one span per
+call costs.
 """
 
 from __future__ import annotations
@@ -76,13 +76,6 @@ with running_host(config) as host:
         threading.Event().wait(1.0)
         exporter.clear()
 """
-CONTEXT_MODES = (
-    "context off",
-    "context on",
-    "tracing on",
-    "tracing, 1 in 10 sampled",
-    "tracing on, client spans only",
-)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         traced_port = stack.enter_context(python_server(TRACED, "all"))[0]
         # RPYC_HOST_SERVER_SPANS=roots: the server makes no span where the caller's covers it.
         client_spans_port = stack.enter_context(python_server(TRACED, "roots"))[0]
-        ctx: dict[str, list[dict[str, float]]] = {m: [] for m in CONTEXT_MODES}
+        # The context modes, in the order they are printed, and the host each calls: the traced
+        # host records every trace its callers sampled; the client-spans-only host makes no
+        # SERVER span under a CLIENT one.
+        context_ports = {
+            "context off": ports["host threaded"],
+            "context on": ports["host threaded"],
+            "tracing on": traced_port,
+            "tracing, 1 in 10 sampled": traced_port,
+            "tracing on, client spans only": client_spans_port,
+        }
+        ctx: dict[str, list[dict[str, float]]] = {m: [] for m in context_ports}
         for round_ in range(rounds):
             # Rotate the order each round: whoever goes first or follows a heavy run is not
             # always the same system (identical servers differed by 10% in a fixed order).
@@ -123,17 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                 seq[name].append(sequential_calls(ports[name], seq_calls, seq_secs))
             for name in order:
                 par[name].append(parallel_calls(ports[name], args.clients, par_secs))
-            # Every context mode in alternating slices over connections open together (the
-            # order rotating each slice): the ratios the targets are about kept clear of the
-            # machine's slow and fast spells. The traced host records every trace its callers
-            # sampled; the client-spans-only host makes no SERVER span under a CLIENT one.
-            context_ports = {
-                "context off": ports["host threaded"],
-                "context on": ports["host threaded"],
-                "tracing on": traced_port,
-                "tracing, 1 in 10 sampled": traced_port,
-                "tracing on, client spans only": client_spans_port,
-            }
+            # Every context mode in slices over connections open together, the order rotating
+            # each slice: the machine's slow and fast spells fall on every mode alike.
             for mode, slices in interleaved_context_calls(context_ports, 6, seq_secs / 5).items():
                 ctx[mode].extend(slices)
 
@@ -169,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     c = {k: median_of(v) for k, v in ctx.items()}
     off = c["context off"]["calls_per_s"]
     ctx_rows = [["client.connect, host threaded", "seq p50 us", "seq p99 us", "seq calls/s", "x context off"]]
-    for mode in CONTEXT_MODES:
+    for mode in ctx:
         ctx_rows.append(
             [
                 mode,
