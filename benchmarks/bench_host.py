@@ -12,7 +12,8 @@ Call contexts: the same threaded host called through ``client.connect`` with the
 off and on (the default), and on with OpenTelemetry tracing at both ends (in-memory
 exporters), every trace recorded or one in ten, and every trace recorded with the server
 making no SERVER span where the caller's CLIENT span covers the call
-(``RPYC_HOST_SERVER_SPANS=roots``); all five over connections open together, in alternating
+(``RPYC_HOST_SERVER_SPANS=roots``); all five over connections open together to one host
+process, whose own tracing is switched to each mode's before its slice, in alternating
 one-second slices whose order rotates, so the machine's slow spells fall on every mode alike.
 Targets: context on >= 0.97x, tracing on and 1 in 10 sampled >= 0.90x the calls/s with the
 context off. Spans are lean here (the SDK's provider and batch processor:
@@ -30,6 +31,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import rpyc
 
 from benchmarks.harness import (
     fmt,
@@ -76,6 +79,30 @@ with running_host(config) as host:
         threading.Event().wait(1.0)
         exporter.clear()
 """
+# The threaded host whose tracing is switched between slices (TracedAddService.switch_tracing):
+# every context mode is served by this one process. Identical host processes measured side by
+# side here differed by up to 14% in calls/s, more than the costs being compared.
+SWITCHED = """
+import threading
+from benchmarks import harness
+from rpyc_host.testing import running_host
+config = "services:\\n  add: {class: benchmarks.bench_service:TracedAddService, port: 0}\\n"
+with running_host(config) as host:
+    print("READY", host.address("add")[1], flush=True)
+    while True:
+        threading.Event().wait(1.0)
+        harness.clear_switched()
+"""
+# Each context mode, in the order printed, and the host's tracing during its slices: off for
+# the context rows; every trace recorded for the tracing rows, with no SERVER span under a
+# CLIENT one for the client-spans-only row.
+HOST_TRACING = {
+    "context off": "off",
+    "context on": "off",
+    "tracing on": "all",
+    "tracing, 1 in 10 sampled": "all",
+    "tracing on, client spans only": "roots",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,19 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             ports[f"host {kind}"] = stack.enter_context(host_server(config, "add"))
         config = HOST_CONFIG.format(type="threaded", extra=METRICS_ON)
         ports["host threaded+metrics"] = stack.enter_context(host_server(config, "add"))
-        traced_port = stack.enter_context(python_server(TRACED, "all"))[0]
-        # RPYC_HOST_SERVER_SPANS=roots: the server makes no span where the caller's covers it.
-        client_spans_port = stack.enter_context(python_server(TRACED, "roots"))[0]
-        # The context modes, in the order they are printed, and the host each calls: the traced
-        # host records every trace its callers sampled; the client-spans-only host makes no
-        # SERVER span under a CLIENT one.
-        context_ports = {
-            "context off": ports["host threaded"],
-            "context on": ports["host threaded"],
-            "tracing on": traced_port,
-            "tracing, 1 in 10 sampled": traced_port,
-            "tracing on, client spans only": client_spans_port,
-        }
+        switched_port = stack.enter_context(python_server(SWITCHED))[0]
+        context_ports = dict.fromkeys(HOST_TRACING, switched_port)
+        control = stack.enter_context(rpyc.connect("127.0.0.1", switched_port))
+
+        def switch(mode: str) -> None:
+            control.root.switch_tracing(HOST_TRACING[mode])
+
         ctx: dict[str, list[dict[str, float]]] = {m: [] for m in context_ports}
         for round_ in range(rounds):
             # Rotate the order each round: whoever goes first or follows a heavy run is not
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 par[name].append(parallel_calls(ports[name], args.clients, par_secs))
             # Every context mode in slices over connections open together, the order rotating
             # each slice: the machine's slow and fast spells fall on every mode alike.
-            for mode, slices in interleaved_context_calls(context_ports, 6, seq_secs / 5).items():
+            for mode, slices in interleaved_context_calls(context_ports, 6, seq_secs / 5, switch).items():
                 ctx[mode].extend(slices)
 
     s = {k: median_of(v) for k, v in seq.items()}

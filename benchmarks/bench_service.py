@@ -11,6 +11,18 @@ class AddService(rpyc.Service):
 
 
 @rpyc.service
+class TracedAddService(AddService):
+    """``add``, in a host process whose tracing a benchmark switches between its slices, so
+    every mode it compares is served by the same process."""
+
+    @rpyc.exposed
+    def switch_tracing(self, mode: str) -> bool:
+        from benchmarks.harness import switch_tracing
+
+        return switch_tracing(mode)
+
+
+@rpyc.service
 class CountService(rpyc.Service):
     """A generator to iterate remotely, and this process's peak memory."""
 

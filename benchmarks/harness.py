@@ -136,8 +136,40 @@ def traced_in_memory(ratio: float = 1.0) -> Any:
     return exporter
 
 
+# The tracing a switchable host process (benchmarks.bench_service.TracedAddService) runs
+# with: one provider recording every trace to memory, made on the first switch.
+_switched: tuple[Any, Any] | None = None
+
+
+def switch_tracing(mode: str) -> bool:
+    """In a benchmark's host process: tracing off (``off``), or on with every trace recorded
+    to memory and a SERVER span for every call (``all``) or only for a call without a
+    sampled caller (``roots``, what ``RPYC_HOST_SERVER_SPANS=roots`` does). True when on."""
+    global _switched
+    from rpyc_host.wire import tracing
+
+    if mode not in ("off", "all", "roots"):
+        raise ValueError(f"tracing mode must be off, all or roots, got {mode!r}")
+    tracing.disable()
+    if mode == "off":
+        return False
+    if _switched is None:
+        _switched = in_memory_provider(1.0)
+    os.environ[tracing.SERVER_SPANS_VARIABLE] = mode
+    return tracing.configure(_switched[0])
+
+
+def clear_switched() -> None:
+    """Drop the spans a switchable host recorded so far (its memory stays flat)."""
+    if _switched is not None:
+        _switched[1].clear()
+
+
 def interleaved_context_calls(
-    ports: Mapping[str, int], slices: int, seconds: float
+    ports: Mapping[str, int],
+    slices: int,
+    seconds: float,
+    before: Callable[[str], None] | None = None,
 ) -> dict[str, list[dict[str, float]]]:
     """Each mode of ``ports`` (mode -> port of the host it calls) over ``client.connect``
     connections open together: ``context off`` (the connection sends no call context),
@@ -147,7 +179,8 @@ def interleaved_context_calls(
     of ``seconds`` per mode, the order rotating every round: the machine's slow and fast
     spells, which last seconds on a shared box, fall on every mode alike. Tracing is on
     (in-memory exporter, cleared every thousand calls) during the slices of the tracing modes
-    and off during the others. Returns each mode's slices."""
+    and off during the others; ``before(mode)`` runs before each slice, with this process's
+    tracing off (to switch the host's). Returns each mode's slices."""
     import client
     from rpyc_host.wire import tracing
 
@@ -165,9 +198,10 @@ def interleaved_context_calls(
             for i in range(slices):
                 for mode in modes[i % len(modes) :] + modes[: i % len(modes)]:
                     provider, exporter = made.get(mode, (None, None))
-                    if provider is None:
-                        tracing.disable()
-                    else:
+                    tracing.disable()
+                    if before is not None:
+                        before(mode)
+                    if provider is not None:
                         tracing.configure(provider)
                     clear = exporter.clear if exporter is not None else None
                     runs[mode].append(timed_calls(adds[mode], 1_000_000, seconds, clear))
