@@ -41,5 +41,9 @@ def finish_ended() -> None:
         return
     ended = waiting[:]
     waiting.clear()
+    lean = tracing._LeanSpan
     for span, error, end in ended:
-        tracing.end_span(span, error, end)
+        if error is None and type(span) is lean:
+            span.end(end)  # what end_span does for a lean span that did not fail
+        else:
+            tracing.end_span(span, error, end)

@@ -554,7 +554,18 @@ class LeanTracer:
         if self._current():  # the application's own context may hold the parent: decide now
             made = self.start_or_drop(True, service, method, traceparent, tracestate, False)
             return None if isinstance(made, str) else made
-        return LeanSpan.served(self, self._name(True, service, method), traceparent, tracestate)
+        named = self._names.get((True, service, method)) or self._named(True, service, method)
+        # What LeanSpan.served(self, named, traceparent, tracestate) makes, without its frame:
+        # this is every SERVER span.
+        span = _new_span(LeanSpan)
+        span._owner, span._named, span._attrs = self, named, named[2]
+        span._pending = (traceparent, tracestate)
+        span._context = span._headers = None
+        span._events = ()
+        span._status = _UNSET
+        span.ended = False
+        span._start = time_ns()
+        return span
 
     def decide(
         self, traceparent: str | None, tracestate: str | None
@@ -796,6 +807,13 @@ _SERVED: contextvars.ContextVar[LeanSpan | None] = contextvars.ContextVar(
 _SERVING = otel_context.Context({_SPAN_KEY: _ThreadView()})
 _new_view = object.__new__
 _Context = otel_context.Context
+SERVED = _SERVED  # for a host's call path (rpyc_host.wire.remote), beside serving_thread()
+
+
+def serving_thread() -> bool:
+    """Whether this thread keeps the serving context (:func:`attach` with ``for_good``): a
+    call's lean span is then made current by setting :data:`SERVED` alone."""
+    return _VAR is not None and _VAR.get() is _SERVING
 
 
 def _application_context() -> Any:

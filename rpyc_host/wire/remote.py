@@ -313,7 +313,16 @@ def _traced(
     args: Any,
     kwargs: Any,
 ) -> Any:
-    if ctx is not None and not tracing.server_span_needed(ctx.traceparent):
+    # Every call served with tracing on runs this: fields and steps are read and taken here
+    # rather than through the helpers that would each cost a frame.
+    if type(ctx) is contextwire.Sent:
+        fields = ctx._fields
+        parent, state = fields[1] or None, fields[2] or None
+    elif ctx is not None:
+        parent, state = ctx.traceparent, ctx.tracestate
+    else:
+        parent = state = None
+    if ctx is not None and not tracing.server_span_needed(parent):
         # The caller's trace is not recorded (nor would this span be), or its CLIENT span is
         # the one wanted: no span work at all; the caller's traceparent goes on as it is.
         token = context._CURRENT.set(ctx)
@@ -322,17 +331,29 @@ def _traced(
         finally:
             context._CURRENT.reset(token)
     service, method = _span_names(conn, obj)
-    parent, state = (ctx.traceparent, ctx.tracestate) if ctx else (None, None)
-    span = tracing.start_server_span(service, method, parent, state)
-    token = context._CURRENT.set(_ServedContext(ctx, span, parent, state))
-    current = tracing.attach(span, conn.keeps_span_view)  # service code's spans are its children
+    lean = tracing._lean
+    span = lean.start_served(service, method, parent, state) if lean is not None else None
+    if span is None:
+        span = tracing.start_server_span(service, method, parent, state)
+    served = _new_served(_ServedContext)  # what _ServedContext(ctx, span, parent, state) makes
+    served._caller, served._span, served._built = ctx, span, None
+    served._parent, served._state = parent, state
+    token = context._CURRENT.set(served)
+    # Service code's spans are its children: the span is OpenTelemetry's current one. A thread
+    # that keeps the serving context (tracing.attach with for_good) only sets the served span.
+    views = tracing._leanspan
+    kept = views is not None and type(span) is views.LeanSpan and views.serving_thread()
+    current = views.SERVED.set(span) if kept else tracing.attach(span, conn.keeps_span_view)
     try:
         result = inner(conn, obj, args, kwargs)
     except BaseException as exc:
         afterreply.end_after_reply(span, exc)
         raise
     finally:
-        tracing.detach(current)
+        if kept:
+            views.SERVED.reset(current)
+        else:
+            tracing.detach(current)
         context._CURRENT.reset(token)
     afterreply.end_after_reply(span, None)  # ended once the reply is sent (_dispatch_request)
     return result
@@ -390,6 +411,8 @@ class _ServedContext(context.Lazy):
             )
         return built
 
+
+_new_served = object.__new__
 
 _STREAM_REF = netref.class_factory((STREAM_TYPE, 0, 0), [])
 
