@@ -145,13 +145,22 @@ def decode_lazily(value: Any) -> tuple[CallContext | Sent | None, float | _NotTo
         return None, NOT_TOLD
     left = fields[0]
     try:
-        deadline = time.monotonic() + _seconds(left) if left else None
+        # _seconds(left), with its usual case (a text seen lately) read here without its frame
+        seconds = _SECONDS_SEEN.get(left) if left else None
+        if seconds is None and left:
+            seconds = _seconds(left)
+        deadline = None if seconds is None else time.monotonic() + seconds
         default: float | _NotTold | None = NOT_TOLD
         if count == 5:
             default = _seconds(fields[4]) if fields[4] else None
     except ValueError:
         return None, NOT_TOLD
-    return Sent(deadline, fields), default
+    sent = _new_sent(Sent)  # what Sent(deadline, fields) makes, without its frame
+    sent.deadline, sent._fields, sent._built = deadline, fields, None
+    return sent, default
+
+
+_new_sent = object.__new__
 
 
 def derived(default: float | None) -> Derived:

@@ -246,9 +246,12 @@ class LeanSpan:
             pending = self._pending
             if pending is None:
                 return
-            self.trace_id, self.span_id, self.flags, self.state, self._parent, kept = self._owner.decide(
-                *pending
-            )
+            traceparent, tracestate = pending
+            # What self._owner.decide(traceparent, tracestate) returns, without its frame
+            parent = parse_traceparent(traceparent) if traceparent else None
+            decided = self._owner._decide(parent, tracestate)
+            self.trace_id, self.span_id, self.flags, self.state, kept = decided
+            self._parent = parent
             self.recording = kept is not False
             self._pending = None
 
@@ -807,13 +810,10 @@ _SERVED: contextvars.ContextVar[LeanSpan | None] = contextvars.ContextVar(
 _SERVING = otel_context.Context({_SPAN_KEY: _ThreadView()})
 _new_view = object.__new__
 _Context = otel_context.Context
-SERVED = _SERVED  # for a host's call path (rpyc_host.wire.remote), beside serving_thread()
-
-
-def serving_thread() -> bool:
-    """Whether this thread keeps the serving context (:func:`attach` with ``for_good``): a
-    call's lean span is then made current by setting :data:`SERVED` alone."""
-    return _VAR is not None and _VAR.get() is _SERVING
+# For a host's call path (rpyc_host.wire.remote): a thread whose RUNTIME_VAR holds SERVING
+# keeps the serving context (attach with for_good), and a call's lean span is made current by
+# setting SERVED alone.
+SERVED, SERVING, RUNTIME_VAR = _SERVED, _SERVING, _VAR
 
 
 def _application_context() -> Any:

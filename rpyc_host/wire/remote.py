@@ -124,7 +124,9 @@ class ContextCalls:
             # context): send no context at all.
             return super().async_request(handler, *args, **kwargs), None  # type: ignore[misc]
         # The context's fields as locals: no CallContext is built for the call being sent.
-        base = context.current()
+        base = context._CURRENT.get()  # context.current(), without its frame
+        if base is not None and isinstance(base, context.Lazy):
+            base = base.build()
         request_id: str | None
         left_text = None
         if base is None:
@@ -300,7 +302,8 @@ class ContextServing:
             self._told_by_peer = told
         if ctx is not None:
             self.peer_speaks_context = True  # its callbacks may carry contexts too
-            if ctx.expired():
+            deadline = ctx.deadline  # ctx.expired(), without its frame
+            if deadline is not None and time.monotonic() >= deadline:
                 raise DeadlineExceeded("the call's deadline had passed when it arrived; it was not started")
         return ctx
 
@@ -342,7 +345,12 @@ def _traced(
     # Service code's spans are its children: the span is OpenTelemetry's current one. A thread
     # that keeps the serving context (tracing.attach with for_good) only sets the served span.
     views = tracing._leanspan
-    kept = views is not None and type(span) is views.LeanSpan and views.serving_thread()
+    kept = (  # views.serving_thread(), without its frame
+        views is not None
+        and type(span) is views.LeanSpan
+        and views.RUNTIME_VAR is not None
+        and views.RUNTIME_VAR.get() is views.SERVING
+    )
     current = views.SERVED.set(span) if kept else tracing.attach(span, conn.keeps_span_view)
     try:
         result = inner(conn, obj, args, kwargs)

@@ -289,9 +289,12 @@ def start_call(
         if type(made) is str:  # a new trace the sampler dropped: only its traceparent goes on
             return None, made, None
         if made is not None:
+            text = made._headers
+            # A new trace's span has its traceparent made and no trace state: read at once.
+            headers = (text, None) if text is not None and made.state is None else made.headers()
             if not made.recording:  # the sampler dropped it: only its traceparent goes on
-                return (None, *made.headers())
-            return (made, *made.headers())
+                return (None, *headers)
+            return (made, *headers)
     roots = _roots
     if traceparent is None and roots is not None:
         dropped = roots.dropped(f"{service}/{method}")
