@@ -217,29 +217,8 @@ class LeanSpan:
         self._headers: str | None = None
         self._start = time_ns()
 
-    @classmethod
-    def served(
-        cls,
-        owner: LeanTracer,
-        named: tuple[str, SpanKind, Any],
-        traceparent: str | None,
-        tracestate: str | None,
-    ) -> LeanSpan:
-        """A SERVER span started now whose ids and sampling decision are made on first read of
-        its context, or when it ends (after the call's reply is sent): until then it holds the
-        caller's ``traceparent`` and ``tracestate`` as text."""
-        made = cls.__new__(cls)
-        made._owner, made._named, made._attrs = owner, named, named[2]
-        made._pending = (traceparent, tracestate)
-        made._context = made._headers = None
-        made._events = ()
-        made._status = _UNSET
-        made.ended = False
-        made._start = time_ns()
-        return made
-
     def _resolve(self) -> None:
-        """Decide the ids and sampling of a span started by :meth:`served`, as
+        """Decide the ids and sampling of a span started by :meth:`LeanTracer.start_served`, as
         :meth:`LeanTracer.start` would have when it started; once, whichever thread reads
         the span first (service code may hand its context to another thread)."""
         with _RESOLVING:
@@ -458,8 +437,6 @@ class LeanTracer:
         rules = _rules(tracer.sampler)
         assert rules is not None
         self._root, self._sampled, self._unsampled = rules
-        # What otel_context.get_current() returns, as far as the application's own context goes.
-        self._current: Callable[[], Any] = _application_context
         self._names: dict[tuple[bool, str, str], tuple[str, SpanKind, Any]] = {}
         ids = tracer.id_generator
         inner = getattr(ids, "inner", ids)  # presample's wrapper keeps the tracer's own generator
@@ -508,7 +485,10 @@ class LeanTracer:
             return None
         parent = parse_traceparent(traceparent) if traceparent else None
         if parent is None:
-            if self._current():  # the application's own context may hold the parent
+            base = _VAR.get() if _VAR is not None else otel_context.get_current()
+            # The application's own context may hold the parent (a thread's kept serving
+            # context counts only while a call is served in it).
+            if base and (base is not _SERVING or _SERVED.get() is not None):
                 return None
             if self._one_draw:  # the SDK's random ids: both from one draw of 192 bits
                 bits = random.getrandbits(192)
@@ -548,18 +528,20 @@ class LeanTracer:
         self, service: str, method: str, traceparent: str | None, tracestate: str | None
     ) -> LeanSpan | None:
         """The SERVER span of a call being served, child of ``traceparent``, its ids and
-        sampling decided when first read or when it ends (:meth:`LeanSpan.served`), so the
-        call waits for none of it; None when the SDK must make it."""
+        sampling decided when first read or when it ends (after the call's reply is sent): until
+        then it holds the caller's ``traceparent`` and ``tracestate`` as text, so the call waits
+        for none of it. None when the SDK must make it."""
         if (
             self._multi._span_processors is not self._seen or self.tracer._tracer_config is not self._config
         ) and not self.usable():
             return None
-        if self._current():  # the application's own context may hold the parent: decide now
+        base = _VAR.get() if _VAR is not None else otel_context.get_current()
+        if base and (base is not _SERVING or _SERVED.get() is not None):
+            # The application's own context may hold the parent: decide now.
             made = self.start_or_drop(True, service, method, traceparent, tracestate, False)
             return None if isinstance(made, str) else made
         named = self._names.get((True, service, method)) or self._named(True, service, method)
-        # What LeanSpan.served(self, named, traceparent, tracestate) makes, without its frame:
-        # this is every SERVER span.
+        # Made field by field, without a constructor's frame: this is every SERVER span.
         span = _new_span(LeanSpan)
         span._owner, span._named, span._attrs = self, named, named[2]
         span._pending = (traceparent, tracestate)
@@ -814,15 +796,6 @@ _Context = otel_context.Context
 # keeps the serving context (attach with for_good), and a call's lean span is made current by
 # setting SERVED alone.
 SERVED, SERVING, RUNTIME_VAR = _SERVED, _SERVING, _VAR
-
-
-def _application_context() -> Any:
-    """What otel_context.get_current() returns, as far as the application's own context goes:
-    a thread's kept serving context counts only while a call is served in it."""
-    ctx = _VAR.get() if _VAR is not None else otel_context.get_current()
-    if ctx is _SERVING and _SERVED.get() is None:
-        return None
-    return ctx
 
 
 def attach(span: Any, for_good: bool = False) -> Any:
