@@ -26,16 +26,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bench_host import TRACED
+import rpyc
+
+from benchmarks.bench_host import SWITCHED
 from benchmarks.harness import python_server, table
 
-# The host of bench_host's TRACED script with tracing turned off again: the same process shape.
-PLAIN = TRACED.replace(
-    "exporter = traced_in_memory()", "exporter = traced_in_memory(); tracing.disable()"
-).replace(
-    "from rpyc_host.testing import running_host",
-    "from rpyc_host.testing import running_host\nfrom rpyc_host.wire import tracing",
-)
 MODES = (
     "context off",
     "context on",
@@ -81,27 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     client_cpu = dict.fromkeys(MODES, 0.0)
     server_cpu = dict.fromkeys(MODES, 0.0)
     with ExitStack() as stack:
-        plain_port, plain_pid = stack.enter_context(python_server(PLAIN, "all"))
-        traced = stack.enter_context(python_server(TRACED, "all"))
-        roots = stack.enter_context(python_server(TRACED, "roots"))  # RPYC_HOST_SERVER_SPANS=roots
-        plain_off = stack.enter_context(client.connect(host="127.0.0.1", port=plain_port))
-        plain_off.peer_speaks_context = False
-        plain_on = stack.enter_context(client.connect(host="127.0.0.1", port=plain_port))
-        plain_sent = stack.enter_context(client.connect(host="127.0.0.1", port=plain_port))
-        to_traced = stack.enter_context(client.connect(host="127.0.0.1", port=traced[0]))
-        to_roots = stack.enter_context(client.connect(host="127.0.0.1", port=roots[0]))
-        setup = {  # mode -> (bound method, server pid, provider name or None)
-            "context off": (plain_off.root.add, plain_pid, None),
-            "context on": (plain_on.root.add, plain_pid, None),
-            "context sent, no trace": (plain_sent.root.add, plain_pid, None),
-            "tracing, 1 in 10 sampled": (to_traced.root.add, traced[1], "sampled"),
-            "tracing on": (to_traced.root.add, traced[1], "all"),
-            "tracing on, client spans only": (to_roots.root.add, roots[1], "all"),
+        # One host process serves every mode, its own tracing switched to the mode's before
+        # each burst (identical host processes differ here by more than these costs).
+        port, pid = stack.enter_context(python_server(SWITCHED))
+        control = stack.enter_context(rpyc.connect("127.0.0.1", port))
+        conns = {mode: stack.enter_context(client.connect(host="127.0.0.1", port=port)) for mode in MODES}
+        conns["context off"].peer_speaks_context = False
+        setup = {  # mode -> (the host's tracing, this process's provider name or None)
+            "context off": ("off", None),
+            "context on": ("off", None),
+            "context sent, no trace": ("off", None),
+            "tracing, 1 in 10 sampled": ("all", "sampled"),
+            "tracing on": ("all", "all"),
+            "tracing on, client spans only": ("roots", "all"),  # RPYC_HOST_SERVER_SPANS=roots
         }
         for round_ in range(rounds):
             turn = round_ % len(MODES)
             for mode in MODES[turn:] + MODES[:turn]:
-                add, pid, provider = setup[mode]
+                host_tracing, provider = setup[mode]
+                control.root.switch_tracing(host_tracing)
+                add = conns[mode].root.add
                 if provider is not None:
                     tracing.configure(made[provider][0])
                 try:

@@ -65,20 +65,6 @@ services:
 {extra}
 """
 METRICS_ON = "metrics: {enabled: true, port: 0}"
-# The threaded host with tracing on at the server end, exported to memory.
-TRACED = """
-import os, sys, threading
-os.environ["RPYC_HOST_SERVER_SPANS"] = sys.argv[1]
-from benchmarks.harness import traced_in_memory
-from rpyc_host.testing import running_host
-exporter = traced_in_memory()
-config = "services:\\n  add: {class: benchmarks.bench_service:AddService, port: 0}\\n"
-with running_host(config) as host:
-    print("READY", host.address("add")[1], flush=True)
-    while True:
-        threading.Event().wait(1.0)
-        exporter.clear()
-"""
 # The threaded host whose tracing is switched between slices (TracedAddService.switch_tracing):
 # every context mode is served by this one process. Identical host processes measured side by
 # side here differed by up to 14% in calls/s, more than the costs being compared.

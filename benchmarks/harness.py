@@ -126,16 +126,6 @@ def in_memory_provider(ratio: float = 1.0) -> tuple[Any, Any]:
     return provider, exporter
 
 
-def traced_in_memory(ratio: float = 1.0) -> Any:
-    """Turn on tracing in this process with an in-memory exporter, sampling ``ratio`` of the
-    traces (a child follows its parent's decision); returns the exporter."""
-    from rpyc_host.wire import tracing
-
-    provider, exporter = in_memory_provider(ratio)
-    tracing.configure(provider)
-    return exporter
-
-
 # The tracing a switchable host process (benchmarks.bench_service.TracedAddService) runs
 # with: one provider recording every trace to memory, made on the first switch.
 _switched: tuple[Any, Any] | None = None
