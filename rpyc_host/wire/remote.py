@@ -345,7 +345,7 @@ def _traced(
     # Service code's spans are its children: the span is OpenTelemetry's current one. A thread
     # that keeps the serving context (tracing.attach with for_good) only sets the served span.
     views = tracing._leanspan
-    kept = (  # views.serving_thread(), without its frame
+    kept = (  # whether this thread keeps the serving context (leanspan.attach, for_good)
         views is not None
         and type(span) is views.LeanSpan
         and views.RUNTIME_VAR is not None
