@@ -41,6 +41,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from . import inherited
 from .errors import StartupError
 
 if TYPE_CHECKING:
@@ -236,6 +237,7 @@ class MetricsServer:
             ) from None
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+        inherited.hold(self)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -246,6 +248,10 @@ class MetricsServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
         log.info("metrics on %s:%d (/ status page, /metrics, /healthz, /readyz)", *self.address)
+
+    def close_in_child(self) -> None:
+        """In a forked connection process: the listener's copy goes (see :mod:`.inherited`)."""
+        self.httpd.socket.close()
 
     def close(self) -> None:
         self.httpd.shutdown()

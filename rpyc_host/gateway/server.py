@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from .. import inherited
 from ..config import Config, TLSSection
 from ..errors import StartupError
 from ..refusal_log import RefusalLog
@@ -111,6 +112,7 @@ class Gateway:
         self._idle = threading.Condition(self._lock)
         self._closing = False
         self._thread: threading.Thread | None = None
+        inherited.hold(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -152,6 +154,13 @@ class Gateway:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
         log.info("gateway closed")
+
+    def close_in_child(self) -> None:
+        """In a forked connection process: the listener's and every HTTP connection's copy go
+        (see :mod:`..inherited`); the parent's sockets stay as they are."""
+        self._sock.close()
+        for peer in list(self._peers):
+            peer.sock.close()
 
     def open_connections(self, ip: str | None = None) -> int:
         """HTTP connections being served, in all or from one address."""
@@ -276,6 +285,9 @@ class Gateway:
         finally:
             session.close()
             try:
+                # Shut down, not only closed: a copy of the descriptor elsewhere (a process forked
+                # meanwhile) must not keep the connection open for the client.
+                _shutdown(sock)
                 sock.close()
             except OSError:
                 pass

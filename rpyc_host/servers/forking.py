@@ -23,7 +23,7 @@ from typing import Any
 import rpyc
 from rpyc.utils.server import ForkingServer, Server
 
-from .. import logs
+from .. import inherited, logs
 from .base import LIVE, HostServerMixin, ServerSettings, close_quietly, format_peer
 
 
@@ -49,6 +49,8 @@ class HostForkingServer(HostServerMixin, ForkingServer):
                     if server is not self:
                         server.close_in_child()
                 self.listener.close()
+                self._reaper.close_in_child()
+                inherited.let_go()
                 self.clients = {sock}
                 self._serve_in_child(sock, peer, connid)
             except BaseException:
@@ -92,6 +94,10 @@ class HostForkingServer(HostServerMixin, ForkingServer):
             conn._channel.stream.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, AttributeError, EOFError):  # EOFError: the client left meanwhile
             pass
+
+    def close_in_child(self) -> None:
+        super().close_in_child()
+        self._reaper.close_in_child()
 
     def _reaped(self, pid: int) -> None:
         with self._children_lock:
@@ -148,6 +154,7 @@ class Reaper:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._closed = False
+        self._fds_open = True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -183,13 +190,25 @@ class Reaper:
                     pass
                 self.on_exit(key.data)
 
-    def close(self) -> None:
-        self._closed = True
-        os.write(self._wake_w, b"x")
-        self._thread.join(timeout=5)
+    def close_in_child(self) -> None:
+        """In a forked child: close the inherited pidfds, selector and pipe (the thread is not
+        there; its lock may have been held at fork, so it is not taken)."""
+        if not self._fds_open:
+            return  # closed by close(): those numbers may belong to other descriptors now
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        self._fds_open = False
         for key in list(self._selector.get_map().values()):
             if key.data is not None:
                 os.close(key.fd)
         self._selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+
+    def close(self) -> None:
+        self._closed = True
+        os.write(self._wake_w, b"x")
+        self._thread.join(timeout=5)
+        with self._lock:
+            self._close_fds()
