@@ -108,9 +108,14 @@ CLEAR_REFUSAL = re.compile(r"limit|quota", re.IGNORECASE)
 # -- the server ------------------------------------------------------------------------------------
 
 
-def soak_config(token: str) -> str:
-    """config.yaml with ports 0, the gateway and /metrics on, a token and a small files quota."""
+def soak_config(token: str, server_type: str | None = None) -> str:
+    """config.yaml with ports 0, the gateway and /metrics on, a token and a small files quota;
+    ``server_type`` replaces the server type of every service."""
     data = yaml.safe_load((ROOT / "config.yaml").read_text())
+    if server_type:
+        data["server"]["type"] = server_type
+        for svc in data["services"].values():
+            svc.pop("type", None)
     for svc in data["services"].values():
         svc["port"] = 0
     files = data["services"]["files"].setdefault("options", {})
@@ -795,12 +800,30 @@ ATTACK_FUNCTIONS: dict[str, Callable[[Attack], None]] = {
 
 
 def cpu_seconds(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by this process, or by process ``pid``."""
+    """CPU seconds (user + system) used so far by this process, or by process ``pid`` and every
+    connection process it has had: the children alive now and those it has reaped."""
     if pid is None:
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return usage.ru_utime + usage.ru_stime
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = _stat(pid)
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, and the reaped children's
+    for child in children(pid):
+        with contextlib.suppress(OSError):  # it exited meanwhile: reaped, it is in cutime
+            ticks += sum(int(f) for f in _stat(child)[11:13])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid``: the forking server's connection processes."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(c) for c in (task / "children").read_text().split()]
+    return pids
 
 
 def lowest_priority() -> None:
@@ -849,20 +872,33 @@ class Peaks:
     """The largest values seen in /proc/PID and the file tree, per phase."""
 
     rss: dict[str, int] = field(default_factory=lambda: {"baseline": 0, "attack": 0})
+    processes: dict[str, int] = field(default_factory=lambda: {"baseline": 0, "attack": 0})
     fds: dict[str, int] = field(default_factory=lambda: {"baseline": 0, "attack": 0})
     threads: dict[str, int] = field(default_factory=lambda: {"baseline": 0, "attack": 0})
     files_bytes: dict[str, int] = field(default_factory=lambda: {"baseline": 0, "attack": 0})
 
 
-def proc_figures(pid: int) -> tuple[int, int, int]:
-    """(RSS bytes, open descriptors, threads) of process ``pid``."""
-    rss = threads = 0
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            rss = int(line.split()[1]) * 1024
-        elif line.startswith("Threads:"):
-            threads = int(line.split()[1])
-    return rss, len(os.listdir(f"/proc/{pid}/fd")), threads
+def proc_figures(pid: int) -> tuple[int, int, int, int]:
+    """(memory bytes, open descriptors, threads, processes) of process ``pid`` and its children.
+
+    Memory is the proportional set size (PSS) summed over the processes: a forked connection
+    process shares most of its pages with the server, and the sum of RSS would count those once
+    per process. For one process PSS is about its RSS."""
+    memory = descriptors = threads = processes = 0
+    for n, proc in enumerate([pid, *children(pid)]):
+        try:
+            for line in Path(f"/proc/{proc}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    memory += int(line.split()[1]) * 1024
+            for line in Path(f"/proc/{proc}/status").read_text().splitlines():
+                if line.startswith("Threads:"):
+                    threads += int(line.split()[1])
+            descriptors += len(os.listdir(f"/proc/{proc}/fd"))
+            processes += 1
+        except OSError:
+            if n == 0:
+                raise  # the server itself exited
+    return memory, descriptors, threads, processes
 
 
 def tree_bytes(root: Path) -> int:
@@ -887,12 +923,13 @@ def sample(pid: int, files_root: Path, phase: list[str], peaks: Peaks, stop: thr
         if time.monotonic() >= next_proc:
             next_proc = time.monotonic() + SAMPLE_EVERY
             try:
-                rss, fds, threads = proc_figures(pid)
+                rss, fds, threads, processes = proc_figures(pid)
             except OSError:
                 return  # the server exited
             peaks.rss[key] = max(peaks.rss[key], rss)
             peaks.fds[key] = max(peaks.fds[key], fds)
             peaks.threads[key] = max(peaks.threads[key], threads)
+            peaks.processes[key] = max(peaks.processes[key], processes)
         stop.wait(TREE_EVERY)
 
 
@@ -940,12 +977,15 @@ def processes(stop: Any, go: Any) -> Iterator[list[Any]]:
                 p.join(timeout=10)
 
 
-def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) -> dict[str, Any]:
+def run(
+    seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int, server_type: str | None = None
+) -> dict[str, Any]:
     token = secrets.token_urlsafe(24)
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="rpyc-soak-") as tmp:
         config = Path(tmp) / "soak.yaml"
-        config.write_text(soak_config(token))
+        config.write_text(soak_config(token, server_type))
+        served_type = "/".join(sorted({svc.type for svc in load_config(config).services}))
         server = ServerProcess(config, cwd=tmp, ready_timeout=60)
         try:
             with descriptor_limit(nofile):
@@ -1012,6 +1052,7 @@ def run(seconds: float, baseline: float, attacks: tuple[str, ...], nofile: int) 
         "seconds": seconds,
         "baseline": baseline,
         "nofile": nofile,
+        "server_type": served_type,
         "phases": (baseline_start, attack_start, attack_end),
         "honest": results.get("honest", {}),
         "attacks": {n: results.get(n, {}) for n in attacks},
@@ -1072,7 +1113,8 @@ def report(r: dict[str, Any]) -> dict[str, Any]:
     worst = max(ratios.values()) if ratios else float("nan")
     peaks: Peaks = r["peaks"]
     print(
-        f"\nsoak: {r['seconds']:g} s of attack after a {r['baseline']:g} s baseline; "
+        f"\nsoak: {r['server_type']} server; "
+        f"{r['seconds']:g} s of attack after a {r['baseline']:g} s baseline; "
         f"{len(r['attacks'])} attack(s) from {', '.join(ATTACKS[n] for n in r['attacks'])}; "
         "honest clients on 127.0.0.1\n"
     )
@@ -1092,10 +1134,19 @@ def report(r: dict[str, Any]) -> dict[str, Any]:
             print(f"  {name} error x{n}: {message}")
     mib = 1 / MiB
     server_rows = [
-        ["server (from /proc/PID)", "baseline peak", "attack peak"],
-        ["RSS MiB", fmt(peaks.rss["baseline"] * mib, 1), fmt(peaks.rss["attack"] * mib, 1)],
-        [f"open descriptors (limit {r['nofile']:,})", fmt(peaks.fds["baseline"]), fmt(peaks.fds["attack"])],
-        ["threads", fmt(peaks.threads["baseline"]), fmt(peaks.threads["attack"])],
+        ["server and its connection processes (/proc)", "baseline peak", "attack peak"],
+        ["processes", fmt(peaks.processes["baseline"]), fmt(peaks.processes["attack"])],
+        [
+            "memory MiB (PSS, all processes)",
+            fmt(peaks.rss["baseline"] * mib, 1),
+            fmt(peaks.rss["attack"] * mib, 1),
+        ],
+        [
+            f"open descriptors, all processes (limit {r['nofile']:,} each)",
+            fmt(peaks.fds["baseline"]),
+            fmt(peaks.fds["attack"]),
+        ],
+        ["threads, all processes", fmt(peaks.threads["baseline"]), fmt(peaks.threads["attack"])],
         [
             f"files tree MiB (quota {QUOTA * mib:.0f})",
             fmt(peaks.files_bytes["baseline"] * mib, 1),
@@ -1186,6 +1237,11 @@ def main() -> int:
         " to see when the slow calls happened",
     )
     parser.add_argument(
+        "--server-type",
+        choices=("threaded", "threadpool", "forking"),
+        help="serve every service on this server type instead of config.yaml's",
+    )
+    parser.add_argument(
         "--each",
         action="store_true",
         help="run every attack alone (10 s each unless --seconds) and print a table of the ratios",
@@ -1197,11 +1253,13 @@ def main() -> int:
     baseline = args.baseline if args.baseline is not None else max(5.0, seconds / 4)
     attacks = tuple(n for n in ATTACKS if n in args.only) if args.only else tuple(ATTACKS)
     if args.each:
-        each = {name: report(run(seconds, baseline, (name,), args.nofile)) for name in attacks}
+        each = {
+            name: report(run(seconds, baseline, (name,), args.nofile, args.server_type)) for name in attacks
+        }
         print(each_table(each, seconds))
         print(f"\nsaved {save('soak-each', {'machine': machine(), 'seconds': seconds, 'attacks': each})}")
         return 0
-    result = run(seconds, baseline, attacks, args.nofile)
+    result = run(seconds, baseline, attacks, args.nofile, args.server_type)
     if args.samples is not None:
         args.samples.write_text(json.dumps({"phases": result["phases"], "honest": result["honest"]}))
     data = report(result)
