@@ -21,6 +21,7 @@ import rpyc
 from rpyc.utils.authenticators import SSLAuthenticator
 from rpyc.utils.server import ThreadedServer
 
+from . import inherited
 from .config import ClassicSection, TLSSection, is_loopback
 from .errors import ConfigError
 
@@ -104,10 +105,18 @@ class ClassicConsole:
             authenticator=authenticator,
         )
         self._thread: threading.Thread | None = None
+        inherited.hold(self)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.server.host, self.server.port
+
+    def close_in_child(self) -> None:
+        """In a forked connection process: the listener's and the console connections' copies go
+        (see :mod:`.inherited`)."""
+        self.server.listener.close()
+        for sock in list(self.server.clients):
+            sock.close()
 
     def start(self) -> None:
         self.server._listen()  # rpyc's ThreadedServer: bind now, so the address is known

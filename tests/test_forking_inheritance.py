@@ -1,7 +1,7 @@
-"""A forked connection process keeps none of the host's other sockets: not the gateway's listener
-or its HTTP connections, not /metrics, not the reaper's pidfds. A descriptor it kept would hold
-the connection open after the host closed it, count against the child's descriptor limit, and
-keep the gateway's port bound after the host let it go."""
+"""A forked connection process keeps none of the host's other sockets: not the gateway's
+listener or its HTTP connections, not /metrics or the classic console, not the reaper's pidfds.
+A descriptor it kept would hold the connection open after the host closed it, count against the
+child's descriptor limit, and keep the gateway's port bound after the host let it go."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ services:
   forked: {class: tests.test_gateway_inprocess:PidService, port: 0, type: forking}
 gateway: {enabled: true, port: 0, services: [pid, forked]}
 metrics: {enabled: true, port: 0}
+debug: {classic: {enabled: true, port: 0}}
 """
 WHOAMI = json.dumps({"jsonrpc": "2.0", "method": "pid.whoami", "id": 1}).encode()
 
