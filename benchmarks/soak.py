@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/soak.py --quick       # 15 s of attack after a 5 s baseline
     .venv/bin/python benchmarks/soak.py --seconds 120 --baseline 20
     .venv/bin/python benchmarks/soak.py --each        # each attack alone for 10 s, one table
+    .venv/bin/python benchmarks/soak.py --server-type forking   # every service on that type
 
 The services of ``config.yaml`` run as one ``python server.py`` process, from a temporary
 config derived from it: ports 0, the gateway and /metrics enabled, one Bearer token, the file
@@ -29,11 +30,13 @@ address    attack              what it sends
 =========  ==================  ==================================================================
 
 Prints the honest success rate during the attack (target 100%), the honest p99 during the attack
-as a ratio to the baseline p99 of the same run (target <= 3x), the server's peak RSS, descriptors
-and threads (``/proc/PID``), the file tree's peak size against its quota, the CPU share of the
-server (baseline and attack), of each attack process and of the honest clients, what each attack
-got (including refusals and their messages) and the refusal counters of /metrics. ``--each`` runs
-every attack alone (10 s each by default) and ends with one table row per attack.
+as a ratio to the baseline p99 of the same run (target <= 3x), the peak processes, memory (PSS),
+descriptors and threads of the server and its connection processes (``/proc``; the forking
+server serves each connection in a child), the file tree's peak size against its quota, the CPU
+share of the server and its connection processes (baseline and attack), of each attack process
+and of the honest clients, what each attack got (including refusals and their messages) and the
+refusal counters of /metrics. ``--each`` runs every attack alone (10 s each by default) and ends
+with one table row per attack.
 
 The attacks hold resources rather than burn CPU (paced loops): denial of service by CPU from an
 authenticated client is outside the threat model, and this machine has 2 cores. The attack
